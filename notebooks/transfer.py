@@ -1,0 +1,61 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Transfer: pre-training upstream, fine-tuning downstream (Table 2, Appendix Table 5)
+#
+# Each model is pre-trained on a small and a large upstream set (the paper's ImageNet vs ImageNet-21k)
+# and fine-tuned on every downstream set at the pre-training resolution and at a higher one (position
+# embeddings interpolated in 2-D), beside a from-scratch row. With `pretrained=` the paper's released
+# weights are fine-tuned with its recipe instead (SGD momentum, batch 512, 384 px).
+# Profiles, expected outcomes and commands: `vitrepro/experiments/transfer.py`.
+#
+#     papermill notebooks/transfer.ipynb out.ipynb -p profile cpu
+
+# %% tags=["parameters"]
+profile = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST -> MNIST, digits) | gpu | paper
+upstream = None  # pre-training dataset name or local parquet folder; None = the profile's
+downstream = None  # list of downstream dataset names; None = the profile's
+pretrained = None  # released weights to fine-tune instead, e.g. "timm:vit_base_patch16_224.orig_in21k" or a file
+pretrained_model = None  # our model name for a local `pretrained` file, e.g. "ViT-B/16"
+seeds = None  # seeds per cell; None = the profile's (cpu: 2)
+results_dir = None  # where tables and figures go; None = results/transfer/
+runs_dir = None  # run store; None = $VITREPRO_RUNS or runs/
+device = "auto"  # auto | cpu | cuda | cuda:N
+force = False  # retrain even where the run store holds a finished run
+
+# %%
+from vitrepro.experiments import common, transfer
+
+params = transfer.validate_params(dict(globals()))
+params
+
+# %%
+df = transfer.run(params)
+df.head()
+
+# %%
+tables = transfer.tables(df)
+for title, table in tables.items():
+    print(title)
+    display(table)
+
+# %%
+figures = transfer.figures(df)
+
+# %%
+written = common.write_results(common.results_dir(params, "transfer"), df, tables, figures,
+                               notes=f"Profile `{params.profile}`. Values: mean ± std over seeds.")
+[str(p) for p in written]

@@ -1,0 +1,211 @@
+"""Inspecting the Vision Transformer (Fig. 6, Fig. 7).
+
+[P] §4.5: the first layer's embedding filters have principal components that look like plausible
+basis functions for each patch's fine structure (Fig. 7 left); the learned position embeddings
+encode distance in the image, with closer patches more similar and row/column structure (Fig. 7
+centre); some heads attend globally already in the lowest layers while others stay local, and the
+mean attention distance grows with depth (Fig. 7 right); attention rollout highlights the
+semantically relevant regions (Fig. 6).
+
+Here: a ViT trained by this notebook's profile (through the run store, so re-running reuses it),
+a run of another notebook (`model_run="run:<experiment>/<run_id>"`), or released weights
+(`pretrained=` a timm name or a local file with `pretrained_model=`).
+
+    papermill notebooks/attention.ipynb out.ipynb -p profile cpu
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from . import common
+from .common import Job, NotebookParams, ParameterError
+
+NOTEBOOK = "attention"
+
+
+@dataclass
+class Params(NotebookParams):
+    dataset: str | None = None  # training set and the source of sample images (None = the profile's)
+    model_run: str | None = None  # analyse a stored run instead, "run:<experiment>/<run_id>"
+    pretrained: str | None = None  # or released weights: a timm name with tag, or a local file
+    pretrained_model: str | None = None  # our model name for `pretrained`, e.g. "ViT-B/16"
+    num_images: int | None = None  # images averaged for attention distance (None = the profile's)
+
+    def check(self):
+        from ..data import resolve_source
+
+        if self.dataset is not None:
+            resolve_source(self.dataset, check_hub=False)
+        if self.model_run and self.pretrained:
+            raise ParameterError("give model_run or pretrained, not both")
+        if self.model_run and not self.model_run.startswith("run:"):
+            raise ParameterError(f"model_run must look like 'run:<experiment>/<run_id>', got {self.model_run!r}")
+        if self.pretrained:
+            from .transfer import pretrained_model_name
+            from ..models import registry
+
+            registry.parse_name(pretrained_model_name(self.pretrained, self.pretrained_model))
+        if self.num_images is not None and (not isinstance(self.num_images, int) or self.num_images < 1):
+            raise ParameterError(f"num_images must be a positive integer, got {self.num_images!r}")
+
+
+@dataclass
+class Profile:
+    dataset: str
+    model: str
+    img_size: int
+    seeds: int
+    train: dict
+    num_images: int
+
+
+def smoke() -> Profile:
+    """Seconds on scikit-learn digits."""
+    return Profile(dataset="digits", model="ViT-Nano/2", img_size=8, seeds=1, num_images=32,
+                   train=dict(steps=5, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=0.1, warmup_steps=1))
+
+
+def cpu() -> Profile:
+    """ViT-Micro/4 (6 layers x 4 heads) on Fashion-MNIST at 28 px (7x7 patches); Fig. 6/7 qualitatively.
+
+    Expected (paper): attention distance grows with depth, lower layers mix local and global heads;
+    position-embedding similarity falls off with patch distance.
+    Command: papermill notebooks/attention.ipynb out.ipynb -p profile cpu
+    """
+    return Profile(dataset="fashion_mnist", model="ViT-Micro/4", img_size=28, seeds=2, num_images=256,
+                   train=dict(steps=400, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.1, warmup_steps=40,
+                              schedule="cosine"))
+
+
+def gpu() -> Profile:
+    """ViT-S/4 on CIFAR-100 at 32 px (8x8 patches)."""
+    return Profile(dataset="cifar100", model="ViT-S/4", img_size=32, seeds=2, num_images=1024,
+                   train=dict(steps=10000, batch_size=512, optimizer="adam", lr=1e-3, weight_decay=0.1,
+                              warmup_steps=500, schedule="linear"))
+
+
+def paper() -> Profile:
+    """[P] Fig. 6/7 use ViT-L/16 (Fig. 7) on JFT; ImageNet-1k stands in (Table 3 ImageNet recipe)."""
+    return Profile(dataset="imagenet-1k", model="ViT-L/16", img_size=224, seeds=1, num_images=128,
+                   train=dict(epochs=300, batch_size=4096, optimizer="adam", lr=3e-3, weight_decay=0.3,
+                              warmup_steps=10000, schedule="cosine", drop_rate=0.1))
+
+
+PROFILES = {"smoke": smoke, "cpu": cpu, "gpu": gpu, "paper": paper}
+
+
+def validate_params(values: dict) -> Params:
+    return common.validate_params(Params, values)
+
+
+def profile(params: Params) -> Profile:
+    p = PROFILES[params.profile]()
+    p.dataset = params.dataset or p.dataset
+    p.seeds = params.seeds or p.seeds
+    p.num_images = params.num_images or p.num_images
+    return p
+
+
+def jobs(params: Params) -> list[Job]:
+    if params.model_run or params.pretrained:
+        return []
+    p = profile(params)
+    return [Job(common.train_config(experiment=f"{NOTEBOOK}-{params.profile}", model=p.model, dataset=p.dataset,
+                                    img_size=p.img_size, seed=seed, **p.train), stage="pretrain", upstream=p.dataset)
+            for seed in range(p.seeds)]
+
+
+def models(params: Params, df: pd.DataFrame | None = None) -> list[tuple[str, torch.nn.Module]]:
+    """The models to analyse: (label, model) pairs."""
+    if params.model_run:
+        return [(params.model_run, common.load_run_model(params, params.model_run))]
+    if params.pretrained:
+        from ..models import create_model, load_pretrained
+        from .transfer import pretrained_model_name
+
+        model = create_model(pretrained_model_name(params.pretrained, params.pretrained_model))
+        load_pretrained(model, params.pretrained)
+        return [(params.pretrained, model)]
+    ids = df[df.stage == "pretrain"].drop_duplicates("run_id").sort_values("seed")
+    return [(f"{r.model} seed {int(r.seed)}", common.load_run_model(params, r.run_id)) for r in ids.itertuples()]
+
+
+def sample_images(params: Params, model: torch.nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n test images: (uint8 originals, model inputs in [-1, 1] at the model's resolution)."""
+    from ..data import load_arrays, preprocess
+
+    p = profile(params)
+    arrays = load_arrays(p.dataset, "test")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(arrays.labels), generator=g)[:n]
+    raw = arrays.images[idx]
+    return raw, preprocess(raw, model.img_size, model.in_chans)
+
+
+def analyse(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Attention distances, position-similarity statistics and the Fig. 6/7 figures."""
+    from .. import analysis
+
+    rows, figs = [], {}
+    p = profile(params)
+    for i, (label, model) in enumerate(models(params, df)):
+        raw, x = sample_images(params, model, p.num_images)
+        dist = analysis.model_attention_distance(model, x, batch_size=64)
+        run_id = df[df.stage == "pretrain"].drop_duplicates("run_id").sort_values("seed").run_id.iloc[i] if len(df) else label
+        for r in dist.itertuples():
+            rows.append(dict(notebook=NOTEBOOK, profile=params.profile, run_id=run_id, stage="analysis", model=label,
+                             family="ViT", dataset=p.dataset, seed=i, metric="attention_distance", value=r.distance,
+                             layer=r.layer, head=r.head))
+        sim = analysis.model_position_similarity(model)
+        if sim is not None:
+            gh, gw = sim.shape[:2]
+            ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+            coords = torch.stack([ys.flatten(), xs.flatten()], 1).float()
+            d = torch.cdist(coords, coords).flatten()
+            s = sim.reshape(gh * gw, gh * gw).flatten()
+            off = d > 0
+            r = torch.corrcoef(torch.stack([d[off], s[off].float()]))[0, 1].item()
+            rows.append(dict(notebook=NOTEBOOK, profile=params.profile, run_id=run_id, stage="analysis", model=label,
+                             family="ViT", dataset=p.dataset, seed=i, metric="pos_similarity_vs_distance", value=r))
+        if i == 0:
+            figs["fig7_left_filters"] = analysis.plot_filters(analysis.model_filter_components(model),
+                                                              title=f"Fig. 7 left: embedding filter PCs ({label})")
+            if sim is not None:
+                figs["fig7_centre_position_similarity"] = analysis.plot_position_similarity(
+                    sim, title=f"Fig. 7 centre: position-embedding similarity ({label})")
+            maps = analysis.model_rollout(model, x[:8])
+            figs["fig6_attention_rollout"] = analysis.plot_rollout(raw[:8], maps)
+    dist_df = pd.DataFrame(rows)
+    if len(dist_df):
+        d = dist_df[dist_df.metric == "attention_distance"].rename(columns={"value": "distance"})
+        figs["fig7_right_attention_distance"] = analysis.plot_attention_distance(
+            d, hue="head", title="Fig. 7 right: mean attention distance")
+    return dist_df, figs
+
+
+def run(params: Params, log=print) -> pd.DataFrame:
+    return common.tidy(common.run_jobs(jobs(params), params, log=log), NOTEBOOK, params.profile)
+
+
+def collect(params: Params) -> pd.DataFrame:
+    return common.collect(jobs(params), params, NOTEBOOK)
+
+
+def tables(df: pd.DataFrame, analysed: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    out = {}
+    d = analysed[analysed.metric == "attention_distance"] if len(analysed) else analysed
+    if len(d):
+        t = d.groupby(["model", "layer"])["value"].agg(["mean", "min", "max"]).reset_index()
+        t.columns = ["model", "layer", "mean distance (px)", "min over heads", "max over heads"]
+        out["Fig. 7 right: mean attention distance by layer"] = t.round(2)
+        s = analysed[analysed.metric == "pos_similarity_vs_distance"]
+        if len(s):
+            out["Fig. 7 centre: correlation of position-embedding similarity with patch distance"] = s[
+                ["model", "value"]].rename(columns={"value": "Pearson r"}).round(3)
+    t = df[df.metric == "top1"] if len(df) else df
+    if len(t):
+        out["Analysed models: top-1 on the test split"] = t[["model", "seed", "value"]].round(4)
+    return out

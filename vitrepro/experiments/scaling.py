@@ -1,0 +1,209 @@
+"""Scaling: accuracy against pre-training data size and compute (Fig. 3, Fig. 4, Fig. 5).
+
+The paper pre-trains ViTs, BiT ResNets and hybrids on growing datasets (ImageNet, ImageNet-21k,
+JFT-300M and JFT subsets of 9M/30M/90M/300M) and measures transfer by fine-tuning (Fig. 3) and
+by the 5-shot linear probe (Fig. 4); Fig. 5 plots transfer accuracy against pre-training compute.
+Claims ([P] §4.3-4.4): ResNets win on the smallest pre-training sets, ViTs overtake them as the
+data grows and larger ViTs need more data to pay off; at equal compute ViT beats ResNets and
+hybrids help at small budgets.
+
+Here: class-balanced subsets of an upstream set (4+ sizes spanning 30x), a fixed step budget per
+run (so small subsets are seen for many epochs, as in the paper's small-data regime), then each
+pre-trained model is (a) probed with the 5-shot linear regression on the downstream set and
+(b) fine-tuned on it with SGD momentum and a zero-initialised head.
+
+    papermill notebooks/scaling.ipynb out.ipynb -p profile cpu
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from . import common
+from .common import Job, NotebookParams, ParameterError
+
+NOTEBOOK = "scaling"
+
+
+@dataclass
+class Params(NotebookParams):
+    upstream: str | None = None  # pre-training dataset (None = the profile's)
+    downstream: str | None = None  # transfer dataset for few-shot and fine-tuning (None = the profile's)
+
+    def check(self):
+        from ..data import resolve_source
+
+        for name in (self.upstream, self.downstream):
+            if name is not None:
+                resolve_source(name, check_hub=False)
+
+
+@dataclass
+class Profile:
+    """A sweep: models x upstream sizes x seeds, one pre-training recipe and one fine-tuning recipe."""
+
+    upstream: str
+    downstream: str
+    sizes: tuple[int, ...]
+    models: tuple[str, ...]
+    img_size: int
+    seeds: int
+    pretrain: dict
+    finetune: dict
+    fewshot_shots: tuple[int, ...] = (5,)
+    finetune_examples: int | None = None
+    doc: str = ""
+
+
+def smoke() -> Profile:
+    """Seconds on scikit-learn digits (ships inside a dependency): exercises every code path."""
+    return Profile(
+        upstream="digits", downstream="digits", sizes=(40, 1200), img_size=8, seeds=1,
+        models=("ViT-Nano/4", "BiT-R10x0.25", "R10x0.25+ViT-Nano/4"),
+        pretrain=dict(steps=6, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=0.1, warmup_steps=2),
+        finetune=dict(steps=4, batch_size=32, optimizer="sgd", lr=0.01, warmup_steps=1),
+        finetune_examples=200)
+
+
+def cpu() -> Profile:
+    """Minutes on a 2-core CPU: Fashion-MNIST subsets -> MNIST transfer (Fig. 3/4/5, qualitatively).
+
+    Expected (paper, qualitatively): at 2k examples the ResNet leads; from 2k to 60k the ViTs gain
+    more than the ResNet; the larger ViT overtakes the smaller one only at the larger sizes.
+    Command: papermill notebooks/scaling.ipynb out.ipynb -p profile cpu
+    """
+    return Profile(
+        upstream="fashion_mnist", downstream="mnist", sizes=(2000, 6000, 20000, 60000), img_size=28, seeds=2,
+        models=("ViT-Nano/7", "ViT-Micro/7", "BiT-R10x0.25", "R10x0.25+ViT-Nano/4"),
+        pretrain=dict(steps=500, batch_size=128, optimizer="adam", lr=1e-3, weight_decay=0.1, warmup_steps=50,
+                      schedule="cosine"),
+        finetune=dict(steps=100, batch_size=128, optimizer="sgd", lr=0.03, warmup_steps=10, schedule="cosine"),
+        finetune_examples=1000)
+
+
+def gpu() -> Profile:
+    """One GPU: CIFAR-100 subsets (1.6k..50k) pre-training -> CIFAR-10 transfer, 32 px.
+
+    Expected: as for the cpu profile, with larger gaps. Command:
+    papermill notebooks/scaling.ipynb out.ipynb -p profile gpu
+    """
+    return Profile(
+        upstream="cifar100", downstream="cifar10", sizes=(1600, 5000, 16000, 50000), img_size=32, seeds=3,
+        models=("ViT-S/4", "ViT-B/4", "BiT-R26x1", "R26x0.25+ViT-S/8"),
+        pretrain=dict(steps=10000, batch_size=512, optimizer="adam", lr=1e-3, weight_decay=0.1, warmup_steps=500,
+                      schedule="linear"),
+        finetune=dict(steps=2000, batch_size=512, optimizer="sgd", lr=0.01, warmup_steps=100, schedule="cosine"))
+
+
+def paper() -> Profile:
+    """The paper's Fig. 3 ImageNet point and models (Table 3 recipe: Adam, batch 4096, 10k warm-up,
+    300 epochs ~ 93k steps, lr 3e-3 cosine, wd 0.3, dropout 0.1), fine-tuned at 384 px on ImageNet with
+    SGD momentum, batch 512, 20k steps ([P] App. B.1, Table 3/4). Needs a cluster under torchrun.
+    Expected ImageNet top-1 ([P] Table 5): B/16 77.91, B/32 73.38, L/16 76.53, L/32 71.16.
+    """
+    return Profile(
+        upstream="imagenet-1k", downstream="imagenet-1k", sizes=(40000, 128000, 400000, 1281167), img_size=224,
+        seeds=1, models=("ViT-B/32", "ViT-B/16", "ViT-L/32", "ViT-L/16", "BiT-R50x1", "BiT-R152x2", "R50+ViT-B/16"),
+        pretrain=dict(epochs=300, batch_size=4096, optimizer="adam", lr=3e-3, weight_decay=0.3, warmup_steps=10000,
+                      schedule="cosine", drop_rate=0.1),
+        finetune=dict(steps=20000, batch_size=512, optimizer="sgd", lr=0.03, warmup_steps=500, schedule="cosine",
+                      img_size=384))
+
+
+PROFILES = {"smoke": smoke, "cpu": cpu, "gpu": gpu, "paper": paper}
+
+
+def validate_params(values: dict) -> Params:
+    return common.validate_params(Params, values)
+
+
+def profile(params: Params) -> Profile:
+    p = PROFILES[params.profile]()
+    if params.upstream:
+        p.upstream = params.upstream
+    if params.downstream:
+        p.downstream = params.downstream
+    if params.seeds:
+        p.seeds = params.seeds
+    return p
+
+
+def jobs(params: Params) -> list[Job]:
+    p = profile(params)
+    out = []
+    for model in p.models:
+        for n in p.sizes:
+            for seed in range(p.seeds):
+                pre = Job(common.train_config(
+                    experiment=f"{NOTEBOOK}-{params.profile}", model=model, dataset=p.upstream, train_examples=n,
+                    img_size=p.img_size, seed=seed, fewshot_dataset=p.downstream, fewshot_shots=p.fewshot_shots,
+                    **p.pretrain), stage="pretrain", upstream=p.upstream, upstream_examples=n)
+                ft = dict(p.finetune)
+                ft.setdefault("img_size", p.img_size)
+                fine = Job(common.train_config(
+                    experiment=f"{NOTEBOOK}-{params.profile}", model=model, dataset=p.downstream,
+                    train_examples=p.finetune_examples, seed=seed, augment=True, **ft),
+                    stage="finetune", upstream=p.upstream, upstream_examples=n, parent=pre)
+                out += [pre, fine]
+    return out
+
+
+def run(params: Params, log=print) -> pd.DataFrame:
+    results = common.run_jobs(jobs(params), params, log=log)
+    return common.tidy(results, NOTEBOOK, params.profile)
+
+
+def collect(params: Params) -> pd.DataFrame:
+    """The results of finished runs only, read back from the run store (no training)."""
+    return common.collect(jobs(params), params, NOTEBOOK)
+
+
+def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    out = {}
+    for metric, stage, title in (("fewshot5", "pretrain", "5-shot linear accuracy on the downstream set (%), Fig. 4"),
+                                 ("top1", "finetune", "Fine-tuned accuracy on the downstream set (%), Fig. 3"),
+                                 ("top1", "pretrain", "Upstream test accuracy after pre-training (%)")):
+        d = df[(df.metric == metric) & (df.stage == stage)]
+        if d.empty:
+            continue
+        t = common.mean_spread(d, ["family", "model", "upstream_examples"])
+        t["cell"] = [common.fmt_pm(m, s, n, 100) for m, s, n in zip(t["mean"], t["std"], t["n"])]
+        out[title] = t.pivot(index=["family", "model"], columns="upstream_examples", values="cell").reset_index()
+        out[title].columns = [str(c) for c in out[title].columns]
+    d = df[(df.metric == "fewshot5") & (df.stage == "pretrain")]
+    if not d.empty:
+        t = d.groupby(["family", "model"]).agg(params=("params", "max"), train_flops_at_largest=("train_flops", "max")).reset_index()
+        out["Models: parameters and pre-training compute (FLOPs), Fig. 5 x-axis"] = t
+    return out
+
+
+def figures(df: pd.DataFrame) -> dict:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    figs = {}
+    for metric, stage, name, ylabel in (("top1", "finetune", "fig3_finetune_vs_data", "fine-tuned top-1 on downstream"),
+                                        ("fewshot5", "pretrain", "fig4_fewshot_vs_data", "5-shot linear on downstream")):
+        d = df[(df.metric == metric) & (df.stage == stage)]
+        if d.empty:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        sns.lineplot(data=d, x="upstream_examples", y="value", hue="model", style="family", markers=True,
+                     errorbar="sd", ax=ax)
+        ax.set_xscale("log")
+        ax.set_xlabel("pre-training examples")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{name.split('_')[0].replace('fig', 'Fig. ')}: accuracy vs pre-training data")
+        figs[name] = fig
+    d = df[(df.metric == "fewshot5") & (df.stage == "pretrain")]
+    if not d.empty:
+        top = d[d.upstream_examples == d.upstream_examples.max()]
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        sns.scatterplot(data=top, x="train_flops", y="value", hue="family", style="model", s=70, ax=ax)
+        ax.set_xscale("log")
+        ax.set_xlabel("pre-training compute (FLOPs)")
+        ax.set_ylabel("5-shot linear on downstream")
+        ax.set_title("Fig. 5: accuracy vs pre-training compute")
+        figs["fig5_accuracy_vs_compute"] = fig
+    return figs

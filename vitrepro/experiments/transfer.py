@@ -1,0 +1,227 @@
+"""Transfer: pre-train upstream, fine-tune downstream (Table 2, App. Table 5).
+
+The paper pre-trains on ImageNet, ImageNet-21k and JFT-300M and fine-tunes on ImageNet, CIFAR-10/100,
+Oxford-IIIT Pets and Flowers-102 at 384 px, higher than the 224 px of pre-training, interpolating the
+position embeddings in 2-D ([P] §3.2, App. B.1.1: SGD momentum 0.9, batch 512, cosine decay, no
+weight decay, grad clip 1, zero-initialised head). Claims: the larger upstream set transfers
+better (Table 5: every ImageNet-21k row above its ImageNet row for B/16); fine-tuning at a higher
+resolution helps; pre-training beats training from scratch.
+
+Here: a small and a large upstream set (a class-balanced subset vs the whole set), each model
+fine-tuned on every downstream set at the pre-training resolution and at a higher one, plus a
+from-scratch row. With `pretrained=` (a timm name such as `vit_base_patch16_224.orig_in21k`, or a
+local weight file with `pretrained_model=`), the released weights are fine-tuned with the paper's
+recipe instead.
+
+    papermill notebooks/transfer.ipynb out.ipynb -p profile cpu
+    papermill notebooks/transfer.ipynb out.ipynb -p profile gpu -p pretrained vit_base_patch16_224.orig_in21k
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from . import common
+from .common import Job, NotebookParams, ParameterError
+
+NOTEBOOK = "transfer"
+
+# timm names of the paper's released weights -> our model names.
+TIMM_TO_PAPER = {
+    "vit_base_patch16_224": "ViT-B/16", "vit_base_patch32_224": "ViT-B/32", "vit_large_patch16_224": "ViT-L/16",
+    "vit_large_patch32_224": "ViT-L/32", "vit_huge_patch14_224": "ViT-H/14", "vit_base_r50_s16_224": "R50+ViT-B/16",
+    "vit_base_patch16_384": "ViT-B/16", "vit_large_patch32_384": "ViT-L/32", "vit_base_r50_s16_384": "R50+ViT-B/16",
+    "vit_tiny_patch16_224": "ViT-Ti/16", "vit_small_patch16_224": "ViT-S/16",
+}
+
+
+@dataclass
+class Params(NotebookParams):
+    upstream: str | None = None  # pre-training dataset (None = the profile's)
+    downstream: list | None = None  # list of downstream datasets (None = the profile's)
+    pretrained: str | None = None  # timm name with tag, or a local .pth/.safetensors/.npz: fine-tune released weights
+    pretrained_model: str | None = None  # our model name for a local `pretrained` file, e.g. "ViT-B/16"
+
+    def check(self):
+        from ..data import resolve_source
+        from ..models import registry
+
+        for name in [self.upstream] + list(self.downstream or []):
+            if name is not None:
+                resolve_source(name, check_hub=False)
+        if self.pretrained:
+            model = pretrained_model_name(self.pretrained, self.pretrained_model)
+            registry.parse_name(model)
+        elif self.pretrained_model:
+            raise ParameterError("pretrained_model is only used together with pretrained=")
+
+
+def pretrained_model_name(source: str, explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    if source.startswith("timm:") or "/" not in source and not source.endswith((".pth", ".npz", ".safetensors", ".bin")):
+        arch = source.removeprefix("timm:").split(".")[0]
+        if arch in TIMM_TO_PAPER:
+            return TIMM_TO_PAPER[arch]
+        raise ParameterError(f"pretrained={source!r}: unknown timm architecture {arch!r}; known: {sorted(TIMM_TO_PAPER)}")
+    raise ParameterError(f"pretrained={source!r} is a file: also pass pretrained_model (e.g. 'ViT-B/16')")
+
+
+@dataclass
+class Profile:
+    upstream: str
+    upstream_sizes: tuple  # (small, large); None = the whole set
+    downstream: tuple[str, ...]
+    models: tuple[str, ...]
+    img_size: int  # pre-training resolution
+    finetune_sizes: tuple[int, ...]  # same resolution and a higher one
+    seeds: int
+    pretrain: dict
+    finetune: dict
+    finetune_examples: int | None = None
+    pretrained_finetune: dict | None = None  # the paper's recipe for released weights
+
+
+PAPER_FINETUNE = dict(steps=10000, batch_size=512, optimizer="sgd", lr=0.01, weight_decay=0.0, warmup_steps=500,
+                      schedule="cosine", grad_clip=1.0, img_size=384)  # [P] App. B.1.1, Table 4 (CIFAR)
+
+
+def smoke() -> Profile:
+    """Seconds on scikit-learn digits (upstream and downstream)."""
+    return Profile(upstream="digits", upstream_sizes=(200, None), downstream=("digits",), models=("ViT-Nano/4",),
+                   img_size=8, finetune_sizes=(8, 12), seeds=1,
+                   pretrain=dict(steps=5, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=0.1, warmup_steps=1),
+                   finetune=dict(steps=4, batch_size=32, optimizer="sgd", lr=0.01, warmup_steps=1),
+                   pretrained_finetune=dict(steps=3, batch_size=16, optimizer="sgd", lr=0.01, warmup_steps=1,
+                                            img_size=32))
+
+
+def cpu() -> Profile:
+    """Fashion-MNIST 6k subset ("ImageNet") vs all 60k ("ImageNet-21k") -> MNIST (1k-example fine-tune)
+    and scikit-learn digits, fine-tuned at 28 px and at 42 px (position embeddings interpolated).
+
+    Expected (paper, qualitatively): the 60k rows above the 6k rows; 42 px above 28 px; both above scratch.
+    Command: papermill notebooks/transfer.ipynb out.ipynb -p profile cpu
+    """
+    return Profile(upstream="fashion_mnist", upstream_sizes=(6000, None), downstream=("mnist", "digits"),
+                   models=("ViT-Nano/7", "ViT-Micro/7"), img_size=28, finetune_sizes=(28, 42), seeds=2,
+                   pretrain=dict(steps=400, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.1,
+                                 warmup_steps=40, schedule="cosine"),
+                   finetune=dict(steps=60, batch_size=64, optimizer="sgd", lr=0.03, warmup_steps=6, schedule="cosine",
+                                 weight_decay=0.0),
+                   finetune_examples=1000)
+
+
+def gpu() -> Profile:
+    """CIFAR-100 10k subset vs all 50k -> CIFAR-10, Pets, Flowers-102 at 32 and 64 px (ViT-S/4, ViT-B/4).
+    With pretrained=vit_base_patch16_224.orig_in21k: the paper's fine-tuning recipe at 384 px instead."""
+    return Profile(upstream="cifar100", upstream_sizes=(10000, None),
+                   downstream=("cifar10", "oxford_iiit_pet", "oxford_flowers102"), models=("ViT-S/4", "ViT-B/4"),
+                   img_size=32, finetune_sizes=(32, 64), seeds=3,
+                   pretrain=dict(steps=10000, batch_size=512, optimizer="adam", lr=1e-3, weight_decay=0.1,
+                                 warmup_steps=500, schedule="linear"),
+                   finetune=dict(steps=1000, batch_size=512, optimizer="sgd", lr=0.01, warmup_steps=100,
+                                 schedule="cosine", weight_decay=0.0),
+                   pretrained_finetune=dict(PAPER_FINETUNE))
+
+
+def paper() -> Profile:
+    """[P] Table 5 ImageNet vs ImageNet-21k rows for B/16 (Table 3 recipes), fine-tuned at 384 px with the
+    Table 4 recipe. ImageNet-21k itself is not in the data table: pass upstream= a local copy.
+    Expected: B/16 CIFAR-10 98.13 (ImageNet) / 98.95 (I21k), CIFAR-100 87.13 / 91.67, Pets 93.81 / 94.43."""
+    return Profile(upstream="imagenet-1k", upstream_sizes=(128000, None),
+                   downstream=("cifar10", "cifar100", "oxford_iiit_pet", "oxford_flowers102"), models=("ViT-B/16",),
+                   img_size=224, finetune_sizes=(224, 384), seeds=1,
+                   pretrain=dict(epochs=300, batch_size=4096, optimizer="adam", lr=3e-3, weight_decay=0.3,
+                                 warmup_steps=10000, schedule="cosine", drop_rate=0.1),
+                   finetune=dict(PAPER_FINETUNE), pretrained_finetune=dict(PAPER_FINETUNE))
+
+
+PROFILES = {"smoke": smoke, "cpu": cpu, "gpu": gpu, "paper": paper}
+
+
+def validate_params(values: dict) -> Params:
+    return common.validate_params(Params, values)
+
+
+def profile(params: Params) -> Profile:
+    p = PROFILES[params.profile]()
+    p.upstream = params.upstream or p.upstream
+    if params.downstream:
+        p.downstream = tuple(params.downstream)
+    p.seeds = params.seeds or p.seeds
+    return p
+
+
+def jobs(params: Params) -> list[Job]:
+    p = profile(params)
+    exp = f"{NOTEBOOK}-{params.profile}"
+    out = []
+    if params.pretrained:  # fine-tune the released weights with the paper's recipe
+        model = pretrained_model_name(params.pretrained, params.pretrained_model)
+        ft = dict(p.pretrained_finetune or PAPER_FINETUNE)
+        for ds in p.downstream:
+            for seed in range(p.seeds):
+                out.append(Job(common.train_config(
+                    experiment=exp, model=model, dataset=ds, seed=seed, init=params.pretrained, augment=True,
+                    train_examples=p.finetune_examples, **ft), stage="finetune", upstream=params.pretrained))
+        return out
+    for model in p.models:
+        for seed in range(p.seeds):
+            for n in p.upstream_sizes:
+                pre = Job(common.train_config(
+                    experiment=exp, model=model, dataset=p.upstream, train_examples=n, img_size=p.img_size,
+                    seed=seed, **p.pretrain), stage="pretrain", upstream=p.upstream, upstream_examples=n)
+                out.append(pre)
+                for ds in p.downstream:
+                    for size in p.finetune_sizes:
+                        out.append(Job(common.train_config(
+                            experiment=exp, model=model, dataset=ds, img_size=size, seed=seed, augment=True,
+                            train_examples=p.finetune_examples, **p.finetune), stage="finetune",
+                            upstream=p.upstream, upstream_examples=n, parent=pre))
+            for ds in p.downstream:  # from scratch: the pre-training recipe on the downstream budget
+                scratch = dict(p.pretrain, steps=p.finetune.get("steps", p.pretrain.get("steps")))
+                scratch.pop("epochs", None)
+                out.append(Job(common.train_config(
+                    experiment=exp, model=model, dataset=ds, img_size=p.img_size, seed=seed,
+                    train_examples=p.finetune_examples, **scratch), stage="scratch"))
+    return out
+
+
+def run(params: Params, log=print) -> pd.DataFrame:
+    return common.tidy(common.run_jobs(jobs(params), params, log=log), NOTEBOOK, params.profile)
+
+
+def collect(params: Params) -> pd.DataFrame:
+    return common.collect(jobs(params), params, NOTEBOOK)
+
+
+def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    d = df[(df.metric == "top1") & df.stage.isin(["finetune", "scratch"])].copy()
+    if d.empty:
+        return {}
+    full = {u: "all" for u in []}
+    d["pre-training"] = [("from scratch" if s == "scratch" else
+                          f"{u or 'released weights'} ({'all' if pd.isna(n) else int(n)})")
+                         for s, u, n in zip(d.stage, d.upstream, d.upstream_examples)]
+    t = common.mean_spread(d, ["model", "pre-training", "img_size", "dataset"])
+    t["cell"] = [common.fmt_pm(m, s, n, 100) for m, s, n in zip(t["mean"], t["std"], t["n"])]
+    w = t.pivot(index=["model", "pre-training", "img_size"], columns="dataset", values="cell").reset_index()
+    w.columns = [str(c) for c in w.columns]
+    return {"Table 5 analogue: fine-tuned top-1 (%) by model, upstream and fine-tuning resolution": w}
+
+
+def figures(df: pd.DataFrame) -> dict:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    d = df[(df.metric == "top1") & (df.stage == "finetune")].copy()
+    if d.empty:
+        return {}
+    d["upstream set"] = ["all" if pd.isna(n) else str(int(n)) for n in d.upstream_examples]
+    g = sns.catplot(data=d, x="img_size", y="value", hue="upstream set", col="dataset", row="model", kind="point",
+                    errorbar="sd", height=2.8, aspect=1.1, sharey=False)
+    g.set_axis_labels("fine-tuning resolution (px)", "top-1")
+    g.figure.suptitle("Table 5 analogue: upstream size and fine-tuning resolution", y=1.02)
+    return {"table5_transfer": g.figure}

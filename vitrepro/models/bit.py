@@ -1,0 +1,99 @@
+"""BiT ResNets (Kolesnikov et al. 2020): the paper's CNN baseline, "ResNet (BiT)".
+
+BatchNorm is replaced by GroupNorm and every convolution is weight-standardised (StdConv). We reuse
+timm's ResNetV2 for the body (it is exactly the BiT architecture: pre-activation bottlenecks, GroupNorm(32),
+StdConv2d with eps 1e-8, the "fixed" SAME-padding stem) and only add the suite's interface on top:
+`forward_features -> (B, F)`, a plain Linear classifier (instead of timm's 1x1-conv head) and `reset_head`.
+
+Parameter names are timm's (`stem.conv`, `stages.i.blocks.j.conv1`, `norm`), except the classifier
+`head.weight` (C, F) where timm stores `head.fc.weight` (C, F, 1, 1); weights.py converts.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.layers import GroupNormAct, StdConv2d, StdConv2dSame
+from timm.models.resnetv2 import ResNetV2
+
+from .vit import PreLogits, zero_linear
+
+RESNET_OPTIONS = ("img_size", "in_chans", "num_classes", "head", "representation_size", "drop_rate",
+                  "drop_path_rate")
+STAGE_CHANNELS = (256, 512, 1024, 2048)  # bottleneck output channels per stage at width 1
+
+
+def group_norm(width: float):
+    """GroupNorm(+ReLU) with 32 groups at width >= 1 (BiT); proportionally fewer for fractional widths
+    so that a group never has fewer channels than the narrowest BiT-R50x1 layer (2 channels)."""
+    groups = 32 if width >= 1 else max(1, int(round(32 * width)))
+    return partial(GroupNormAct, num_groups=groups)
+
+
+def resnetv2_body(blocks, width: float, in_chans: int, preact: bool, same_padding: bool,
+                  drop_path_rate: float = 0.0) -> ResNetV2:
+    """A timm ResNetV2 without classifier, for `blocks` bottlenecks per stage (1 to 4 stages)."""
+    return ResNetV2(
+        layers=list(blocks),
+        channels=STAGE_CHANNELS[: len(blocks)],
+        num_classes=0,
+        in_chans=in_chans,
+        global_pool="",
+        width_factor=width,
+        # BiT: 'fixed' stem (pad 1 + max-pool). ViT hybrid (vit_jax): TF 'SAME' padding everywhere.
+        stem_type="same" if same_padding else "fixed",
+        preact=preact,
+        conv_layer=partial(StdConv2dSame if same_padding else StdConv2d, eps=1e-8),
+        norm_layer=group_norm(width),
+        drop_path_rate=drop_path_rate,
+    )
+
+
+class BiTResNet(ResNetV2):
+    """BiT ResNet-v2 with a linear (or tanh-MLP) head on globally average-pooled features."""
+
+    def __init__(self, name: str, blocks, width: float, img_size: int = 224, in_chans: int = 3,
+                 num_classes: int = 1000, head: str = "linear", representation_size: int | None = None,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+        if head not in ("linear", "mlp"):
+            raise ValueError(f"head={head!r} is not one of ('mlp', 'linear')")
+        super().__init__(
+            layers=list(blocks), channels=STAGE_CHANNELS, num_classes=0, in_chans=in_chans,
+            global_pool="", width_factor=width, stem_type="fixed", preact=True,
+            conv_layer=partial(StdConv2d, eps=1e-8), norm_layer=group_norm(width),
+            drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+        self.name, self.img_size, self.num_classes, self.head_kind = name, img_size, num_classes, head
+        self.body_features = self.num_features  # channels of the final feature map
+        if head == "mlp":
+            self.pre_logits = PreLogits(self.body_features, representation_size or self.body_features)
+            self.num_features = representation_size or self.body_features
+        else:
+            if representation_size is not None:
+                raise ValueError("representation_size is only used with head='mlp'")
+            self.pre_logits = nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        # BiT zero-initialises its classifier as well (bit_pytorch: head conv weight zeros).
+        self.head = zero_linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> final (pre-activation-normalised) feature map (B, F, H/32, W/32)."""
+        return super().forward_features(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pre_logits(self.feature_map(x).mean(dim=(2, 3)))  # (B, num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_drop(self.forward_features(x)))  # (B, num_classes)
+
+    def reset_head(self, num_classes: int) -> None:
+        device = self.norm.weight.device
+        self.pre_logits = nn.Identity()
+        self.head_kind = "linear"
+        self.num_features = self.body_features
+        self.num_classes = num_classes
+        self.head = zero_linear(self.num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
+
+    def set_img_size(self, img_size: int) -> None:
+        self.img_size = img_size  # a CNN takes any resolution; only the metadata changes

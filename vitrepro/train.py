@@ -1,0 +1,761 @@
+"""The trainer: one strictly validated configuration -> one stored, resumable run.
+
+    from vitrepro.train import TrainConfig, run
+    record = run({"experiment": "demo", "model": "ViT-Nano/4", "dataset": "digits", "steps": 300})
+
+    python -m vitrepro.train experiment=demo model=ViT-Nano/4 dataset=digits steps=300
+    torchrun --standalone --nproc_per_node=2 -m vitrepro.train ...      (DDP; gloo on CPU, NCCL on GPU)
+
+Determinism: the model is initialised from ``seed``; the data order of epoch e comes from
+(seed, e), the augmentation of a batch from (seed, epoch, index), and the dropout RNG is reseeded
+from (seed, step, rank) before every step. So a run killed and resumed from its checkpoint ends
+with exactly the parameters and metrics of an uninterrupted run (same device and world size).
+
+Optimisers: ``adam`` = torch AdamW (β 0.9/0.999, eps 1e-8, decoupled weight decay, i.e. the
+decay is multiplied by the current learning rate), the paper's pre-training optimiser (Table 3);
+``sgd`` = plain momentum 0.9 (not Nesterov), the fine-tuning optimiser (App. B.1.1). Weight decay
+applies to matrices / conv kernels only (not biases, norms, class token or position embeddings).
+Schedule: linear warmup from 0 over ``warmup_steps``, then ``cosine`` or ``linear`` decay to 0
+(or ``constant``). Gradients are clipped at global norm ``grad_clip`` (paper: 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .data import AUGMENTATIONS, DATASETS, Batches, DataError, ImageArrays, load_arrays, resolve_source, \
+    train_val_split, balanced_subset
+from .store import RunStore, atomic_torch_save, code_versions, run_id_for
+
+__all__ = ["TrainConfig", "ConfigError", "DivergedError", "run", "run_many", "main", "resolve_precision",
+           "lr_at"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; raised before any compute and before anything is stored."""
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+_NONE = type(None)
+# field -> allowed python types (after from_dict's int->float widening)
+_TYPES: dict[str, tuple] = {}
+
+
+@dataclass
+class TrainConfig:
+    experiment: str = "default"
+    # model
+    model: str = "ViT-Nano/4"
+    pool: str | None = None                 # token | gap          (None: the model's default)
+    pos_embed: str | None = None            # none | 1d | 2d | relative
+    pos_embed_at: str | None = None         # stem | every_layer | every_layer_shared
+    head: str | None = None                 # mlp | linear
+    representation_size: int | None = None
+    drop_rate: float | None = None
+    attn_drop_rate: float | None = None
+    drop_path_rate: float | None = None
+    # data
+    dataset: str = "digits"
+    train_split: str = "train"
+    train_examples: int | None = None       # None: all; else a class-balanced subset
+    data_seed: int | None = None            # seed of the subset / validation draw (None: seed)
+    val_fraction: float = 0.0               # hold out this fraction of train (stratified)
+    eval_split: str = "test"                # "test" or "val" (the held-out part of train)
+    img_size: int | None = None             # None: the dataset's image size
+    in_chans: int | None = None             # None: the dataset's channels (3 when fine-tuning a 3-channel init)
+    augment: str = "none"                   # none | flip | crop_flip | rrc_flip | auto
+    # optimisation
+    batch_size: int = 64                    # global batch
+    accum_steps: int = 1
+    steps: int | None = None
+    epochs: float | None = None
+    optimizer: str = "adam"                 # adam | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"                # cosine | linear | constant
+    grad_clip: float | None = 1.0
+    label_smoothing: float = 0.0
+    precision: str = "auto"                 # auto | fp32 | bf16
+    seed: int = 0
+    # fine-tuning
+    init: str | None = None                 # None | run:<experiment>/<run_id> | a load_pretrained source
+    reset_head: bool | None = None          # None: True when init is given
+    # evaluation, logging
+    evaluators: list = field(default_factory=lambda: [{"type": "accuracy"}])
+    eval_every: int | None = None           # also log eval accuracy every N steps
+    log_every: int = 50
+    checkpoint_every: int | None = 100      # None: only at the end
+    device: str = "auto"                    # auto | cpu | cuda | cuda:N
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        if isinstance(d, TrainConfig):
+            return d
+        if not isinstance(d, dict):
+            raise ConfigError(f"a configuration is a dict, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            msgs = []
+            for k in unknown:
+                close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
+                msgs.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"unknown configuration key(s): {', '.join(msgs)}. Valid keys: {', '.join(names)}")
+        kw = {}
+        for k, v in d.items():
+            allowed = _TYPES[k]
+            if isinstance(v, tuple):
+                v = list(v)
+            if float in allowed and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
+                want = " or ".join("None" if t is _NONE else t.__name__ for t in allowed)
+                raise ConfigError(f"{k}={v!r}: expected {want}, got {type(v).__name__}")
+            kw[k] = v
+        cfg = cls(**kw)
+        cfg.check()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def model_options(self) -> dict:
+        keys = ("pool", "pos_embed", "pos_embed_at", "head", "representation_size", "drop_rate",
+                "attn_drop_rate", "drop_path_rate")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+    def check(self) -> None:
+        """Static checks (no I/O)."""
+        def choice(name, options):
+            v = getattr(self, name)
+            if v not in options:
+                close = difflib.get_close_matches(str(v), [str(o) for o in options], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{name}={v!r} is not one of {list(options)}{hint}")
+
+        def positive(name, allow_none=False, strict=True):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if v is None or (v <= 0 if strict else v < 0):
+                raise ConfigError(f"{name}={v!r} must be {'> 0' if strict else '>= 0'}")
+
+        if not self.experiment or "/" in self.experiment or self.experiment.startswith("."):
+            raise ConfigError(f"experiment={self.experiment!r} must be a non-empty name without '/'")
+        choice("optimizer", ("adam", "sgd"))
+        choice("schedule", ("cosine", "linear", "constant"))
+        choice("precision", ("auto", "fp32", "bf16"))
+        choice("augment", AUGMENTATIONS)
+        if self.eval_split == "val" and self.val_fraction <= 0:
+            raise ConfigError("eval_split='val' needs val_fraction > 0 (the held-out part of train)")
+        if not (0.0 <= self.val_fraction < 1.0):
+            raise ConfigError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError("give exactly one of steps and epochs "
+                              f"(got steps={self.steps!r}, epochs={self.epochs!r})")
+        positive("steps", allow_none=True)
+        positive("epochs", allow_none=True)
+        positive("batch_size")
+        positive("accum_steps")
+        positive("lr")
+        positive("log_every")
+        positive("train_examples", allow_none=True)
+        positive("img_size", allow_none=True)
+        positive("checkpoint_every", allow_none=True)
+        positive("eval_every", allow_none=True)
+        positive("grad_clip", allow_none=True)
+        for name in ("weight_decay", "warmup_steps"):
+            positive(name, strict=False)
+        if self.in_chans not in (None, 1, 3):
+            raise ConfigError(f"in_chans={self.in_chans} must be 1, 3 or None")
+        if not (0.0 <= self.label_smoothing < 1.0):
+            raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.batch_size % self.accum_steps:
+            raise ConfigError(f"batch_size={self.batch_size} is not divisible by accum_steps={self.accum_steps}")
+        if self.steps is not None and self.warmup_steps >= self.steps and self.schedule != "constant":
+            raise ConfigError(f"warmup_steps={self.warmup_steps} leaves no decay within steps={self.steps}")
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")
+                or self.device == "mps"):
+            raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
+        from .evaluate import make_evaluator
+        for e in self.evaluators:
+            if not isinstance(e, dict):
+                raise ConfigError(f"evaluators entries must be dicts like {{'type': 'accuracy'}}, got {e!r}")
+            try:
+                make_evaluator({"dataset": self.dataset, **e})
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+
+
+_TYPES.update({
+    "experiment": (str,), "model": (str,), "pool": (str, _NONE), "pos_embed": (str, _NONE),
+    "pos_embed_at": (str, _NONE), "head": (str, _NONE), "representation_size": (int, _NONE),
+    "drop_rate": (float, _NONE), "attn_drop_rate": (float, _NONE), "drop_path_rate": (float, _NONE),
+    "dataset": (str,), "train_split": (str,), "train_examples": (int, _NONE), "data_seed": (int, _NONE),
+    "val_fraction": (float,), "eval_split": (str,), "img_size": (int, _NONE), "in_chans": (int, _NONE),
+    "augment": (str,), "batch_size": (int,), "accum_steps": (int,), "steps": (int, _NONE),
+    "epochs": (float, _NONE), "optimizer": (str,), "lr": (float,), "weight_decay": (float,),
+    "warmup_steps": (int,), "schedule": (str,), "grad_clip": (float, _NONE), "label_smoothing": (float,),
+    "precision": (str,), "seed": (int,), "init": (str, _NONE), "reset_head": (bool, _NONE),
+    "evaluators": (list,), "eval_every": (int, _NONE), "log_every": (int,),
+    "checkpoint_every": (int, _NONE), "device": (str,),
+})
+assert set(_TYPES) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> 'bf16' only where bf16 is fast: CUDA with bf16 support, or a CPU with
+    avx512_bf16 / amx_bf16 (on AVX2-only CPUs bf16 autocast is ~40x slower than fp32)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if _cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
+    return "fp32"
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based)."""
+    w = cfg.warmup_steps
+    if step < w:
+        return cfg.lr * (step + 1) / w
+    if cfg.schedule == "constant":
+        return cfg.lr
+    frac = (step - w) / max(1, total - w)
+    if cfg.schedule == "linear":
+        return cfg.lr * (1.0 - frac)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def _git_revision() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (rev + ("+dirty" if dirty else "")) if rev else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _versions() -> dict:
+    import numpy
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+           "vitrepro": __version__}
+    for mod in ("timm", "datasets"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            pass
+    return out
+
+
+def _dist_env() -> tuple[int, int, int]:
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _resolve_device(spec: str, local_rank: int) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+    d = torch.device(spec)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", local_rank)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={spec!r} but CUDA is not available")
+    return d
+
+
+def _progress_mode(progress: str) -> str:
+    progress = os.environ.get("VITREPRO_PROGRESS", progress)
+    if progress != "auto":
+        return progress
+    if os.environ.get("PAPERMILL_EXECUTION") or os.environ.get("PAPERMILL"):
+        return "log"
+    if "ipykernel" in sys.modules:
+        return "bar"
+    try:
+        return "bar" if sys.stderr.isatty() else "log"
+    except Exception:  # noqa: BLE001
+        return "log"
+
+
+def _seed_for(*parts: int) -> int:
+    s = 0
+    for p in parts:
+        s = (s * 1_000_003 + int(p) + 1) % (2**62)
+    return s
+
+
+# ---------------------------------------------------------------------- preparation
+
+@dataclass
+class _Plan:
+    cfg: TrainConfig
+    train: ImageArrays
+    evaluators: list
+    img_size: int
+    in_chans: int
+    num_classes: int
+    steps: int
+    init_run: Path | None
+    init_config: dict | None
+
+
+def _prepare(cfg: TrainConfig, store: RunStore) -> _Plan:
+    """Every check that needs I/O (data location, model shapes), before any compute or store write."""
+    from . import models
+    from .evaluate import Accuracy, make_evaluator
+    try:
+        resolve_source(cfg.dataset)
+        for e in cfg.evaluators:
+            if e.get("dataset"):
+                resolve_source(e["dataset"])
+    except DataError as e:
+        raise ConfigError(str(e)) from e
+    try:
+        models.parse_name(cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    init_run, init_config = None, None
+    if cfg.init and cfg.init.startswith("run:"):
+        try:
+            init_run = store.resolve(cfg.init)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from e
+        if not (init_run / "model.pt").exists():
+            raise ConfigError(f"init={cfg.init!r}: that run has no model.pt (not finished?)")
+        with open(init_run / "config.json") as f:
+            init_config = json.load(f)
+        if init_config["model"] != cfg.model:
+            raise ConfigError(f"init={cfg.init!r} is a {init_config['model']} but model={cfg.model!r}")
+    try:
+        arrays = load_arrays(cfg.dataset, cfg.train_split)
+    except DataError as e:
+        raise ConfigError(str(e)) from e
+    data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+    val = None
+    if cfg.val_fraction > 0:
+        tr_idx, va_idx = train_val_split(arrays.labels, cfg.val_fraction, data_seed)
+        arrays, val = arrays.subset(tr_idx), arrays.subset(va_idx)
+    if cfg.train_examples is not None:
+        if cfg.train_examples > len(arrays):
+            raise ConfigError(f"train_examples={cfg.train_examples} but {cfg.dataset} has {len(arrays)}")
+        try:
+            arrays = arrays.subset(balanced_subset(arrays.labels, cfg.train_examples, data_seed))
+        except DataError as e:
+            raise ConfigError(str(e)) from e
+    if cfg.batch_size > len(arrays):
+        raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(arrays)} training examples")
+    img_size = cfg.img_size or (init_config["_resolved"]["img_size"] if init_config else arrays.img_size)
+    in_chans = cfg.in_chans or (init_config["_resolved"]["in_chans"] if init_config else
+                                (3 if cfg.init else arrays.in_chans))
+    num_classes = arrays.num_classes
+    steps = cfg.steps if cfg.steps is not None else int(round(cfg.epochs * (len(arrays) // cfg.batch_size)))
+    if steps <= 0:
+        raise ConfigError(f"epochs={cfg.epochs} gives 0 steps with {len(arrays)} examples and batch {cfg.batch_size}")
+    if cfg.warmup_steps >= steps and cfg.schedule != "constant":
+        raise ConfigError(f"warmup_steps={cfg.warmup_steps} >= steps={steps}")
+    try:  # shapes: build on the meta device (no memory, no compute)
+        with torch.device("meta"):
+            models.create_model(cfg.model, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
+                                **cfg.model_options())
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model {cfg.model!r} at img_size={img_size}, in_chans={in_chans}: {e}") from e
+    except (RuntimeError, NotImplementedError):
+        pass  # an op without meta support: create_model validates its arguments before allocating
+    evaluators = []
+    for e in cfg.evaluators:
+        e = dict(e)
+        if e.get("type") == "accuracy" and not e.get("dataset"):
+            e["dataset"] = cfg.dataset
+            e.setdefault("split", cfg.eval_split)
+            if e["split"] == "val":
+                evaluators.append(Accuracy(cfg.dataset, "val", arrays=val,
+                                           **{k: v for k, v in e.items() if k not in ("type", "dataset", "split")}))
+                continue
+        e.setdefault("dataset", cfg.dataset)
+        evaluators.append(make_evaluator(e))
+    return _Plan(cfg, arrays, evaluators, img_size, in_chans, num_classes, steps, init_run, init_config)
+
+
+def _build_model(plan: _Plan, device: torch.device):
+    from . import models
+    cfg = plan.cfg
+    torch.manual_seed(cfg.seed)
+    report = None
+    if plan.init_run is not None:
+        ic = plan.init_config
+        r = ic["_resolved"]
+        opts = {k: ic.get(k) for k in ("pool", "pos_embed", "pos_embed_at", "head", "representation_size",
+                                        "drop_rate", "attn_drop_rate", "drop_path_rate") if ic.get(k) is not None}
+        opts.update(cfg.model_options())
+        model = models.create_model(cfg.model, img_size=r["img_size"], in_chans=r["in_chans"],
+                                    num_classes=r["num_classes"], **opts)
+        state = torch.load(plan.init_run / "model.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        report = {"source": cfg.init}
+        if r["img_size"] != plan.img_size:
+            models.resize(model, plan.img_size)
+        if cfg.reset_head is not False or r["num_classes"] != plan.num_classes:
+            model.reset_head(plan.num_classes)
+    else:
+        model = models.create_model(cfg.model, img_size=plan.img_size, in_chans=plan.in_chans,
+                                    num_classes=plan.num_classes, **cfg.model_options())
+        if cfg.init:
+            report = models.load_pretrained(model, cfg.init)
+            if cfg.reset_head is not False:
+                model.reset_head(plan.num_classes)
+    return model.to(device), report
+
+
+def _param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(k in name for k in ("pos_embed", "cls_token", "rel_", "relative"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _make_optimizer(model, cfg: TrainConfig):
+    groups = _param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=False)
+
+
+# ---------------------------------------------------------------------- run
+
+def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool = False,
+        progress: str = "auto") -> dict:
+    """Train (or resume, or return the stored record of) one configuration. Returns the record."""
+    cfg = TrainConfig.from_dict(config) if not isinstance(config, TrainConfig) else config
+    cfg.check()
+    store = store if store is not None else RunStore()
+    conf = cfg.to_dict()
+    rid = run_id_for(conf)
+    rank, world, local_rank = _dist_env()
+    if not force:
+        rec = store.record(cfg.experiment, rid)
+        if rec is not None and rec.get("status") == "ok":
+            return rec
+    plan = _prepare(cfg, store)
+    device = _resolve_device(cfg.device, local_rank)
+    if cfg.batch_size % (world * cfg.accum_steps):
+        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by world_size*accum_steps "
+                          f"= {world}*{cfg.accum_steps}")
+    ddp = world > 1
+    if ddp and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend)
+    run_dir = store.run_dir(cfg.experiment, rid)
+    resolved = {"img_size": plan.img_size, "in_chans": plan.in_chans, "num_classes": plan.num_classes,
+                "steps": plan.steps, "train_size": len(plan.train)}
+    if rank == 0:
+        if force and run_dir.exists():
+            for n in ("record.json", "checkpoint.pt", "metrics.jsonl", "model.pt"):
+                if (run_dir / n).exists():
+                    (run_dir / n).unlink()
+        store.clear_record(cfg.experiment, rid)
+        store.create(cfg.experiment, rid, {**conf, "_resolved": resolved})
+    if ddp:
+        torch.distributed.barrier()
+    try:
+        return _train(plan, store, rid, device, rank, world, progress, resolved)
+    except Exception as e:  # record the failure (rank 0), then re-raise
+        if rank == 0:
+            rec = {"run_id": rid, "experiment": cfg.experiment, "status": "failed",
+                   "error": f"{type(e).__name__}: {e}", "error_type": type(e).__name__, "config": conf,
+                   "run_dir": str(run_dir), "versions": _versions(), "git_revision": _git_revision(),
+                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            store.write_record(cfg.experiment, rid, rec)
+        raise
+
+
+def _train(plan: _Plan, store: RunStore, rid: str, device: torch.device, rank: int, world: int,
+           progress: str, resolved: dict) -> dict:
+    from . import models
+    cfg = plan.cfg
+    exp = cfg.experiment
+    run_dir = store.run_dir(exp, rid)
+    t_start = time.time()
+    model, init_report = _build_model(plan, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_error = None
+    try:
+        flops_per_image = int(models.flops(model, plan.img_size))
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal
+        flops_per_image, flops_error = None, f"{type(e).__name__}: {e}"
+    opt = _make_optimizer(model, cfg)
+    batches = Batches(plan.train, cfg.batch_size, plan.img_size, plan.in_chans, augment=cfg.augment,
+                      seed=cfg.seed, rank=rank, world_size=world, device=device)
+    precision = resolve_precision(cfg.precision, device)
+    amp = torch.bfloat16 if precision == "bf16" else None
+    step = 0
+    elapsed_before = 0.0
+    loss_sum = torch.zeros((), device=device)
+    loss_n = 0
+    resumed_from = None
+    ckpt_path = run_dir / "checkpoint.pt"
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        batches.load_state_dict(ck["data"])
+        step = resumed_from = int(ck["step"])
+        elapsed_before = float(ck.get("elapsed", 0.0))
+        loss_sum = ck["loss_sum"].to(device)
+        loss_n = int(ck["loss_n"])
+        torch.set_rng_state(ck["rng_cpu"])
+        if rank == 0:
+            store.truncate_metrics(exp, rid, step)
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    model.train()
+    accum = cfg.accum_steps
+    mode = _progress_mode(progress) if rank == 0 else "none"
+    bar = None
+    if mode == "bar":
+        from tqdm.auto import tqdm
+        bar = tqdm(total=plan.steps, initial=step, desc=f"{exp}/{rid}", dynamic_ncols=True)
+    t_log, step_log = time.time(), step
+
+    def log_row(row):
+        if rank == 0:
+            store.log(exp, rid, row)
+
+    def save_checkpoint():
+        if rank != 0:
+            return
+        atomic_torch_save(ckpt_path, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "data": batches.state_dict(),
+            "step": step, "elapsed": elapsed_before + time.time() - t_start, "loss_sum": loss_sum.cpu(),
+            "loss_n": loss_n, "rng_cpu": torch.get_rng_state(), "config": cfg.to_dict()})
+
+    def check_finite(value: float):
+        if not math.isfinite(value):
+            raise DivergedError(f"training loss became {value} by step {step} (lr={lr_at(step - 1, cfg, plan.steps):.3g}); "
+                                "try a lower learning rate, warmup or grad_clip")
+
+    while step < plan.steps:
+        lr = lr_at(step, cfg, plan.steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        torch.manual_seed(_seed_for(cfg.seed, step, rank, 101))
+        x, y = batches.next()
+        xs, ys = x.chunk(accum), y.chunk(accum)
+        for j in range(accum):
+            sync_ctx = train_model.no_sync() if (world > 1 and j < accum - 1) else _null()
+            with sync_ctx:
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    logits = train_model(xs[j])
+                loss = F.cross_entropy(logits.float(), ys[j], label_smoothing=cfg.label_smoothing)
+                (loss / accum).backward()
+            loss_sum += loss.detach() / accum
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        loss_n += 1
+        last = step == plan.steps
+        if step % cfg.log_every == 0 or last:
+            mean_loss = float(loss_sum) / max(1, loss_n)
+            if world > 1:
+                t = torch.tensor([mean_loss], device=device)
+                torch.distributed.all_reduce(t)
+                mean_loss = float(t) / world
+            check_finite(mean_loss)
+            now = time.time()
+            ips = (step - step_log) * cfg.batch_size / max(1e-9, now - t_log)
+            t_log, step_log = now, step
+            log_row({"step": step, "loss": mean_loss, "lr": lr, "images_per_s": round(ips, 2),
+                     "epoch": round(step * cfg.batch_size / len(plan.train), 4)})
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+            elif mode == "log":
+                print(f"[{exp}/{rid}] step {step}/{plan.steps} loss {mean_loss:.4f} lr {lr:.3g} "
+                      f"{ips:.0f} img/s", flush=True)
+            loss_sum = torch.zeros((), device=device)
+            loss_n = 0
+        if bar is not None:
+            bar.update(1)
+        if cfg.eval_every and step % cfg.eval_every == 0 and not last and rank == 0:
+            for ev in plan.evaluators:
+                if ev.name.startswith("acc/"):
+                    log_row({"step": step, **ev(model)})
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
+            if not last:
+                float_check = float(loss_sum) if loss_n else 0.0
+                check_finite(float_check)
+            save_checkpoint()
+    if bar is not None:
+        bar.close()
+    train_time = elapsed_before + time.time() - t_start
+    record = None
+    if rank == 0:
+        metrics: dict[str, float] = {}
+        t_eval = time.time()
+        for ev in plan.evaluators:
+            metrics.update(ev(model, autocast_dtype=amp) if amp is not None else ev(model))
+        eval_time = time.time() - t_eval
+        rows = store.metrics(exp, rid)
+        losses = [r["loss"] for r in rows if "loss" in r]
+        if losses:
+            metrics["train/loss"] = losses[-1]
+        log_row({"step": step, **metrics})
+        atomic_torch_save(run_dir / "model.pt", model.state_dict())
+        images_seen = plan.steps * cfg.batch_size
+        record = {
+            "run_id": rid, "experiment": exp, "status": "ok", "config": cfg.to_dict(), "resolved": resolved,
+            "metrics": metrics, "steps": plan.steps, "images_seen": images_seen,
+            "epochs_seen": images_seen / len(plan.train), "wall_time_s": train_time, "eval_time_s": eval_time,
+            "flops_per_image": flops_per_image, "flops_error": flops_error,
+            "train_flops": (3 * flops_per_image * images_seen) if flops_per_image else None,
+            "params": n_params, "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "precision": precision, "world_size": world, "resumed_from_step": resumed_from,
+            "init_report": _small(init_report), "versions": _versions(), "git_revision": _git_revision(),
+            "hostname": platform.node(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "run_dir": str(run_dir),
+        }
+        store.write_record(exp, rid, record)
+    if world > 1:
+        torch.distributed.barrier()
+        if record is None:
+            record = {"run_id": rid, "experiment": exp, "status": "ok", "rank": rank}
+    return record
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _small(report):
+    if report is None:
+        return None
+    try:
+        json.dumps(report)
+        return report
+    except TypeError:
+        return str(report)[:2000]
+
+
+def run_many(configs: Iterable[TrainConfig | dict], store: RunStore | None = None, force: bool = False,
+             progress: str = "auto") -> list[dict]:
+    """Run a sweep; a diverged or failing configuration is recorded as failed and the sweep goes on.
+    Configuration errors (ConfigError) are raised at once, before anything runs."""
+    cfgs = [TrainConfig.from_dict(c) for c in configs]
+    store = store if store is not None else RunStore()
+    out = []
+    for c in cfgs:
+        try:
+            out.append(run(c, store, force=force, progress=progress))
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded by run(); carry on
+            rid = run_id_for(c.to_dict())
+            rec = store.record(c.experiment, rid) or {"run_id": rid, "experiment": c.experiment,
+                                                       "status": "failed", "error": f"{type(e).__name__}: {e}"}
+            print(f"[vitrepro] run {c.experiment}/{rid} failed: {rec.get('error')}", file=sys.stderr)
+            out.append(rec)
+    return out
+
+
+# ---------------------------------------------------------------------- CLI
+
+def _parse_value(s: str):
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m vitrepro.train",
+                                description="Train one configuration: key=value pairs (values parsed as JSON "
+                                            "when possible) on top of an optional --config JSON file.")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. model=ViT-Nano/4 steps=300 lr=1e-3")
+    p.add_argument("--config", help="JSON file with a configuration dict")
+    p.add_argument("--store", help="run store root (default $VITREPRO_RUNS or <repo>/runs)")
+    p.add_argument("--force", action="store_true", help="re-run even if a finished record exists")
+    p.add_argument("--progress", default="auto", choices=["auto", "bar", "log", "none"])
+    a = p.parse_args(argv)
+    d: dict[str, Any] = {}
+    if a.config:
+        with open(a.config) as f:
+            d.update(json.load(f))
+    for o in a.overrides:
+        if "=" not in o:
+            p.error(f"expected key=value, got {o!r}")
+        k, v = o.split("=", 1)
+        d[k] = _parse_value(v)
+    try:
+        rec = run(d, RunStore(a.store) if a.store else None, force=a.force, progress=a.progress)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    except DivergedError as e:
+        print(f"diverged: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if _dist_env()[0] == 0:
+        print(json.dumps({"run_id": rec.get("run_id"), "status": rec.get("status"), "metrics": rec.get("metrics"),
+                          "run_dir": rec.get("run_dir")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
