@@ -48,7 +48,7 @@ def test_local_parquet_grey_and_rgb(tmp_path):
     imgs = _write_parquet(tmp_path / "grey", mode="L")
     a = load_arrays(str(tmp_path / "grey"), "train")
     assert a.images.shape == (12, 1, 9, 9) and a.classes == ["a", "b", "c"]
-    assert torch.equal(a.images[3, 0], torch.from_numpy(np.asarray(imgs[3])))
+    assert torch.equal(a.images[3, 0], torch.from_numpy(np.array(imgs[3])))
     assert a.labels.tolist() == [i % 3 for i in range(12)]
     # mixed sizes, RGB -> resized to one square size
     _write_parquet(tmp_path / "rgb", mode="RGB", sizes=((10, 7), (5, 12)))

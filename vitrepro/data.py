@@ -38,7 +38,7 @@ import torch.nn.functional as F
 __all__ = [
     "DatasetSpec", "DATASETS", "ImageArrays", "DataError", "DatasetNotFoundError",
     "load_arrays", "resolve_source", "balanced_subset", "train_val_split", "preprocess",
-    "augment_batch", "Batches", "stream_batches", "AUGMENTATIONS",
+    "augment_batch", "Batches", "StreamBatches", "stream_batches", "AUGMENTATIONS",
 ]
 
 
@@ -155,7 +155,7 @@ def resolve_source(name_or_path: str, check_hub: bool = True) -> Source:
             "" if Path(root).expanduser().is_dir() else f" (the directory {root} itself does not exist)")
     else:
         local_msg = "the environment variable VITREPRO_DATA is not set (so no local copy was looked for)"
-    if check_hub and _offline():
+    if check_hub and _offline() and not Path(spec.hub_id).is_dir():
         raise DatasetNotFoundError(
             f"dataset {s!r} not found: {local_msg}; and the Hub ({spec.hub_id}) is switched off "
             "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE). Point VITREPRO_DATA at a folder containing "
@@ -299,7 +299,7 @@ def load_arrays(name_or_path: str, split: str = "train", *, image_column: str | 
     ``array_size`` or 160), matching the plain-resize test pipeline of the ViT code.
     """
     src = resolve_source(name_or_path)
-    if src.kind == "hub" and src.spec.streaming:
+    if src.spec is not None and src.spec.streaming:
         raise DataError(f"{src.name} is streamed (too large for arrays): use stream_batches()")
     if src.spec is not None:
         image_column = image_column or src.spec.image_column
@@ -329,7 +329,8 @@ def load_arrays(name_or_path: str, split: str = "train", *, image_column: str | 
                     _atomic_save_npz(cfile, images=x, labels=y, classes=np.array(json.dumps(classes)))
                 except OSError:
                     pass
-    arr = ImageArrays(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y).long(),
+    arr = ImageArrays(torch.from_numpy(np.require(x, np.uint8, ["C", "W"])),
+                      torch.from_numpy(np.require(y, np.int64, ["C", "W"])),
                       list(classes), src.name)
     with _LOCK:
         _MEM[key] = arr
@@ -544,7 +545,8 @@ class Batches:
 
 def stream_batches(name: str, split: str, batch_size: int, img_size: int, in_chans: int = 3, *,
                    augment: str | bool = "none", seed: int = 0, rank: int = 0, world_size: int = 1,
-                   shuffle_buffer: int = 10_000, epoch: int = 0, skip_batches: int = 0):
+                   shuffle_buffer: int = 10_000, epoch: int = 0, skip_batches: int = 0,
+                   drop_last: bool = True):
     """Stream a large dataset (e.g. imagenet-1k) through ``datasets`` in batches of ``batch_size //
     world_size`` per rank, with the same preprocessing. A simple path: decoding per image with PIL,
     shuffling in a buffer; resuming skips ``skip_batches`` batches (not bit-exact across epochs)."""
@@ -575,7 +577,7 @@ def stream_batches(name: str, split: str, batch_size: int, img_size: int, in_cha
     for ex in ds:
         im = ex[icol]
         a = _to_array(im, mode, max(img_size, 1) if im.size != (img_size, img_size) else None)
-        buf_x.append(torch.from_numpy(a))
+        buf_x.append(torch.from_numpy(np.array(a)))
         buf_y.append(int(ex[lcol]))
         if len(buf_x) == per:
             if nb >= skip_batches:
@@ -585,3 +587,35 @@ def stream_batches(name: str, split: str, batch_size: int, img_size: int, in_cha
                 yield x, torch.tensor(buf_y, dtype=torch.long)
             nb += 1
             buf_x, buf_y = [], []
+    if buf_x and not drop_last and nb >= skip_batches:
+        yield preprocess(torch.stack(buf_x), img_size, in_chans), torch.tensor(buf_y, dtype=torch.long)
+
+
+class StreamBatches:
+    """``Batches``-like wrapper around ``stream_batches`` for the trainer: ``next()``, and a state
+    (epoch, index) restored by skipping ``index`` batches (exact only if the stream order is)."""
+
+    def __init__(self, name: str, split: str, batch_size: int, img_size: int, in_chans: int, *,
+                 augment="none", seed: int = 0, rank: int = 0, world_size: int = 1, device="cpu"):
+        self.kw = dict(name=name, split=split, batch_size=batch_size, img_size=img_size, in_chans=in_chans,
+                       augment=augment, seed=seed, rank=rank, world_size=world_size)
+        self.device = torch.device(device)
+        self.epoch, self.index, self._it = 0, 0, None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index, self._it = int(state["epoch"]), int(state["index"]), None
+
+    def next(self):
+        for _ in range(2):
+            if self._it is None:
+                self._it = stream_batches(**self.kw, epoch=self.epoch, skip_batches=self.index)
+            try:
+                x, y = next(self._it)
+                self.index += 1
+                return x.to(self.device), y.to(self.device)
+            except StopIteration:
+                self.epoch, self.index, self._it = self.epoch + 1, 0, None
+        raise DataError(f"{self.kw['name']}: the stream yielded no full batch")

@@ -76,7 +76,7 @@ def predict(model, images, batch_size: int = 256, img_size=None, in_chans=None,
 
 def accuracy(model, arrays: ImageArrays, batch_size: int = 256, **kw) -> float:
     pred = predict(model, arrays.images, batch_size, **kw)
-    return float((pred.cpu() == arrays.labels.cpu()).float().mean()) if len(arrays) else float("nan")
+    return int((pred.cpu() == arrays.labels.cpu()).sum()) / len(arrays) if len(arrays) else float("nan")
 
 
 def fewshot_lsr_fit(x_train, y_train, num_classes: int, l2_reg: float = 2.0 ** 10):
@@ -139,7 +139,39 @@ class Accuracy(Evaluator):
         return a
 
     def __call__(self, model, **kw) -> dict[str, float]:
+        if self._arrays is None and _is_streamed(self.dataset):
+            return {self.name: _stream_accuracy(model, self.dataset, self.split, self.batch_size,
+                                                self.max_examples, kw.get("autocast_dtype"))}
         return {self.name: accuracy(model, self.arrays(), self.batch_size, **kw)}
+
+
+def _is_streamed(dataset: str) -> bool:
+    from .data import DATASETS
+    spec = DATASETS.get(str(dataset))
+    return bool(spec is not None and spec.streaming)
+
+
+@torch.no_grad()
+def _stream_accuracy(model, dataset, split, batch_size, max_examples, autocast_dtype=None) -> float:
+    """Accuracy over a streamed split (e.g. imagenet-1k validation), first ``max_examples`` images."""
+    from .data import stream_batches
+    s, c = _model_io(model)
+    dev = _device(model)
+    was = model.training
+    model.eval()
+    correct = seen = 0
+    try:
+        for x, y in stream_batches(dataset, split, batch_size, s, c, drop_last=False):
+            x = x.to(dev)
+            with torch.autocast(dev.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                pred = model(x).argmax(1).cpu()
+            correct += int((pred == y).sum())
+            seen += len(y)
+            if max_examples is not None and seen >= max_examples:
+                break
+    finally:
+        model.train(was)
+    return correct / max(1, seen)
 
 
 class FewShot(Evaluator):
@@ -156,6 +188,8 @@ class FewShot(Evaluator):
         self.name = f"fewshot/{Accuracy._short(dataset)}"
 
     def __call__(self, model, **kw) -> dict[str, float]:
+        if _is_streamed(self.dataset):
+            raise ValueError(f"FewShot on the streamed dataset {self.dataset!r} is not supported yet")
         tr = load_arrays(self.dataset, self.train_split)
         te = load_arrays(self.dataset, self.test_split)
         if self.max_test is not None and len(te) > self.max_test:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .data import AUGMENTATIONS, DATASETS, Batches, DataError, ImageArrays, load_arrays, resolve_source, \
+from .data import AUGMENTATIONS, DATASETS, Batches, DataError, StreamBatches, ImageArrays, load_arrays, resolve_source, \
     train_val_split, balanced_subset
 from .store import RunStore, atomic_torch_save, code_versions, run_id_for
 
@@ -332,7 +332,7 @@ def _seed_for(*parts: int) -> int:
 @dataclass
 class _Plan:
     cfg: TrainConfig
-    train: ImageArrays
+    train: ImageArrays | None       # None: streamed
     evaluators: list
     img_size: int
     in_chans: int
@@ -357,7 +357,12 @@ def _prepare(cfg: TrainConfig, store: RunStore) -> _Plan:
         models.parse_name(cfg.model)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    if cfg.img_size:  # shape check before touching any data (num_classes does not matter here)
+        _check_shapes(cfg, cfg.img_size, cfg.in_chans or 3, 10)
     init_run, init_config = None, None
+    if cfg.init and not cfg.init.startswith(("run:", "timm:", "hf-hub:", "hf_hub:")) and not Path(cfg.init).exists():
+        raise ConfigError(f"init={cfg.init!r}: no such file (use run:<experiment>/<run_id>, timm:<name>.<tag> "
+                          "or a .pth/.safetensors/.npz path)")
     if cfg.init and cfg.init.startswith("run:"):
         try:
             init_run = store.resolve(cfg.init)
@@ -369,6 +374,9 @@ def _prepare(cfg: TrainConfig, store: RunStore) -> _Plan:
             init_config = json.load(f)
         if init_config["model"] != cfg.model:
             raise ConfigError(f"init={cfg.init!r} is a {init_config['model']} but model={cfg.model!r}")
+    src = resolve_source(cfg.dataset)
+    if src.spec is not None and src.spec.streaming:
+        return _prepare_streamed(cfg, src, init_run, init_config)
     try:
         arrays = load_arrays(cfg.dataset, cfg.train_split)
     except DataError as e:
@@ -396,14 +404,7 @@ def _prepare(cfg: TrainConfig, store: RunStore) -> _Plan:
         raise ConfigError(f"epochs={cfg.epochs} gives 0 steps with {len(arrays)} examples and batch {cfg.batch_size}")
     if cfg.warmup_steps >= steps and cfg.schedule != "constant":
         raise ConfigError(f"warmup_steps={cfg.warmup_steps} >= steps={steps}")
-    try:  # shapes: build on the meta device (no memory, no compute)
-        with torch.device("meta"):
-            models.create_model(cfg.model, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
-                                **cfg.model_options())
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"model {cfg.model!r} at img_size={img_size}, in_chans={in_chans}: {e}") from e
-    except (RuntimeError, NotImplementedError):
-        pass  # an op without meta support: create_model validates its arguments before allocating
+    _check_shapes(cfg, img_size, in_chans, num_classes)
     evaluators = []
     for e in cfg.evaluators:
         e = dict(e)
@@ -417,6 +418,37 @@ def _prepare(cfg: TrainConfig, store: RunStore) -> _Plan:
         e.setdefault("dataset", cfg.dataset)
         evaluators.append(make_evaluator(e))
     return _Plan(cfg, arrays, evaluators, img_size, in_chans, num_classes, steps, init_run, init_config)
+
+
+def _check_shapes(cfg: TrainConfig, img_size: int, in_chans: int, num_classes: int) -> None:
+    """Build the model on the meta device (no memory, no compute) so that impossible shapes
+    (patch size not dividing img_size, bad options) fail before anything runs."""
+    from . import models
+    try:
+        with torch.device("meta"):
+            models.create_model(cfg.model, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
+                                **cfg.model_options())
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model {cfg.model!r} at img_size={img_size}, in_chans={in_chans}: {e}") from e
+    except (RuntimeError, NotImplementedError):
+        pass  # an op without meta support: create_model validates its arguments before allocating
+
+
+def _prepare_streamed(cfg: TrainConfig, src, init_run, init_config) -> _Plan:
+    """Large datasets (imagenet-1k): streamed through `datasets`; steps only, no subsets."""
+    from . import models
+    from .evaluate import make_evaluator
+    if cfg.steps is None:
+        raise ConfigError(f"{cfg.dataset} is streamed: give steps, not epochs")
+    if cfg.train_examples is not None or cfg.val_fraction > 0:
+        raise ConfigError(f"{cfg.dataset} is streamed: train_examples and val_fraction are not supported; "
+                          "use a split expression in train_split (e.g. 'train[:99%]')")
+    img_size = cfg.img_size or (init_config["_resolved"]["img_size"] if init_config else 224)
+    in_chans = cfg.in_chans or (init_config["_resolved"]["in_chans"] if init_config else 3)
+    _check_shapes(cfg, img_size, in_chans, src.spec.num_classes)
+    evs = [make_evaluator({"dataset": cfg.dataset, **({"split": cfg.eval_split} if e.get("type") == "accuracy"
+                                                      else {}), **e}) for e in cfg.evaluators]
+    return _Plan(cfg, None, evs, img_size, in_chans, src.spec.num_classes, cfg.steps, init_run, init_config)
 
 
 def _build_model(plan: _Plan, device: torch.device):
@@ -494,7 +526,7 @@ def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool =
         torch.distributed.init_process_group(backend)
     run_dir = store.run_dir(cfg.experiment, rid)
     resolved = {"img_size": plan.img_size, "in_chans": plan.in_chans, "num_classes": plan.num_classes,
-                "steps": plan.steps, "train_size": len(plan.train)}
+                "steps": plan.steps, "train_size": len(plan.train) if plan.train is not None else None}
     if rank == 0:
         if force and run_dir.exists():
             for n in ("record.json", "checkpoint.pt", "metrics.jsonl", "model.pt"):
@@ -531,8 +563,13 @@ def _train(plan: _Plan, store: RunStore, rid: str, device: torch.device, rank: i
     except Exception as e:  # noqa: BLE001 - recorded, not fatal
         flops_per_image, flops_error = None, f"{type(e).__name__}: {e}"
     opt = _make_optimizer(model, cfg)
-    batches = Batches(plan.train, cfg.batch_size, plan.img_size, plan.in_chans, augment=cfg.augment,
-                      seed=cfg.seed, rank=rank, world_size=world, device=device)
+    if plan.train is not None:
+        batches = Batches(plan.train, cfg.batch_size, plan.img_size, plan.in_chans, augment=cfg.augment,
+                          seed=cfg.seed, rank=rank, world_size=world, device=device)
+    else:
+        batches = StreamBatches(cfg.dataset, cfg.train_split, cfg.batch_size, plan.img_size, plan.in_chans,
+                                augment=cfg.augment, seed=cfg.seed, rank=rank, world_size=world, device=device)
+    train_size = len(plan.train) if plan.train is not None else None
     precision = resolve_precision(cfg.precision, device)
     amp = torch.bfloat16 if precision == "bf16" else None
     step = 0
@@ -616,7 +653,7 @@ def _train(plan: _Plan, store: RunStore, rid: str, device: torch.device, rank: i
             ips = (step - step_log) * cfg.batch_size / max(1e-9, now - t_log)
             t_log, step_log = now, step
             log_row({"step": step, "loss": mean_loss, "lr": lr, "images_per_s": round(ips, 2),
-                     "epoch": round(step * cfg.batch_size / len(plan.train), 4)})
+                     "epoch": round(step * cfg.batch_size / train_size, 4) if train_size else None})
             if bar is not None:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
             elif mode == "log":
@@ -655,7 +692,7 @@ def _train(plan: _Plan, store: RunStore, rid: str, device: torch.device, rank: i
         record = {
             "run_id": rid, "experiment": exp, "status": "ok", "config": cfg.to_dict(), "resolved": resolved,
             "metrics": metrics, "steps": plan.steps, "images_seen": images_seen,
-            "epochs_seen": images_seen / len(plan.train), "wall_time_s": train_time, "eval_time_s": eval_time,
+            "epochs_seen": images_seen / train_size if train_size else None, "wall_time_s": train_time, "eval_time_s": eval_time,
             "flops_per_image": flops_per_image, "flops_error": flops_error,
             "train_flops": (3 * flops_per_image * images_seen) if flops_per_image else None,
             "params": n_params, "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),

@@ -187,41 +187,138 @@ def finetune_from(parent: Job, record: dict) -> str:
     return f"run:{record['experiment']}/{record['run_id']}"
 
 
-def run_jobs(jobs: Sequence[Job], params: NotebookParams, make_finetune: Callable | None = None,
-             log: Callable[[str], None] = print) -> list[tuple[Job, dict]]:
-    """Train (or reuse from the run store) every job; fine-tunes after their parents.
+def _worker_init(threads: int) -> None:
+    import torch
 
-    A job whose parent failed is skipped; a failed run (e.g. diverged) is recorded by the trainer
-    and the sweep carries on.
-    """
+    torch.set_num_threads(threads)
+
+
+def _train_one(cfg: dict, root: str, force: bool) -> dict:
+    """Train one configuration (in this process or a pool worker); failures become records."""
     from .. import train
     from ..store import RunStore
 
-    store = RunStore(runs_dir(params))
-    done: dict[int, dict] = {}
-    out = []
-    ordered = [j for j in jobs if j.parent is None] + [j for j in jobs if j.parent is not None]
-    t_start = __import__("time").time()
-    for i, job in enumerate(ordered, 1):
+    try:
+        return train.run(train.TrainConfig.from_dict(cfg), store=RunStore(root), force=force, progress="log")
+    except train.ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - diverged or crashed: the trainer recorded it; the sweep goes on
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+
+
+def default_workers(params: NotebookParams) -> int:
+    """Parallel runs: small CPU models use one core far better than two, so a 2-core machine trains
+    two runs at once with one thread each; on a GPU, one run at a time."""
+    import torch
+
+    if params.device.startswith("cuda") or (params.device == "auto" and torch.cuda.is_available()):
+        return 1
+    return max(1, min(int(os.environ.get("VITREPRO_WORKERS", os.cpu_count() or 1)), 8))
+
+
+def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], None] = print,
+             workers: int | None = None) -> list[tuple[Job, dict]]:
+    """Train (or reuse from the run store) every job; fine-tunes start once their parent finished.
+
+    Configurations are validated before anything trains. A job whose parent failed is skipped; a
+    failed run (e.g. diverged) is recorded by the trainer and the sweep carries on. With several
+    workers (CPU), runs go to a process pool, one torch thread each.
+    """
+    import time
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    import multiprocessing as mp
+
+    from .. import train
+    from ..store import RunStore
+
+    root = str(runs_dir(params))
+    for job in jobs:  # fail fast on a bad configuration, before any compute
         cfg = dict(job.config)
-        if job.parent is not None:
-            parent = done.get(id(job.parent))
-            if parent is None or parent.get("status") != "ok":
-                log(f"[{i}/{len(ordered)}] skip {cfg.get('model')} fine-tune: parent run failed")
-                continue
-            cfg["init"] = finetune_from(job.parent, parent)
         if params.device != "auto":
             cfg["device"] = params.device
-        elapsed = __import__("time").time() - t_start
-        log(f"[{i}/{len(ordered)}] {job.stage} {cfg.get('model')} on {cfg.get('dataset')} "
-            f"(n={cfg.get('train_examples') or 'all'}, seed {cfg.get('seed')}) at {elapsed:.0f}s")
-        try:
-            record = train.run(train.TrainConfig.from_dict(cfg), store=store, force=params.force)
-        except train.DivergedError as e:  # recorded as a failed run by the trainer
-            log(f"    failed: {e}")
-            record = {"status": "failed", "error": str(e)}
+        job.config = cfg
+        if job.parent is None:
+            train.TrainConfig.from_dict(cfg)
+    store = RunStore(root)
+    workers = workers or default_workers(params)
+    done: dict[int, dict] = {}
+    out: list[tuple[Job, dict]] = []
+    pending = [j for j in jobs if j.parent is None]
+    waiting = [j for j in jobs if j.parent is not None]
+    t0 = time.time()
+    total = len(jobs)
+
+    def describe(job, cfg):
+        return (f"{job.stage} {cfg.get('model')} on {cfg.get('dataset')} "
+                f"(n={cfg.get('train_examples') or 'all'}, img {cfg.get('img_size')}, seed {cfg.get('seed')})")
+
+    def ready_config(job):
+        cfg = dict(job.config)
+        if job.parent is not None:
+            cfg["init"] = finetune_from(job.parent, done[id(job.parent)])
+        return cfg
+
+    def finish(job, cfg, record):
         done[id(job)] = record
         out.append((job, record))
+        status = record.get("status")
+        extra = "" if status == "ok" else f": {record.get('error')}"
+        log(f"[{len(out)}/{total}] {status} {describe(job, cfg)} after {time.time() - t0:.0f}s{extra}")
+
+    def release():
+        nonlocal waiting
+        ready, still = [], []
+        for j in waiting:
+            if id(j.parent) in done:
+                if done[id(j.parent)].get("status") == "ok":
+                    ready.append(j)
+                else:
+                    total_skip = f"skip {describe(j, j.config)}: its pre-training run failed"
+                    out.append((j, {"status": "skipped"}))
+                    log(f"[{len(out)}/{total}] {total_skip}")
+            else:
+                still.append(j)
+        waiting = still
+        return ready
+
+    # finished runs come straight from the store (no pool needed)
+    def cached(job, cfg):
+        if params.force:
+            return None
+        conf = train.TrainConfig.from_dict(cfg).to_dict()
+        rec = store.record(cfg["experiment"], __import__("vitrepro.store", fromlist=["run_id_for"]).run_id_for(conf))
+        return rec if rec is not None and rec.get("status") == "ok" else None
+
+    if workers <= 1:
+        while pending:
+            job = pending.pop(0)
+            cfg = ready_config(job)
+            rec = cached(job, cfg) or _train_one(cfg, root, params.force)
+            finish(job, cfg, rec)
+            pending += release()
+        return out
+
+    log(f"training with {workers} parallel workers, 1 thread each")
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(1,)) as pool:
+        running = {}
+        while pending or running:
+            while pending:
+                job = pending.pop(0)
+                cfg = ready_config(job)
+                rec = cached(job, cfg)
+                if rec is not None:
+                    finish(job, cfg, rec)
+                    pending += release()
+                    continue
+                running[pool.submit(_train_one, cfg, root, params.force)] = (job, cfg)
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job, cfg = running.pop(fut)
+                finish(job, cfg, fut.result())
+                pending += release()
     return out
 
 

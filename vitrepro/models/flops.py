@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .bit import BiTResNet
 from .hybrid import HybridEmbed
-from .vit import PosEmbed1D, VisionTransformer
+from .vit import VisionTransformer
 
 
 def _conv(conv: nn.Conv2d, h: int, w: int) -> int:

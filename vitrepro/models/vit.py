@@ -165,7 +165,9 @@ class RelativeBias(nn.Module):
         n = grid[0] * grid[1]
         self.table = nn.Parameter(torch.randn(2 * n - 1, num_heads, head_dim) * 0.02)  # (2n-1, h, dh)
         self.cls_table = nn.Parameter(torch.randn(3, num_heads, head_dim) * 0.02) if num_prefix else None
-        self.register_buffer("index", self._index(), persistent=False)  # (N, N) into cat(table, cls_table)
+        # (N, N) index into cat(table, cls_table). Kept as a plain cache rather than a buffer so that it is
+        # never saved, and stays valid when the model is built on the meta device and materialised later.
+        self._index_cache: dict = {}
 
     def _index(self) -> torch.Tensor:
         n = self.grid[0] * self.grid[1]
@@ -180,6 +182,16 @@ class RelativeBias(nn.Module):
             idx = full
         return idx
 
+    @property
+    def index(self) -> torch.Tensor:
+        return self.index_on(self.table.device)
+
+    def index_on(self, device) -> torch.Tensor:
+        key = (self.grid, str(device))
+        if key not in self._index_cache:
+            self._index_cache = {key: self._index().to(device)}
+        return self._index_cache[key]
+
     def offset_table(self) -> torch.Tensor:
         return self.table if self.cls_table is None else torch.cat([self.table, self.cls_table], 0)
 
@@ -187,7 +199,7 @@ class RelativeBias(nn.Module):
         # q: (B, h, N, dh) content queries
         table = self.offset_table()  # (O, h, dh)
         logits = torch.einsum("bhqd,ohd->bhqo", q, table) / math.sqrt(q.shape[-1])  # (B, h, N, O)
-        index = self.index.to(q.device)[None, None].expand(q.shape[0], q.shape[1], -1, -1)  # (B, h, N, N)
+        index = self.index_on(q.device)[None, None].expand(q.shape[0], q.shape[1], -1, -1)  # (B, h, N, N)
         return torch.gather(logits, -1, index)  # (B, h, N, N): bias[b, h, q, k] = q . R[p_q - p_k]
 
     @torch.no_grad()
@@ -196,7 +208,6 @@ class RelativeBias(nn.Module):
         # Linear interpolation of the 2n-1 offset table; the centre (offset 0) maps onto itself.
         self.table = nn.Parameter(resample_1d(self.table, 2 * n - 1))
         self.grid = tuple(grid)
-        self.index = self._index().to(self.table.device)
 
 
 # ----------------------------------------------------------------------------------------------------

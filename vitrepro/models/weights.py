@@ -248,8 +248,6 @@ def npz_to_timm(arrays: dict) -> dict[str, torch.Tensor]:
             out[k] = torch.cat([_vec(x) for x in a], 0)
         elif kind == "out_w":
             out[k] = _dense_from_jax(a[0].reshape(-1, a[0].shape[-1]))  # (D, D)
-    if "head.fc.weight" in out:  # BiT head kernel (1, 1, F, C) -> (C, F, 1, 1) done by "conv"
-        pass
     unused = sorted(set(arrays) - used)
     if unused:
         raise KeyError(f"npz arrays not understood (unexpected): {unused[:20]}{' ...' if len(unused) > 20 else ''}")

@@ -1,0 +1,498 @@
+"""Training-throughput benchmark: vitrepro's ViT against timm's, and against the machine's matmul peak.
+
+    python -m vitrepro.bench                       # default models, fp32 + bf16, CPU (+ CUDA if present)
+    python -m vitrepro.bench --quick               # a seconds-long check (what tests/test_bench.py runs)
+    python -m vitrepro.bench --models ViT-Nano/7:28:1:128 --precisions fp32 --devices cpu
+
+For every (device, model configuration, precision), in one process:
+
+* **throughput**: full training steps (autocast forward, cross-entropy, backward, gradient clipping at
+  norm 1, AdamW step, zero_grad -- the trainer's step) of a vitrepro ViT (``create_model``) and of
+  ``timm.models.vision_transformer.VisionTransformer`` built with the identical configuration (width,
+  depth, heads, MLP ratio, patch, resolution, channels, classes, class token, LayerNorm eps 1e-6, no
+  dropout) and loaded with the *same weights* (checked: equal parameter counts and equal logits). Both
+  get the same synthetic batch, the same optimizer and the same precision. After warm-up the two are
+  timed in interleaved repeats (the order alternates), each repeat ``--steps`` steps between device
+  synchronisations; images/s is the median over repeats, and ``ratio`` = vitrepro / timm.
+* **FLOP/s**: 3 x ``vitrepro.models.flops(model, img_size)`` x images/s (forward + backward ~ 3 forwards),
+  and its fraction of the **peak**: the best dense square matmul rate measured in the same run, same
+  device, threads and dtype (fp32 tensors for fp32; bf16 tensors for bf16).
+* **data wait**: training the vitrepro model through the trainer's data path (``vitrepro.data.Batches``
+  over Fashion-MNIST from ``$VITREPRO_DATA``, or scikit-learn digits if absent, with the trainer's
+  ``crop_flip`` augmentation by default): the share of step time spent inside ``Batches.next()``
+  (fetch + preprocess + augment), device-synchronised on CUDA.
+
+Results go to ``<out>/<device-kind>.json`` and ``.md`` (written atomically), with the machine described.
+Configurations whose estimated time exceeds ``--budget`` seconds are shortened (fewer steps), and skipped
+with a reason when even one warm-up step each would not fit (e.g. bf16 ViT-B/16 on a CPU without bf16
+instructions); ``--no-skip`` measures them anyway.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["BenchConfig", "parse_model_spec", "machine_info", "matmul_peak", "bench_config", "main"]
+
+# The cpu profiles' models (vitrepro/experiments/*.py, cpu()): Fashion-MNIST at 28 px, one channel,
+# with the profiles' batch sizes; plus ViT-B/16 at 224 px (the paper's model; few steps on a CPU).
+DEFAULT_MODELS = {
+    "cpu": ["ViT-Nano/7:28:1:128", "ViT-Micro/7:28:1:128", "ViT-Nano/4:28:1:64", "ViT-Micro/4:28:1:64",
+            "ViT-B/16:224:3:8"],
+    "cuda": ["ViT-Nano/7:28:1:128", "ViT-Micro/7:28:1:128", "ViT-Nano/4:28:1:64", "ViT-Micro/4:28:1:64",
+             "ViT-S/4:32:3:512", "ViT-B/16:224:3:128"],
+}
+QUICK_MODELS = ["ViT-Nano/7:28:1:16"]
+CPU_FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile",
+                         "amx_bf16", "amx_int8", "avx_vnni")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str
+    img_size: int
+    in_chans: int
+    batch: int
+    num_classes: int = 10
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.img_size}px {self.in_chans}ch"
+
+
+def parse_model_spec(spec: str, batch_override: int | None = None) -> BenchConfig:
+    """``NAME[:IMG_SIZE[:IN_CHANS[:BATCH]]]``, e.g. ``ViT-Nano/7:28:1:128`` (defaults 224, 3, 32)."""
+    parts = spec.split(":")
+    if not 1 <= len(parts) <= 4 or not parts[0]:
+        raise ValueError(f"bad model spec {spec!r}: expected NAME[:IMG_SIZE[:IN_CHANS[:BATCH]]]")
+    try:
+        nums = [int(p) for p in parts[1:]]
+    except ValueError:
+        raise ValueError(f"bad model spec {spec!r}: IMG_SIZE, IN_CHANS and BATCH are integers") from None
+    img, chans, batch = (nums + [224, 3, 32][len(nums):])[:3]
+    if batch_override:
+        batch = batch_override
+    if img <= 0 or chans not in (1, 3) or batch <= 0:
+        raise ValueError(f"bad model spec {spec!r}: need IMG_SIZE > 0, IN_CHANS 1 or 3, BATCH > 0")
+    return BenchConfig(parts[0], img, chans, batch)
+
+
+# ---------------------------------------------------------------------------------------------- machine
+
+def _cpuinfo() -> tuple[str | None, set[str]]:
+    name, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if name is None and line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                elif not flags and line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                if name and flags:
+                    break
+    except OSError:
+        pass
+    return name or platform.processor() or platform.machine(), flags
+
+
+def machine_info(device: torch.device) -> dict:
+    import timm
+    cpu_name, flags = _cpuinfo()
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    info = {
+        "device_kind": device.type,
+        "cpu": cpu_name,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_flags": {f: (f in flags) for f in CPU_FLAGS_OF_INTEREST} if flags else {},
+        "cpu_bf16_native": bool(flags & {"avx512_bf16", "amx_bf16"}),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "hostname": platform.node(),
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=torch.cuda.get_device_name(device), gpu_capability=f"{p.major}.{p.minor}",
+                    gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=(256, 512, 1024, 2048), min_time: float = 0.2,
+                max_single: float = 1.0) -> dict:
+    """Best dense (n x n) @ (n x n) rate over `sizes` (FLOP/s, 2 n^3 per product). Larger sizes are
+    skipped once one product takes longer than `max_single` seconds (bf16 on a CPU without bf16 units)."""
+    per_size = {}
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        _sync(device)
+        t = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        single = time.perf_counter() - t  # includes one-time setup; only used to size the loop
+        reps = max(1, min(1000, int(min_time / max(single, 1e-6))))
+        best = math.inf
+        for _ in range(3):
+            _sync(device)
+            t = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b)
+            _sync(device)
+            best = min(best, (time.perf_counter() - t) / reps)
+        per_size[n] = 2 * n**3 / best
+        if best > max_single:
+            break
+    peak_n = max(per_size, key=per_size.get)
+    return {"flops_per_s": per_size[peak_n], "size": peak_n,
+            "per_size_gflops": {str(k): round(v / 1e9, 2) for k, v in per_size.items()}}
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def build_pair(cfg: BenchConfig, device: torch.device, seed: int = 0) -> tuple[nn.Module, nn.Module, dict]:
+    """(vitrepro model, timm VisionTransformer with the identical configuration and weights, check report)."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from .models import create_model
+    from .models.vit import VisionTransformer
+    from .models.weights import ours_to_timm
+
+    torch.manual_seed(seed)
+    # head="linear": timm's ViT has no tanh pre-logits layer; the two are otherwise the same network.
+    ours = create_model(cfg.model, img_size=cfg.img_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
+                        head="linear", drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0)
+    if not isinstance(ours, VisionTransformer) or ours.pos_embed_kind != "1d" or ours.pool != "token":
+        raise ValueError(f"{cfg.model}: the timm comparison needs a plain ViT (token pool, 1-D position embedding)")
+    patch = ours.patch_embed.patch_size
+    theirs = TimmViT(
+        img_size=cfg.img_size, patch_size=patch, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
+        global_pool="token", embed_dim=ours.dim, depth=ours.depth, num_heads=ours.num_heads,
+        mlp_ratio=ours.blocks[0].mlp.fc1.out_features / ours.dim, qkv_bias=True, class_token=True,
+        drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
+        weight_init="skip")
+    # Same weights in both (the head is zero-initialised in ours: give it values so logits are informative).
+    with torch.no_grad():
+        ours.head.weight.normal_(0, 0.02)
+    missing = theirs.load_state_dict(ours_to_timm(ours.state_dict(), ours), strict=True)
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    check = {"params": n_ours, "timm_params": n_theirs, "load": str(missing)}
+    if n_ours != n_theirs:
+        raise AssertionError(f"{cfg.model}: parameter counts differ: vitrepro {n_ours}, timm {n_theirs}")
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        x = torch.rand(2, cfg.in_chans, cfg.img_size, cfg.img_size) * 2 - 1
+        diff = (ours(x) - theirs(x)).abs().max().item()
+    check["max_logit_diff_fp32"] = diff
+    if not diff < 1e-3:
+        raise AssertionError(f"{cfg.model}: vitrepro and timm logits differ by {diff}")
+    return ours.to(device).train(), theirs.to(device).train(), check
+
+
+def make_optimizer(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.1) -> torch.optim.Optimizer:
+    """The trainer's ``adam``: AdamW (0.9, 0.999, eps 1e-8), decay on matrices only (same for both models)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        skip = p.ndim < 2 or any(k in name for k in ("pos_embed", "cls_token"))
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def train_step(model, opt, x, y, amp_dtype, device_type: str, grad_clip: float | None = 1.0):
+    """One full training step, as the trainer does it (no host synchronisation)."""
+    with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+def _load_train_arrays(dataset: str):
+    from .data import DataError, load_arrays
+    try:
+        return load_arrays(dataset, "train"), None
+    except (DataError, OSError, ImportError) as e:  # no local copy and no Hub: fall back to digits
+        if dataset == "digits":
+            raise
+        return load_arrays("digits", "train"), f"{dataset} unavailable ({type(e).__name__}); used digits"
+
+
+def _time_steps(fn, n: int, device: torch.device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def bench_config(cfg: BenchConfig, precision: str, device: torch.device, peak: float, args, arrays,
+                 log=print) -> dict:
+    from .models import flops
+    amp = torch.bfloat16 if precision == "bf16" else None
+    row = {"model": cfg.model, "img_size": cfg.img_size, "in_chans": cfg.in_chans, "batch": cfg.batch,
+           "precision": precision, "device": device.type}
+    ours, theirs, check = build_pair(cfg, device, seed=args.seed)
+    fwd = flops(ours, cfg.img_size)
+    train_flops_per_step = 3 * fwd * cfg.batch
+    row.update(check=check, flops_per_image=fwd, train_flops_per_image=3 * fwd)
+
+    steps, repeats, warmup = args.steps, args.repeats, args.warmup
+    est = train_flops_per_step / (0.3 * peak)  # seconds per step if we reached 30% of the matmul peak
+    row["estimated_step_s"] = est
+    if 2 * est * (warmup + repeats * steps) > args.budget:
+        steps, warmup = 1, 1
+        repeats = max(2, min(repeats, int(args.budget / (2 * est)) - 1))
+    if 2 * est * (1 + 2) > args.budget and not args.no_skip:
+        row.update(skipped=f"estimated {est:.0f} s per step (3 x {fwd / 1e9:.2f} GFLOP x batch {cfg.batch} at 30% "
+                           f"of the measured {peak / 1e9:.1f} GFLOP/s peak) exceeds --budget {args.budget:.0f} s")
+        log(f"  skip: {row['skipped']}")
+        return row
+
+    g = torch.Generator().manual_seed(args.seed)
+    x = (torch.rand(cfg.batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g) * 2 - 1).to(device)
+    y = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=g).to(device)
+    impls = {"vitrepro": ours, "timm": theirs}
+    opts = {k: make_optimizer(m) for k, m in impls.items()}
+    fns = {k: (lambda m=m, o=opts[k]: train_step(m, o, x, y, amp, device.type)) for k, m in impls.items()}
+
+    t_budget = time.perf_counter()
+    warm = {}
+    for k in impls:
+        warm[k] = [_time_steps(fns[k], 1, device) for _ in range(warmup)]
+    step_s = max(min(v) for v in warm.values())
+    # Fit the timed repeats into what is left of the budget (at least 1 step x 2 repeats).
+    left = args.budget - (time.perf_counter() - t_budget)
+    fit = int(left / (2 * step_s * repeats)) if step_s > 0 else steps
+    if fit < steps:
+        steps = max(1, fit)
+        if fit < 1:
+            repeats = max(2, min(repeats, int(left / (2 * step_s))))
+    times = {k: [] for k in impls}
+    order = list(impls)
+    for r in range(repeats):
+        for k in (order if r % 2 == 0 else order[::-1]):
+            times[k].append(_time_steps(fns[k], steps, device))
+    for k in impls:
+        ips = [steps * cfg.batch / t for t in times[k]]
+        med = statistics.median(ips)
+        row[k] = {"images_per_s": med, "step_ms": 1e3 * cfg.batch / med, "repeat_images_per_s": ips,
+                  "warmup_step_s": warm[k], "flops_per_s": train_flops_per_step / cfg.batch * med,
+                  "fraction_of_peak": train_flops_per_step / cfg.batch * med / peak}
+    row.update(steps_per_repeat=steps, repeats=repeats, warmup=warmup,
+               ratio=row["vitrepro"]["images_per_s"] / row["timm"]["images_per_s"])
+    del opts, fns, theirs
+    row["data"] = data_wait(ours, cfg, amp, device, arrays, args, step_s)
+    log(f"  vitrepro {row['vitrepro']['images_per_s']:.1f} img/s, timm {row['timm']['images_per_s']:.1f} img/s, "
+        f"ratio {row['ratio']:.3f}, {row['vitrepro']['flops_per_s'] / 1e9:.1f} GFLOP/s = "
+        f"{100 * row['vitrepro']['fraction_of_peak']:.1f}% of peak, data wait "
+        f"{100 * row['data']['wait_fraction']:.1f}%")
+    return row
+
+
+def data_wait(model, cfg: BenchConfig, amp, device: torch.device, arrays, args, step_s: float) -> dict:
+    """Train `model` on batches from vitrepro.data.Batches; time inside Batches.next() vs the whole step."""
+    from .data import Batches
+    batch = min(cfg.batch, len(arrays))
+    batches = Batches(arrays, batch, cfg.img_size, cfg.in_chans, augment=args.augment, seed=args.seed,
+                      device=device)
+    opt = make_optimizer(model)
+    n = max(2, min(args.data_steps, int(args.budget / 2 / max(step_s, 1e-6))))
+    fetch, total = [], []
+    for i in range(n + 1):  # the first step is a warm-up (new input shapes, allocator)
+        _sync(device)
+        t0 = time.perf_counter()
+        xb, yb = batches.next()
+        _sync(device)
+        t1 = time.perf_counter()
+        train_step(model, opt, xb, yb, amp, device.type)
+        _sync(device)
+        t2 = time.perf_counter()
+        if i:
+            fetch.append(t1 - t0)
+            total.append(t2 - t0)
+    return {"dataset": arrays.name, "augment": args.augment, "steps": n, "batch": batch,
+            "fetch_ms": 1e3 * sum(fetch) / n, "step_ms": 1e3 * sum(total) / n,
+            "wait_fraction": sum(fetch) / sum(total)}
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fmt(v, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def to_markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# vitrepro training benchmark: {m['device_kind']}", ""]
+    if m["device_kind"] == "cuda":
+        lines.append(f"- GPU: {m.get('gpu')} (capability {m.get('gpu_capability')}, {m.get('gpu_memory_gib')} GiB, "
+                     f"CUDA {m.get('cuda')}, TF32 matmul {m.get('tf32_matmul')})")
+    flags = ", ".join(f for f, on in m["cpu_flags"].items() if on) or "unknown"
+    lines += [
+        f"- CPU: {m['cpu']}; {m['cpu_count']} logical cores ({m['cpus_usable']} usable); torch threads "
+        f"{m['torch_threads']}",
+        f"- CPU flags: {flags}; native bf16 (AVX512-BF16/AMX): {'yes' if m['cpu_bf16_native'] else 'no'}",
+        f"- torch {m['torch']}, timm {m['timm']}, Python {m['python']}; {m['platform']}",
+        f"- started {result['started']}, took {result['wall_s']:.0f} s; command `{result['command']}`",
+    ]
+    for prec, p in result["peak"].items():
+        lines.append(f"- measured {prec} matmul peak: {p['flops_per_s'] / 1e9:.1f} GFLOP/s (n={p['size']}; "
+                     f"per size {p['per_size_gflops']})")
+    lines += ["", "| model | precision | batch | vitrepro img/s | timm img/s | ratio | GFLOP/s | % of peak | "
+                  "data-wait % |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    notes = []
+    for r in result["rows"]:
+        name = f"{r['model']} @{r['img_size']}px×{r['in_chans']}"
+        if "skipped" in r or "error" in r:
+            why = r.get("skipped") or r.get("error")
+            notes.append(f"- {name} {r['precision']}: {'skipped' if 'skipped' in r else 'failed'}: {why}")
+            lines.append(f"| {name} | {r['precision']} | {r['batch']} | — | — | — | — | — | — |")
+            continue
+        ours, theirs = r["vitrepro"], r["timm"]
+        lines.append(
+            f"| {name} | {r['precision']} | {r['batch']} | {ours['images_per_s']:.1f} | {theirs['images_per_s']:.1f} | "
+            f"{r['ratio']:.3f} | {ours['flops_per_s'] / 1e9:.1f} | {100 * ours['fraction_of_peak']:.1f} | "
+            f"{100 * r['data']['wait_fraction']:.1f} |")
+    lines += ["", "Columns: images/s = median over interleaved repeats of full training steps (forward, loss, "
+              "backward, clip, AdamW) after warm-up; ratio = vitrepro / timm (same configuration, same weights); "
+              "GFLOP/s = 3 × forward FLOPs (vitrepro.models.flops) × vitrepro images/s; % of peak = that over the "
+              "matmul peak of the same precision; data-wait % = share of a trainer-data-path step "
+              "(vitrepro.data.Batches, fetch + preprocess + augment) spent waiting for the batch."]
+    if notes:
+        lines += ["", "Notes:"] + notes
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def run_device(device: torch.device, args, log=print) -> dict:
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    t0 = time.perf_counter()
+    models = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS["cuda" if device.type == "cuda" else "cpu"])
+    cfgs = [parse_model_spec(s, args.batch_size) for s in models]
+    info = machine_info(device)
+    log(f"[bench] {device.type}: {info.get('gpu') or info['cpu']}, torch threads {info['torch_threads']}")
+    if device.type == "cuda":
+        sizes = (1024, 2048) if args.quick else (2048, 4096, 8192)
+    else:
+        sizes = (128, 256) if args.quick else (256, 512, 1024, 2048)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peak = {}
+    for prec in args.precisions:
+        peak[prec] = matmul_peak(device, dtypes[prec], sizes, min_time=0.05 if args.quick else 0.25)
+        log(f"[bench] {prec} matmul peak {peak[prec]['flops_per_s'] / 1e9:.1f} GFLOP/s {peak[prec]['per_size_gflops']}")
+    arrays, note = _load_train_arrays(args.dataset)
+    if note:
+        log(f"[bench] {note}")
+    rows = []
+    for cfg in cfgs:
+        for prec in args.precisions:
+            log(f"[bench] {cfg.label} batch {cfg.batch} {prec}")
+            try:
+                rows.append(bench_config(cfg, prec, device, peak[prec]["flops_per_s"], args, arrays, log))
+            except Exception as e:  # noqa: BLE001 - recorded in the table, the run goes on
+                if args.strict:
+                    raise
+                log(f"  failed: {type(e).__name__}: {e}")
+                rows.append({"model": cfg.model, "img_size": cfg.img_size, "in_chans": cfg.in_chans,
+                             "batch": cfg.batch, "precision": prec, "device": device.type,
+                             "error": f"{type(e).__name__}: {e}"})
+    result = {"machine": info, "peak": peak, "rows": rows, "started": started,
+              "wall_s": time.perf_counter() - t0, "command": " ".join(["python -m vitrepro.bench", *args.argv]),
+              "settings": {k: v for k, v in vars(args).items() if k != "argv"}, "data_note": note}
+    out = Path(args.out)
+    _atomic_write(out / f"{device.type}.json", json.dumps(result, indent=1, default=str) + "\n")
+    _atomic_write(out / f"{device.type}.md", to_markdown(result))
+    log(f"[bench] wrote {out / (device.type + '.json')} and .md")
+    return result
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m vitrepro.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", metavar="SPEC",
+                   help="NAME[:IMG_SIZE[:IN_CHANS[:BATCH]]], e.g. ViT-Nano/7:28:1:128 (default: the cpu-profile "
+                        "models and ViT-B/16:224:3)")
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],
+                   help="default: cpu, plus cuda when available")
+    p.add_argument("--batch-size", type=int, help="override every model's batch size")
+    p.add_argument("--steps", type=int, default=5, help="training steps per timed repeat")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per implementation (median taken)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per implementation")
+    p.add_argument("--data-steps", type=int, default=10, help="steps through the trainer data path")
+    p.add_argument("--budget", type=float, default=120.0,
+                   help="seconds per (model, precision); longer configurations are shortened or skipped")
+    p.add_argument("--no-skip", action="store_true", help="never skip a configuration for its estimated time")
+    p.add_argument("--dataset", default="fashion_mnist", help="data-path dataset (digits if unavailable)")
+    p.add_argument("--augment", default="crop_flip", help="data-path augmentation (vitrepro.data.AUGMENTATIONS)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "results" / "benchmarks"))
+    p.add_argument("--quick", action="store_true", help="a seconds-long check: one tiny model, few steps")
+    p.add_argument("--strict", action="store_true", help="raise on the first failing configuration")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.quick:
+        args.steps, args.repeats, args.warmup = min(args.steps, 2), min(args.repeats, 2), 1
+        args.data_steps = min(args.data_steps, 3)
+        args.budget = min(args.budget, 20.0)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    if "cuda" in devices and not torch.cuda.is_available():
+        print("[bench] cuda requested but not available", file=sys.stderr)
+        return 2
+    for d in devices:
+        run_device(torch.device(d), args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
