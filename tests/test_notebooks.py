@@ -88,3 +88,20 @@ def test_notebooks_paired_and_clean(nb):
     assert len(params) == 1
     for line in params[0].source.splitlines():
         assert "#" in line, f"undocumented parameter line: {line}"
+
+
+def test_transfer_finetunes_released_weights_file(tmp_path):
+    """`pretrained=` a timm state-dict file: the paper's recipe fine-tunes it (smoke: digits, 32 px)."""
+    import timm
+    import torch
+
+    from vitrepro.experiments import transfer
+
+    torch.manual_seed(0)
+    path = tmp_path / "vit_tiny.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), path)
+    params = transfer.validate_params(dict(profile="smoke", pretrained=str(path), pretrained_model="ViT-Ti/16",
+                                           runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res")))
+    df = transfer.run(params)
+    assert set(df.stage) == {"finetune"} and set(df.metric) == {"top1"}
+    assert (df.img_size == 32).all() and df.value.between(0, 1).all()

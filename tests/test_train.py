@@ -50,6 +50,8 @@ def test_learns_digits_and_second_call_is_instant(run_store):
     rows = run_store.metrics("t", rec["run_id"])
     assert [r["step"] for r in rows if "loss" in r] == list(range(10, 151, 10))
     assert rows[-1]["acc/digits/test"] == rec["metrics"]["acc/digits/test"]
+    from vitrepro.train import run_id_of
+    assert run_id_of(cfg) == rec["run_id"] == run_id_of({**cfg, "lr": 0.003})
     t = time.perf_counter()
     again = run(cfg, run_store)
     assert time.perf_counter() - t < 1.0 and again == json.loads(json.dumps(rec))

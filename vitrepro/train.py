@@ -42,8 +42,8 @@ from .data import AUGMENTATIONS, DATASETS, Batches, DataError, StreamBatches, Im
     train_val_split, balanced_subset
 from .store import RunStore, atomic_torch_save, code_versions, run_id_for
 
-__all__ = ["TrainConfig", "ConfigError", "DivergedError", "run", "run_many", "main", "resolve_precision",
-           "lr_at"]
+__all__ = ["TrainConfig", "ConfigError", "DivergedError", "run", "run_many", "run_id_of", "main",
+           "resolve_precision", "lr_at"]
 
 
 class ConfigError(ValueError):
@@ -499,6 +499,11 @@ def _make_optimizer(model, cfg: TrainConfig):
 
 
 # ---------------------------------------------------------------------- run
+
+def run_id_of(config: TrainConfig | dict) -> str:
+    """The store id of a configuration (normalised through ``from_dict``, so lr=1 and lr=1.0 agree)."""
+    return run_id_for(TrainConfig.from_dict(config).to_dict())
+
 
 def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool = False,
         progress: str = "auto") -> dict:

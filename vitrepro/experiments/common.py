@@ -324,9 +324,11 @@ def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], N
 
 # ------------------------------------------------------------------ configs and long-form results
 def train_config(*, fewshot_dataset: str | None = None, fewshot_shots: Sequence[int] = (5,),
-                 fewshot_seeds: Sequence[int] = (0, 1, 2), augment: bool | str = False, **fields) -> dict:
-    """A `vitrepro.train.TrainConfig` dict: test accuracy, plus the 5-shot probe where asked."""
-    evaluators = [{"type": "accuracy"}]
+                 fewshot_seeds: Sequence[int] = (0, 1, 2), augment: bool | str = False,
+                 eval_examples: int | None = None, **fields) -> dict:
+    """A `vitrepro.train.TrainConfig` dict: test accuracy (on the first `eval_examples` test images
+    where given), plus the 5-shot probe where asked."""
+    evaluators = [{"type": "accuracy"} if eval_examples is None else {"type": "accuracy", "max_examples": eval_examples}]
     if fewshot_dataset:
         evaluators.append({"type": "fewshot", "dataset": fewshot_dataset, "shots": list(fewshot_shots),
                            "seeds": list(fewshot_seeds)})

@@ -69,8 +69,8 @@ def cpu() -> Profile:
     Command: papermill notebooks/position_embeddings.ipynb out.ipynb -p profile cpu
     """
     return Profile(dataset="fashion_mnist", fewshot_dataset="mnist", model="ViT-Nano/4", img_size=28, seeds=2,
-                   train=dict(steps=300, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.1,
-                              warmup_steps=30, schedule="cosine"),
+                   train=dict(steps=250, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.1,
+                              warmup_steps=25, schedule="cosine"),
                    gap_lrs=(1e-3, 3e-3))
 
 

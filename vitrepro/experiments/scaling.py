@@ -76,9 +76,9 @@ def cpu() -> Profile:
     return Profile(
         upstream="fashion_mnist", downstream="mnist", sizes=(2000, 6000, 20000, 60000), img_size=28, seeds=2,
         models=("ViT-Nano/7", "ViT-Micro/7", "BiT-R10x0.25", "R10x0.25+ViT-Nano/4"),
-        pretrain=dict(steps=500, batch_size=128, optimizer="adam", lr=1e-3, weight_decay=0.1, warmup_steps=50,
-                      schedule="cosine"),
-        finetune=dict(steps=100, batch_size=128, optimizer="sgd", lr=0.03, warmup_steps=10, schedule="cosine"),
+        pretrain=dict(steps=150, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.1, warmup_steps=15,
+                      schedule="cosine", eval_examples=5000),
+        finetune=dict(steps=50, batch_size=64, optimizer="sgd", lr=0.03, warmup_steps=5, schedule="cosine"),
         finetune_examples=1000)
 
 
