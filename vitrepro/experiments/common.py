@@ -285,8 +285,7 @@ def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], N
     def cached(job, cfg):
         if params.force:
             return None
-        conf = train.TrainConfig.from_dict(cfg).to_dict()
-        rec = store.record(cfg["experiment"], __import__("vitrepro.store", fromlist=["run_id_for"]).run_id_for(conf))
+        rec = store.record(cfg["experiment"], train.run_id_of(cfg))
         return rec if rec is not None and rec.get("status") == "ok" else None
 
     if workers <= 1:
@@ -377,8 +376,8 @@ def tidy(results: Sequence[tuple[Job, dict]], notebook: str, profile: str):
 
 def collect(jobs: Sequence[Job], params: NotebookParams, notebook: str):
     """Finished runs of a sweep, read back from the run store without training anything."""
-    from ..store import RunStore, run_id_for
-    from ..train import TrainConfig
+    from ..store import RunStore
+    from ..train import run_id_of
 
     store = RunStore(runs_dir(params))
     records: dict[int, dict] = {}
@@ -392,8 +391,7 @@ def collect(jobs: Sequence[Job], params: NotebookParams, notebook: str):
             cfg["init"] = finetune_from(job.parent, parent)
         if params.device != "auto":
             cfg["device"] = params.device
-        conf = TrainConfig(**{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}).to_dict()
-        rec = store.record(cfg["experiment"], run_id_for(conf))
+        rec = store.record(cfg["experiment"], run_id_of(cfg))
         if rec is not None and rec.get("status") == "ok":
             records[id(job)] = rec
             results.append((job, rec))
