@@ -26,14 +26,14 @@
 
 # %% tags=["parameters"]
 profile = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST) | gpu | paper
-dataset = None  # training dataset and source of sample images; None = the profile's
+dataset = None  # training dataset and source of sample images; None: from the profile
 model_run = None  # analyse a stored run instead: "run:<experiment>/<run_id>"
 pretrained = None  # or released weights: "timm:vit_base_patch16_224.orig_in21k" or a local file
 pretrained_model = None  # our model name for `pretrained`, e.g. "ViT-B/16"
-num_images = None  # test images averaged for attention distance; None = the profile's
-seeds = None  # models trained (one per seed); None = the profile's (cpu: 2)
-results_dir = None  # where tables and figures go; None = results/attention/
-runs_dir = None  # run store; None = $VITREPRO_RUNS or runs/
+num_images = None  # test images averaged for attention distance; None: from the profile
+seeds = None  # models trained (one per seed); None: from the profile (cpu: 2)
+results_dir = None  # where tables and figures go; None: results/attention/
+runs_dir = None  # run store; None: $VITREPRO_RUNS or runs/
 device = "auto"  # auto | cpu | cuda | cuda:N
 force = False  # retrain even where the run store holds a finished run
 

@@ -26,11 +26,11 @@
 
 # %% tags=["parameters"]
 profile = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST) | gpu | paper
-dataset = None  # training dataset name or local parquet folder; None = the profile's
-fewshot_dataset = None  # dataset of the 5-shot linear probe; None = the profile's
-seeds = None  # seeds per variant; None = the profile's (cpu: 2)
-results_dir = None  # where tables and figures go; None = results/position_embeddings/
-runs_dir = None  # run store; None = $VITREPRO_RUNS or runs/
+dataset = None  # training dataset name or local parquet folder; None: from the profile
+fewshot_dataset = None  # dataset of the 5-shot linear probe; None: from the profile
+seeds = None  # seeds per variant; None: from the profile (cpu: 2)
+results_dir = None  # where tables and figures go; None: results/position_embeddings/
+runs_dir = None  # run store; None: $VITREPRO_RUNS or runs/
 device = "auto"  # auto | cpu | cuda | cuda:N
 force = False  # retrain even where the run store holds a finished run
 

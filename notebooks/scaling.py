@@ -26,11 +26,11 @@
 
 # %% tags=["parameters"]
 profile = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST -> MNIST) | gpu | paper
-upstream = None  # pre-training dataset name or local parquet folder; None = the profile's
-downstream = None  # transfer dataset for the 5-shot probe and fine-tuning; None = the profile's
-seeds = None  # seeds per point; None = the profile's (cpu: 2)
-results_dir = None  # where tables and figures go; None = results/scaling/
-runs_dir = None  # run store; None = $VITREPRO_RUNS or runs/
+upstream = None  # pre-training dataset name or local parquet folder; None: from the profile
+downstream = None  # transfer dataset for the 5-shot probe and fine-tuning; None: from the profile
+seeds = None  # seeds per point; None: from the profile (cpu: 2)
+results_dir = None  # where tables and figures go; None: results/scaling/
+runs_dir = None  # run store; None: $VITREPRO_RUNS or runs/
 device = "auto"  # auto | cpu | cuda | cuda:N
 force = False  # retrain even where the run store holds a finished run
 

@@ -26,13 +26,13 @@
 
 # %% tags=["parameters"]
 profile = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST -> MNIST, digits) | gpu | paper
-upstream = None  # pre-training dataset name or local parquet folder; None = the profile's
-downstream = None  # list of downstream dataset names; None = the profile's
+upstream = None  # pre-training dataset name or local parquet folder; None: from the profile
+downstream = None  # list of downstream dataset names; None: from the profile
 pretrained = None  # released weights to fine-tune instead, e.g. "timm:vit_base_patch16_224.orig_in21k" or a file
 pretrained_model = None  # our model name for a local `pretrained` file, e.g. "ViT-B/16"
-seeds = None  # seeds per cell; None = the profile's (cpu: 2)
-results_dir = None  # where tables and figures go; None = results/transfer/
-runs_dir = None  # run store; None = $VITREPRO_RUNS or runs/
+seeds = None  # seeds per cell; None: from the profile (cpu: 2)
+results_dir = None  # where tables and figures go; None: results/transfer/
+runs_dir = None  # run store; None: $VITREPRO_RUNS or runs/
 device = "auto"  # auto | cpu | cuda | cuda:N
 force = False  # retrain even where the run store holds a finished run
 

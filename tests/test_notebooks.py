@@ -88,6 +88,17 @@ def test_notebooks_paired_and_clean(nb):
     assert len(params) == 1
     for line in params[0].source.splitlines():
         assert "#" in line, f"undocumented parameter line: {line}"
+    # papermill --help-notebook shows each one, and they are exactly the experiment's parameters
+    import dataclasses
+
+    from papermill.translators import PythonTranslator
+
+    from vitrepro.experiments import module
+
+    inspected = PythonTranslator.inspect(params[0])
+    assert all(p.help for p in inspected)
+    assert [p.name for p in inspected] == [f.name for f in dataclasses.fields(module(nb).Params)] or \
+        {p.name for p in inspected} == {f.name for f in dataclasses.fields(module(nb).Params)}
 
 
 def test_transfer_finetunes_released_weights_file(tmp_path):
