@@ -22,6 +22,9 @@ For every (device, model configuration, precision), in one process:
   ``crop_flip`` augmentation by default): the share of step time spent inside ``Batches.next()``
   (fetch + preprocess + augment), device-synchronised on CUDA.
 
+``--models BiT-R10x0.25:28:1:128`` compares a BiT ResNet with ``timm.models.resnetv2.ResNetV2`` the same way
+(vitrepro's BiT is built on it, so the ratio measures only the head and the interface).
+
 Results go to ``<out>/<device-kind>.json`` and ``.md`` (written atomically), with the machine described.
 Configurations whose estimated time exceeds ``--budget`` seconds are shortened (fewer steps), and skipped
 with a reason when even one warm-up step each would not fit (e.g. bf16 ViT-B/16 on a CPU without bf16
@@ -181,42 +184,69 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=(128, 256, 512, 
 
 # ---------------------------------------------------------------------------------------------- models
 
-def build_pair(cfg: BenchConfig, device: torch.device, seed: int = 0) -> tuple[nn.Module, nn.Module, dict]:
-    """(vitrepro model, timm VisionTransformer with the identical configuration and weights, check report)."""
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
+def _timm_twin(ours: nn.Module, cfg: BenchConfig) -> nn.Module:
+    """timm's own model class with the identical configuration (weights copied by the caller)."""
+    from functools import partial
 
-    from .models import create_model
+    from .models.bit import STAGE_CHANNELS, BiTResNet, group_norm
     from .models.vit import VisionTransformer
+
+    if isinstance(ours, VisionTransformer):
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+        if ours.pos_embed_kind != "1d" or ours.pool != "token" or ours.pos_embed_at != "stem":
+            raise ValueError(f"{cfg.model}: the timm comparison needs a plain ViT (token pool, 1-D position embedding)")
+        if not hasattr(ours.patch_embed, "patch_size"):
+            raise ValueError(f"{cfg.model}: hybrids have no timm VisionTransformer twin here")
+        return TimmViT(
+            img_size=cfg.img_size, patch_size=ours.patch_embed.patch_size, in_chans=cfg.in_chans,
+            num_classes=cfg.num_classes, global_pool="token", embed_dim=ours.dim, depth=ours.depth,
+            num_heads=ours.num_heads, mlp_ratio=ours.blocks[0].mlp.fc1.out_features / ours.dim, qkv_bias=True,
+            class_token=True, drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0,
+            drop_path_rate=0.0, weight_init="skip")
+    if isinstance(ours, BiTResNet):
+        from timm.layers import StdConv2d
+        from timm.models.resnetv2 import ResNetV2
+        from .models.registry import parse_name
+        spec = parse_name(cfg.model).resnet
+        return ResNetV2(layers=list(spec.blocks), channels=STAGE_CHANNELS, num_classes=cfg.num_classes,
+                        in_chans=cfg.in_chans, global_pool="avg", width_factor=spec.width, stem_type="fixed",
+                        preact=True, conv_layer=partial(StdConv2d, eps=1e-8), norm_layer=group_norm(spec.width))
+    raise ValueError(f"{cfg.model}: no timm twin for {type(ours).__name__}")
+
+
+def build_pair(cfg: BenchConfig, device: torch.device, seed: int = 0) -> tuple[nn.Module, nn.Module, dict]:
+    """(vitrepro model, timm model with the identical configuration and the same weights, check report).
+
+    ViTs are compared with timm.models.vision_transformer.VisionTransformer, BiT ResNets with
+    timm.models.resnetv2.ResNetV2 (which vitrepro's BiT builds on)."""
+    from .models import create_model
     from .models.weights import ours_to_timm
 
     torch.manual_seed(seed)
+    opts = dict(img_size=cfg.img_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes, head="linear",
+                drop_rate=0.0, drop_path_rate=0.0)
+    if not cfg.model.startswith("BiT-"):
+        opts["attn_drop_rate"] = 0.0
     # head="linear": timm's ViT has no tanh pre-logits layer; the two are otherwise the same network.
-    ours = create_model(cfg.model, img_size=cfg.img_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
-                        head="linear", drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0)
-    if not isinstance(ours, VisionTransformer) or ours.pos_embed_kind != "1d" or ours.pool != "token":
-        raise ValueError(f"{cfg.model}: the timm comparison needs a plain ViT (token pool, 1-D position embedding)")
-    patch = ours.patch_embed.patch_size
-    theirs = TimmViT(
-        img_size=cfg.img_size, patch_size=patch, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
-        global_pool="token", embed_dim=ours.dim, depth=ours.depth, num_heads=ours.num_heads,
-        mlp_ratio=ours.blocks[0].mlp.fc1.out_features / ours.dim, qkv_bias=True, class_token=True,
-        drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
-        weight_init="skip")
+    ours = create_model(cfg.model, **opts)
+    theirs = _timm_twin(ours, cfg)
     # Same weights in both (the head is zero-initialised in ours: give it values so logits are informative).
     with torch.no_grad():
-        ours.head.weight.normal_(0, 0.02)
+        ours.head.weight.normal_(0, 0.2)
     missing = theirs.load_state_dict(ours_to_timm(ours.state_dict(), ours), strict=True)
     n_ours = sum(p.numel() for p in ours.parameters())
     n_theirs = sum(p.numel() for p in theirs.parameters())
-    check = {"params": n_ours, "timm_params": n_theirs, "load": str(missing)}
+    check = {"params": n_ours, "timm_params": n_theirs, "timm_class": f"{type(theirs).__module__}.{type(theirs).__name__}",
+             "load": str(missing)}
     if n_ours != n_theirs:
         raise AssertionError(f"{cfg.model}: parameter counts differ: vitrepro {n_ours}, timm {n_theirs}")
     ours.eval(), theirs.eval()
     with torch.no_grad():
         x = torch.rand(2, cfg.in_chans, cfg.img_size, cfg.img_size) * 2 - 1
-        diff = (ours(x) - theirs(x)).abs().max().item()
-    check["max_logit_diff_fp32"] = diff
-    if not diff < 1e-3:
+        want = theirs(x)
+        diff = (ours(x) - want).abs().max().item()
+    check["max_logit_diff_fp32"], check["max_logit_fp32"] = diff, want.abs().max().item()
+    if not diff <= 1e-4 * max(1.0, check["max_logit_fp32"]):
         raise AssertionError(f"{cfg.model}: vitrepro and timm logits differ by {diff}")
     return ours.to(device).train(), theirs.to(device).train(), check
 
@@ -384,7 +414,7 @@ def to_markdown(result: dict) -> str:
     flags = ", ".join(f for f, on in m["cpu_flags"].items() if on) or "unknown"
     lines += [
         f"- CPU: {m['cpu']}; {m['cpu_count']} logical cores ({m['cpus_usable']} usable); torch threads "
-        f"{m['torch_threads']}",
+        f"{m['torch_threads']}; glibc malloc tuned as in the trainer: {m.get('malloc_tuned')}",
         f"- CPU flags: {flags}; native bf16 (AVX512-BF16/AMX): {'yes' if m['cpu_bf16_native'] else 'no'}",
         f"- torch {m['torch']}, timm {m['timm']}, Python {m['python']}; {m['platform']}",
         f"- started {result['started']}, took {result['wall_s']:.0f} s; command `{result['command']}`",
@@ -425,6 +455,7 @@ def run_device(device: torch.device, args, log=print) -> dict:
     models = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS["cuda" if device.type == "cuda" else "cpu"])
     cfgs = [parse_model_spec(s, args.batch_size) for s in models]
     info = machine_info(device)
+    info["malloc_tuned"] = getattr(args, "malloc_tuned", False)
     log(f"[bench] {device.type}: {info.get('gpu') or info['cpu']}, torch threads {info['torch_threads']}")
     if device.type == "cuda":
         sizes = (1024, 2048) if args.quick else (2048, 4096, 8192)
@@ -506,10 +537,20 @@ def parse_args(argv=None):
     return args
 
 
+def _tune_allocator() -> bool:
+    """The trainer's CPU allocator setting (vitrepro.train.tune_cpu_allocator), for both implementations."""
+    try:
+        from .train import tune_cpu_allocator
+    except ImportError:
+        return False
+    return tune_cpu_allocator()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.malloc_tuned = _tune_allocator() if "cpu" in (args.devices or ["cpu"]) else False
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if "cuda" in devices and not torch.cuda.is_available():
         print("[bench] cuda requested but not available", file=sys.stderr)

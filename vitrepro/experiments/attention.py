@@ -186,7 +186,7 @@ def analyse(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     return dist_df, figs
 
 
-def run(params: Params, log=print) -> pd.DataFrame:
+def run(params: Params, log=None) -> pd.DataFrame:
     return common.tidy(common.run_jobs(jobs(params), params, log=log), NOTEBOOK, params.profile)
 
 

@@ -216,7 +216,7 @@ def default_workers(params: NotebookParams) -> int:
     return max(1, min(int(os.environ.get("VITREPRO_WORKERS", os.cpu_count() or 1)), 8))
 
 
-def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], None] = print,
+def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], None] | None = None,
              workers: int | None = None) -> list[tuple[Job, dict]]:
     """Train (or reuse from the run store) every job; fine-tunes start once their parent finished.
 
@@ -231,6 +231,7 @@ def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], N
     from .. import train
     from ..store import RunStore
 
+    log = log or (lambda msg: print(msg, flush=True))
     root = str(runs_dir(params))
     for job in jobs:  # fail fast on a bad configuration, before any compute
         cfg = dict(job.config)

@@ -149,7 +149,7 @@ def jobs(params: Params) -> list[Job]:
     return out
 
 
-def run(params: Params, log=print) -> pd.DataFrame:
+def run(params: Params, log=None) -> pd.DataFrame:
     results = common.run_jobs(jobs(params), params, log=log)
     return common.tidy(results, NOTEBOOK, params.profile)
 

@@ -189,7 +189,7 @@ def jobs(params: Params) -> list[Job]:
     return out
 
 
-def run(params: Params, log=print) -> pd.DataFrame:
+def run(params: Params, log=None) -> pd.DataFrame:
     return common.tidy(common.run_jobs(jobs(params), params, log=log), NOTEBOOK, params.profile)
 
 
