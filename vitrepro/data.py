@@ -277,17 +277,9 @@ _LOCK = threading.Lock()
 
 
 def _atomic_save_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .store import atomic_write
+
+    atomic_write(Path(path), lambda f: np.savez(f, **arrays))
 
 
 def load_arrays(name_or_path: str, split: str = "train", *, image_column: str | None = None,

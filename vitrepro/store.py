@@ -56,7 +56,8 @@ def run_id_for(config: dict, versions: dict | None = None) -> str:
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:12]
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write a file atomically: `write(f)` fills a temp file in the same folder, then it is renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
@@ -75,11 +76,11 @@ def _atomic_write(path: Path, write) -> None:
 
 def atomic_write_json(path, obj) -> None:
     data = json.dumps(_jsonable(obj), indent=2, sort_keys=True).encode()
-    _atomic_write(Path(path), lambda f: f.write(data))
+    atomic_write(Path(path), lambda f: f.write(data))
 
 
 def atomic_torch_save(path, obj) -> None:
-    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+    atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -212,7 +213,7 @@ class RunStore:
         """Drop log lines after ``max_step`` (used when resuming from a checkpoint)."""
         rows = [r for r in self.metrics(experiment, run_id) if int(r.get("step", 0)) <= max_step]
         data = "".join(json.dumps(r) + "\n" for r in rows).encode()
-        _atomic_write(self.run_dir(experiment, run_id) / "metrics.jsonl", lambda f: f.write(data))
+        atomic_write(self.run_dir(experiment, run_id) / "metrics.jsonl", lambda f: f.write(data))
 
     def write_record(self, experiment: str, run_id: str, record: dict) -> None:
         atomic_write_json(self.run_dir(experiment, run_id) / "record.json", record)
