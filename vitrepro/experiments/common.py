@@ -345,6 +345,17 @@ def tidy(results: Sequence[tuple[Job, dict]], notebook: str, profile: str):
     import pandas as pd
 
     rows = []
+    by_job = {id(job): rec for job, rec in results}
+
+    def upstream_size(job):
+        """Upstream examples: the configured subset, else the size the pre-training run resolved."""
+        if job.upstream_examples is not None:
+            return job.upstream_examples
+        pre = job if job.parent is None else job.parent
+        if job.stage == "scratch":
+            return None
+        return ((by_job.get(id(pre)) or {}).get("resolved") or {}).get("train_size")
+
     for job, rec in results:
         if rec.get("status") != "ok":
             continue
@@ -352,7 +363,7 @@ def tidy(results: Sequence[tuple[Job, dict]], notebook: str, profile: str):
         for dataset, metric, value in _metric_rows(rec):
             rows.append(dict(
                 notebook=notebook, profile=profile, run_id=rec["run_id"], stage=job.stage, model=cfg["model"],
-                family=_family(cfg["model"]), upstream=job.upstream, upstream_examples=job.upstream_examples,
+                family=_family(cfg["model"]), upstream=job.upstream, upstream_examples=upstream_size(job),
                 dataset=dataset, img_size=(rec.get("resolved") or {}).get("img_size", cfg.get("img_size")),
                 pos_embed=cfg.get("pos_embed") or "1d", pos_embed_at=cfg.get("pos_embed_at") or "stem",
                 pool=cfg.get("pool") or "token", lr=cfg.get("lr"), seed=cfg.get("seed"), metric=metric,

@@ -53,7 +53,7 @@ class Profile:
     finetune: dict
     fewshot_shots: tuple[int, ...] = (5,)
     finetune_examples: int | None = None
-    doc: str = ""
+    finetune_augment: bool = True  # random crop + flip; off for digits, which a flip does not preserve
 
 
 def smoke() -> Profile:
@@ -63,7 +63,7 @@ def smoke() -> Profile:
         models=("ViT-Nano/4", "BiT-R10x0.25", "R10x0.25+ViT-Nano/4"),
         pretrain=dict(steps=6, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=0.1, warmup_steps=2),
         finetune=dict(steps=4, batch_size=32, optimizer="sgd", lr=0.01, warmup_steps=1),
-        finetune_examples=200)
+        finetune_examples=200, finetune_augment=False)
 
 
 def cpu() -> Profile:
@@ -79,7 +79,7 @@ def cpu() -> Profile:
         pretrain=dict(steps=150, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.1, warmup_steps=15,
                       schedule="cosine", eval_examples=5000),
         finetune=dict(steps=50, batch_size=64, optimizer="sgd", lr=0.03, warmup_steps=5, schedule="cosine"),
-        finetune_examples=1000)
+        finetune_examples=1000, finetune_augment=False)
 
 
 def gpu() -> Profile:
@@ -143,7 +143,7 @@ def jobs(params: Params) -> list[Job]:
                 ft.setdefault("img_size", p.img_size)
                 fine = Job(common.train_config(
                     experiment=f"{NOTEBOOK}-{params.profile}", model=model, dataset=p.downstream,
-                    train_examples=p.finetune_examples, seed=seed, augment=True, **ft),
+                    train_examples=p.finetune_examples, seed=seed, augment=p.finetune_augment, **ft),
                     stage="finetune", upstream=p.upstream, upstream_examples=n, parent=pre)
                 out += [pre, fine]
     return out
@@ -178,6 +178,16 @@ def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
+def _log_ticks(ax, values) -> None:
+    """Log x-axis labelled at the data sizes actually used (no overlapping minor labels)."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(values))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{int(v):,}" for v in values])
+
+
 def figures(df: pd.DataFrame) -> dict:
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -190,8 +200,9 @@ def figures(df: pd.DataFrame) -> dict:
             continue
         fig, ax = plt.subplots(figsize=(5.5, 4))
         sns.lineplot(data=d, x="upstream_examples", y="value", hue="model", style="family", markers=True,
-                     errorbar="sd", ax=ax)
-        ax.set_xscale("log")
+                     errorbar="sd", err_style="bars", ax=ax)
+        _log_ticks(ax, sorted(d.upstream_examples.unique()))
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
         ax.set_xlabel("pre-training examples")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{name.split('_')[0].replace('fig', 'Fig. ')}: accuracy vs pre-training data")
@@ -200,8 +211,12 @@ def figures(df: pd.DataFrame) -> dict:
     if not d.empty:
         top = d[d.upstream_examples == d.upstream_examples.max()]
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        sns.scatterplot(data=top, x="train_flops", y="value", hue="family", style="model", s=70, ax=ax)
+        means = top.groupby(["family", "model"]).agg(train_flops=("train_flops", "mean"), value=("value", "mean"),
+                                                     sd=("value", "std")).reset_index()
+        sns.scatterplot(data=means, x="train_flops", y="value", hue="family", style="model", s=70, ax=ax)
+        ax.errorbar(means.train_flops, means.value, yerr=means.sd.fillna(0), fmt="none", ecolor="grey", capsize=3)
         ax.set_xscale("log")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
         ax.set_xlabel("pre-training compute (FLOPs)")
         ax.set_ylabel("5-shot linear on downstream")
         ax.set_title("Fig. 5: accuracy vs pre-training compute")

@@ -80,6 +80,7 @@ class Profile:
     pretrain: dict
     finetune: dict
     finetune_examples: int | None = None
+    finetune_augment: bool = True  # random crop + flip; off for digit sets, which a flip does not preserve
     pretrained_finetune: dict | None = None  # the paper's recipe for released weights
 
 
@@ -90,7 +91,7 @@ PAPER_FINETUNE = dict(steps=10000, batch_size=512, optimizer="sgd", lr=0.01, wei
 def smoke() -> Profile:
     """Seconds on scikit-learn digits (upstream and downstream)."""
     return Profile(upstream="digits", upstream_sizes=(200, None), downstream=("digits",), models=("ViT-Nano/4",),
-                   img_size=8, finetune_sizes=(8, 12), seeds=1,
+                   img_size=8, finetune_sizes=(8, 12), seeds=1, finetune_augment=False,
                    pretrain=dict(steps=5, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=0.1, warmup_steps=1),
                    finetune=dict(steps=4, batch_size=32, optimizer="sgd", lr=0.01, warmup_steps=1),
                    pretrained_finetune=dict(steps=3, batch_size=16, optimizer="sgd", lr=0.01, warmup_steps=1,
@@ -110,7 +111,7 @@ def cpu() -> Profile:
                                  warmup_steps=30, schedule="cosine"),
                    finetune=dict(steps=60, batch_size=64, optimizer="sgd", lr=0.03, warmup_steps=6, schedule="cosine",
                                  weight_decay=0.0),
-                   finetune_examples=1000)
+                   finetune_examples=1000, finetune_augment=False)
 
 
 def gpu() -> Profile:
@@ -177,7 +178,7 @@ def jobs(params: Params) -> list[Job]:
                 for ds in p.downstream:
                     for size in p.finetune_sizes:
                         out.append(Job(common.train_config(
-                            experiment=exp, model=model, dataset=ds, img_size=size, seed=seed, augment=True,
+                            experiment=exp, model=model, dataset=ds, img_size=size, seed=seed, augment=p.finetune_augment,
                             train_examples=p.finetune_examples, **p.finetune), stage="finetune",
                             upstream=p.upstream, upstream_examples=n, parent=pre))
             for ds in p.downstream:  # from scratch: the pre-training recipe on the downstream budget
