@@ -25,7 +25,12 @@ def main(argv=None) -> None:
     ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="extra notebook parameter (applied to every notebook)")
     args = ap.parse_args(argv)
+    import logging
+
     import papermill as pm
+
+    # papermill forwards each cell's output to its logger: show it, so long runs show progress
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from .. import report
 
