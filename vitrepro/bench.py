@@ -13,7 +13,8 @@ For every (device, model configuration, precision), in one process:
   dropout) and loaded with the *same weights* (checked: equal parameter counts and equal logits). Both
   get the same synthetic batch, the same optimizer and the same precision. After warm-up the two are
   timed in interleaved repeats (the order alternates), each repeat ``--steps`` steps between device
-  synchronisations; images/s is the median over repeats, and ``ratio`` = vitrepro / timm.
+  synchronisations; images/s is the median over repeats, and ``ratio`` = vitrepro / timm, the median of
+  the per-repeat ratios (robust to load changing during the run).
 * **FLOP/s**: 3 x ``vitrepro.models.flops(model, img_size)`` x images/s (forward + backward ~ 3 forwards),
   and its fraction of the **peak**: the best dense square matmul rate measured in the same run, same
   device, threads and dtype (fp32 tensors for fp32; bf16 tensors for bf16).
@@ -318,7 +319,8 @@ def bench_config(cfg: BenchConfig, precision: str, device: torch.device, peak: f
         repeats = max(2, min(repeats, int(args.budget / (2 * est)) - 1))
     if est * (2 * (1 + 2) + 3) > 2 * args.budget and not args.no_skip:  # even the shortest protocol
         row.update(skipped=f"estimated {est:.0f} s per step (3 x {fwd / 1e9:.2f} GFLOP x batch {cfg.batch} at 50% "
-                           f"of the measured {peak / 1e9:.1f} GFLOP/s peak) exceeds --budget {args.budget:.0f} s")
+                           f"of the measured {peak / 1e9:.1f} GFLOP/s peak): even the shortest protocol (9 steps) "
+                           f"would take over twice --budget {args.budget:.0f} s")
         log(f"  skip: {row['skipped']}")
         return row
 
@@ -355,8 +357,12 @@ def bench_config(cfg: BenchConfig, precision: str, device: torch.device, peak: f
         row[k] = {"images_per_s": med, "step_ms": 1e3 * cfg.batch / med, "repeat_images_per_s": ips,
                   "warmup_step_s": warm[k], "flops_per_s": train_flops_per_step / cfg.batch * med,
                   "fraction_of_peak": train_flops_per_step / cfg.batch * med / peak}
-    row.update(steps_per_repeat=steps, repeats=repeats, warmup=warmup,
-               ratio=row["vitrepro"]["images_per_s"] / row["timm"]["images_per_s"])
+    # The ratio is the median of the per-repeat ratios: each pair of repeats ran back to back, so a change
+    # of the load on the machine during the run affects both sides of a pair alike.
+    paired = [a / b for a, b in zip(row["vitrepro"]["repeat_images_per_s"], row["timm"]["repeat_images_per_s"])]
+    row.update(steps_per_repeat=steps, repeats=repeats, warmup=warmup, ratio=statistics.median(paired),
+               repeat_ratios=paired,
+               ratio_of_medians=row["vitrepro"]["images_per_s"] / row["timm"]["images_per_s"])
     del opts, fns, theirs
     row["data"] = data_wait(ours, cfg, amp, device, arrays, args, step_s)
     log(f"  vitrepro {row['vitrepro']['images_per_s']:.1f} img/s, timm {row['timm']['images_per_s']:.1f} img/s, "
@@ -395,14 +401,14 @@ def data_wait(model, cfg: BenchConfig, amp, device: torch.device, arrays, args, 
 # ---------------------------------------------------------------------------------------------- output
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from .store import atomic_write
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))
 
 
-def _fmt(v, spec: str) -> str:
-    return "—" if v is None else format(v, spec)
+def _ips(v: float) -> str:
+    """images/s with ~3 significant digits for the slow rows (ViT-B/16 on a CPU: 0.3 img/s)."""
+    return f"{v:.1f}" if v >= 100 else f"{v:.3g}"
 
 
 def to_markdown(result: dict) -> str:
@@ -434,11 +440,12 @@ def to_markdown(result: dict) -> str:
             continue
         ours, theirs = r["vitrepro"], r["timm"]
         lines.append(
-            f"| {name} | {r['precision']} | {r['batch']} | {ours['images_per_s']:.1f} | {theirs['images_per_s']:.1f} | "
+            f"| {name} | {r['precision']} | {r['batch']} | {_ips(ours['images_per_s'])} | {_ips(theirs['images_per_s'])} | "
             f"{r['ratio']:.3f} | {ours['flops_per_s'] / 1e9:.1f} | {100 * ours['fraction_of_peak']:.1f} | "
             f"{100 * r['data']['wait_fraction']:.1f} |")
     lines += ["", "Columns: images/s = median over interleaved repeats of full training steps (forward, loss, "
-              "backward, clip, AdamW) after warm-up; ratio = vitrepro / timm (same configuration, same weights); "
+              "backward, clip, AdamW) after warm-up; ratio = vitrepro / timm (median of the per-repeat ratios; same "
+              "configuration, same weights); "
               "GFLOP/s = 3 × forward FLOPs (vitrepro.models.flops) × vitrepro images/s; % of peak = that over the "
               "matmul peak of the same precision; data-wait % = share of a trainer-data-path step "
               "(vitrepro.data.Batches, fetch + preprocess + augment) spent waiting for the batch."]

@@ -72,8 +72,16 @@ class PatchEmbed(nn.Module):
         self.grid_size = (img_size // self.patch_size, img_size // self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # (B, D, gh, gw)
-        return x.flatten(2).transpose(1, 2)  # (B, N, D), raster order (row-major)
+        # The stride-P convolution computed as one matmul over flattened patches (the weight keeps the
+        # convolution's (D, C, P, P) layout): the same numbers up to float rounding, and several times
+        # faster to train on a CPU, where a convolution's backward with few input channels is slow.
+        B, C, H, W = x.shape
+        p = self.patch_size
+        gh, gw = H // p, W // p
+        x = x[:, :, : gh * p, : gw * p]  # like the convolution, ignore a remainder that is not a whole patch
+        x = x.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p)
+        w = self.proj.weight
+        return F.linear(x, w.reshape(w.shape[0], -1), self.proj.bias)  # (B, N, D), raster order (row-major)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -387,6 +395,11 @@ class VisionTransformer(nn.Module):
     # --- forward ----------------------------------------------------------------------------------
     def forward_tokens(self, x: torch.Tensor, return_attention: bool = False):
         """(B, C, H, W) -> encoder output after the final LayerNorm (B, N, D), list of attentions."""
+        x, attentions = self._encode(x, return_attention)
+        return self.norm(x), attentions
+
+    def _encode(self, x: torch.Tensor, return_attention: bool = False):
+        """(B, C, H, W) -> encoder output before the final LayerNorm (B, N, D), list of attentions."""
         x = self.patch_embed(x)  # (B, n, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N = 1 + n, D)
@@ -402,20 +415,29 @@ class VisionTransformer(nn.Module):
             x, attn = block(x, self.rel_bias[i] if self.rel_bias is not None else None, return_attention)
             if return_attention:
                 attentions.append(attn)
-        return self.norm(x), attentions
+        return x, attentions
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         # token: y = LN(z_L^0); gap: mean over the (normalised) patch tokens, as in vit_jax.
         return x[:, 0] if self.pool == "token" else x.mean(dim=1)  # (B, D)
 
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> pooled encoder output (B, D). With token pooling the final LayerNorm (a per-token
+        operation) is applied to the class token only: the same numbers as _pool(forward_tokens(x)),
+        without normalising (and back-propagating through) the N - 1 tokens nobody reads."""
+        if self.pool != "token":
+            return self._pool(self.forward_tokens(x)[0])
+        return self.norm(self._encode(x, False)[0][:, 0])  # (B, D)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-logits representation (B, num_features): after the tanh layer for head='mlp'."""
-        return self.pre_logits(self._pool(self.forward_tokens(x)[0]))
+        return self.pre_logits(self._pooled(x))
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
-        tokens, attentions = self.forward_tokens(x, return_attention)
-        logits = self.head(self.head_drop(self.pre_logits(self._pool(tokens))))  # (B, num_classes)
-        return (logits, attentions) if return_attention else logits
+        if return_attention:
+            tokens, attentions = self.forward_tokens(x, True)
+            return self.head(self.head_drop(self.pre_logits(self._pool(tokens)))), attentions
+        return self.head(self.head_drop(self.pre_logits(self._pooled(x))))  # (B, num_classes)
 
     def reset_head(self, num_classes: int) -> None:
         """Replace the whole head (pre-logits included) by one zero-initialised linear layer."""
