@@ -297,7 +297,10 @@ def attention_verdicts(df: pd.DataFrame) -> list[Verdict]:
         low = d[d.layer == d.layer.min()]["value"]
         out.append(Verdict(
             "Mean attention distance grows with depth", "[P] §4.5, Fig. 7 right",
-            "reproduced" if rho > 0.5 and last > first else ("inconclusive" if last > first else "not reproduced"),
+            # a growth within 10% of the first layer's distance is not the paper's pattern (a few pixels
+            # in layer 1 to most of the image in the last layers); near-uniform attention gives that
+            "reproduced" if rho > 0.5 and last - first > 0.1 * first else (
+                "inconclusive" if last > first else "not reproduced"),
             f"mean distance {first:.1f} px in layer {int(by_layer.index[0])} -> {last:.1f} px in layer "
             f"{int(by_layer.index[-1])}; Spearman rho(layer, distance) = {rho:.2f}"))
         out.append(Verdict(
