@@ -11,9 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -260,9 +259,8 @@ def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], N
                 if done[id(j.parent)].get("status") == "ok":
                     ready.append(j)
                 else:
-                    total_skip = f"skip {describe(j, j.config)}: its pre-training run failed"
                     out.append((j, {"status": "skipped"}))
-                    log(f"[{len(out)}/{total}] {total_skip}")
+                    log(f"[{len(out)}/{total}] skip {describe(j, j.config)}: its pre-training run failed")
             else:
                 still.append(j)
         waiting = still

@@ -15,7 +15,7 @@ similarity of the learned 1-D embeddings; token vs GAP at two learning rates eac
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pandas as pd
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from . import common
-from .common import Job, NotebookParams, ParameterError
+from .common import Job, NotebookParams
 
 NOTEBOOK = "scaling"
 

@@ -202,7 +202,6 @@ def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     d = df[(df.metric == "top1") & df.stage.isin(["finetune", "scratch"])].copy()
     if d.empty:
         return {}
-    full = {u: "all" for u in []}
     d["pre-training"] = [("from scratch" if s == "scratch" else
                           f"{u or 'released weights'} ({'all' if pd.isna(n) else int(n)})")
                          for s, u, n in zip(d.stage, d.upstream, d.upstream_examples)]
@@ -214,7 +213,6 @@ def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 def figures(df: pd.DataFrame) -> dict:
-    import matplotlib.pyplot as plt
     import seaborn as sns
 
     d = df[(df.metric == "top1") & (df.stage == "finetune")].copy()
