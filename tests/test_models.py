@@ -490,3 +490,55 @@ def test_native_checkpoint_round_trip(tmp_path, kw):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(src(x), dst(x), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the class-token-only last block (token pooling reads z_L^0 alone)
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("ViT-Nano/4", {}),
+    ("ViT-Micro/4", dict(pos_embed="2d", pos_embed_at="every_layer")),
+    ("R10x0.25+ViT-Nano/4", {}),
+])
+def test_cls_only_last_block_same_logits_and_gradients(name, kw):
+    m = small(name, img_size=16, **kw)
+    randomize_head(m)
+    assert m.cls_only_last_block()
+    x, y = torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 2])
+
+    def run(flag):
+        m.last_block_cls_only = flag
+        m.zero_grad()
+        logits = m(x)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        return logits.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+
+    (l_fast, g_fast), (l_full, g_full) = run(True), run(False)
+    torch.testing.assert_close(l_fast, l_full, rtol=1e-5, atol=1e-6)
+    assert g_fast.keys() == g_full.keys() == {k for k, _ in m.named_parameters()}  # every weight still trains
+    for k in g_full:
+        torch.testing.assert_close(g_fast[k], g_full[k], rtol=1e-3, atol=1e-5, msg=k)  # float summation order differs
+    # the tokens and attentions used by the analysis are unaffected
+    m.last_block_cls_only = True
+    tokens, att = m.forward_tokens(x, return_attention=True)
+    assert tokens.shape[1] == m.grid_size[0] * m.grid_size[1] + 1 and len(att) == m.depth
+
+
+@pytest.mark.parametrize("kw", [dict(pool="gap", head="linear"), dict(pos_embed="relative")])
+def test_cls_only_last_block_not_used_where_it_does_not_apply(kw):
+    m = small("ViT-Nano/4", **kw)
+    assert not m.cls_only_last_block()
+    assert flops(m, executed=True) == flops(m)
+
+
+def test_executed_flops_match_counter():
+    m = small("ViT-Micro/4", img_size=32)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        m(torch.randn(1, 3, 32, 32))  # the fused CPU attention kernel is not counted: add it back below
+    n, d = m.grid_size[0] * m.grid_size[1] + 1, m.dim
+    attention = (m.depth - 1) * 2 * 2 * n * n * d + 2 * 2 * n * d  # last block: one query
+    measured = counter.get_total_flops()
+    assert math.isclose(measured, flops(m, executed=True), rel_tol=1e-3) or \
+        math.isclose(measured + attention, flops(m, executed=True), rel_tol=1e-3)
+    assert flops(m, executed=True) < 0.9 * flops(m)  # a 6-layer model saves most of one layer

@@ -46,8 +46,11 @@ def test_notebook_smoke(nb, tmp_path):
     # the report builds from these files
     from vitrepro import report
 
+    (tmp_path / "results" / "timings_smoke.json").write_text('{"%s": 12.5}' % nb)
     text = report.build_report(tmp_path / "results")
     assert "### Claims" in text
+    summary = text.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    assert f"| `{nb}` |" in summary and f"{nb} 12 s" in summary  # every claim's verdict, and the wall time
 
 
 def test_misspelled_parameter_fails_before_compute(tmp_path):

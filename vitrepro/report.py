@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .experiments.common import REPO_ROOT, atomic_write_text
+from .experiments.position_embeddings import table8_runs
 
 # The long-form schema every notebook's results.csv follows (extra columns are allowed).
 SCHEMA = ["notebook", "profile", "run_id", "stage", "model", "family", "upstream", "upstream_examples",
@@ -176,11 +177,9 @@ def position_embedding_verdicts(df: pd.DataFrame) -> list[Verdict]:
     src = "[P] App. D.4, Table 8"
     out = []
     for metric, label in (("fewshot5", "5-shot linear"), ("top1", "top-1")):
-        d = _select(df, metric=metric, pool="token")
+        d = _select(table8_runs(df), metric=metric)  # the grid's runs, not the D.3 learning-rate sweep
         if d.empty:
             continue
-        # Table 8 runs share one learning rate; the extra (1-D, stem) runs at other rates belong to D.3
-        d = d[d.lr == d.groupby(["pos_embed", "pos_embed_at"])["lr"].transform("min")]
         none = _stats(_select(d, pos_embed="none")["value"])
         others = {pe: _stats(_select(d, pos_embed=pe, pos_embed_at="stem")["value"]) for pe in ("1d", "2d", "relative")}
         others = {k: v for k, v in others.items() if v[2]}
@@ -361,6 +360,7 @@ def build_report(results: Path | None = None) -> str:
              "Our runs are CPU-scale stand-ins (Fashion-MNIST / MNIST / scikit-learn digits, tiny models), so only the",
              "paper's qualitative claims can be compared; absolute numbers are not comparable.",
              ""]
+    parts += _summary(results, frames)
     for nb, (title, tables) in SECTIONS.items():
         parts += [f"## {title}", ""]
         df = frames.get(nb)
@@ -382,6 +382,24 @@ def build_report(results: Path | None = None) -> str:
         for png in sorted((results / nb).glob("*.png")):
             parts += [f"![{png.stem}]({nb}/{png.name})", ""]
     return "\n".join(parts)
+
+
+def _summary(results: Path, frames: dict[str, pd.DataFrame]) -> list[str]:
+    """Every claim's verdict in one table, and each notebook's wall time where run_all recorded it."""
+    import json
+
+    lines = ["## Summary", "", "| notebook | claim (paper) | verdict |", "|---|---|---|"]
+    for nb in NOTEBOOKS:
+        if nb in frames:
+            lines += [f"| `{nb}` | {v.claim} | **{v.verdict}** |" for v in VERDICTS[nb](frames[nb])]
+    lines.append("")
+    for f in sorted(results.glob("timings_*.json")):
+        t = json.loads(f.read_text())
+        total = sum(t.values())
+        times = ", ".join(f"{nb} {t[nb]:,.0f} s" for nb in NOTEBOOKS if nb in t)
+        lines += [f"Notebook wall times, profile `{f.stem.removeprefix('timings_')}` (`{f.name}`, written by "
+                  f"`python -m vitrepro.experiments.run_all`): {times}; {total / 60:.1f} min in all.", ""]
+    return lines
 
 
 def _paper_table(table: str, p: pd.DataFrame) -> str:

@@ -76,7 +76,7 @@ def cpu() -> Profile:
     Command: papermill notebooks/attention.ipynb out.ipynb -p profile cpu
     """
     return Profile(dataset="fashion_mnist", model="ViT-Micro/4", img_size=28, seeds=2, num_images=256,
-                   train=dict(steps=300, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.1, warmup_steps=30,
+                   train=dict(steps=300, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.1, warmup_steps=30,
                               schedule="cosine"))
 
 

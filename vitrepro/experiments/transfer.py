@@ -106,9 +106,9 @@ def cpu() -> Profile:
     Command: papermill notebooks/transfer.ipynb out.ipynb -p profile cpu
     """
     return Profile(upstream="fashion_mnist", upstream_sizes=(6000, None), downstream=("mnist", "digits"),
-                   models=("ViT-Nano/7", "ViT-Micro/7"), img_size=28, finetune_sizes=(28, 42), seeds=2,
-                   pretrain=dict(steps=300, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.1,
-                                 warmup_steps=30, schedule="cosine"),
+                   models=("ViT-Micro/7", "ViT-Nano/7"), img_size=28, finetune_sizes=(28, 42), seeds=2,
+                   pretrain=dict(steps=400, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.1,
+                                 warmup_steps=40, schedule="cosine"),
                    finetune=dict(steps=60, batch_size=64, optimizer="sgd", lr=0.03, warmup_steps=6, schedule="cosine",
                                  weight_decay=0.0),
                    finetune_examples=1000, finetune_augment=False)

@@ -45,7 +45,7 @@ def _resnet_body(body, img_size: int) -> tuple[int, int]:
     return total, h
 
 
-def _vit(model: VisionTransformer, img_size: int) -> int:
+def _vit(model: VisionTransformer, img_size: int, executed: bool = False) -> int:
     stem = model.patch_embed
     if isinstance(stem, HybridEmbed):
         total, g = _resnet_body(stem.backbone, img_size)
@@ -66,6 +66,10 @@ def _vit(model: VisionTransformer, img_size: int) -> int:
         offsets = model.rel_bias[0].offset_table().shape[0]
         per_layer += 2 * n * offsets * d  # content query x relative embeddings
     total += model.depth * per_layer
+    if executed and model.cls_only_last_block():
+        # the last block's query, attention, output projection and MLP run for the class token only
+        last = 2 * 1 * d * d + 2 * n * d * 2 * d + 2 * 2 * 1 * n * d + 2 * 1 * d * d + 2 * 2 * 1 * d * mlp
+        total += last - per_layer
     return total + _head(model)
 
 
@@ -78,11 +82,15 @@ def _head(model) -> int:
     return total
 
 
-def flops(model: nn.Module, img_size: int | None = None) -> int:
-    """Forward FLOPs for one image at `img_size` (default: the model's own img_size)."""
+def flops(model: nn.Module, img_size: int | None = None, executed: bool = False) -> int:
+    """Forward FLOPs for one image at `img_size` (default: the model's own img_size).
+
+    By default the architecture's FLOPs, every token through every layer, as the paper counts them
+    (Fig. 5's compute axis). executed=True: what the forward pass actually computes, which for a
+    token-pooled ViT is less (its last block runs for the class token only)."""
     img_size = img_size or model.img_size
     if isinstance(model, VisionTransformer):
-        return int(_vit(model, img_size))
+        return int(_vit(model, img_size, executed))
     if isinstance(model, BiTResNet):
         return int(_resnet_body(model, img_size)[0] + _head(model))
     raise TypeError(f"flops: unsupported model type {type(model).__name__}")

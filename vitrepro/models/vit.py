@@ -253,6 +253,19 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return self.proj_drop(self.proj(out)), attn
 
+    def forward_cls(self, x):
+        """Attention output for the first (class) token only: (B, N, D) -> (B, 1, D).
+
+        Keys and values still come from every token; the query, the attention and the output
+        projection are computed for one token instead of N (the same numbers as forward(x)[0][:, :1])."""
+        B, N, D = x.shape
+        w, b = self.qkv.weight, self.qkv.bias  # rows: q (D), k (D), v (D)
+        q = F.linear(x[:, :1], w[:D], b[:D]).reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = F.linear(x, w[D:], b[D:]).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)  # each (B, h, N, dh); q is (B, h, 1, dh)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, 1, D)))  # (B, 1, D)
+
 
 class Block(nn.Module):
     """Pre-LN transformer block (Eqs. 2-3)."""
@@ -270,6 +283,12 @@ class Block(nn.Module):
         x = x + self.drop_path(y)  # (B, N, D)
         x = x + self.drop_path(self.mlp(self.norm2(x)))  # (B, N, D)
         return x, attn
+
+    def forward_cls(self, x):
+        """The block's output for the class token only, (B, N, D) -> (B, 1, D): every token is still a
+        key and a value, but the residual branch, the second LayerNorm and the MLP run on one token."""
+        x0 = x[:, :1] + self.drop_path(self.attn.forward_cls(self.norm1(x)))  # (B, 1, D)
+        return x0 + self.drop_path(self.mlp(self.norm2(x0)))  # (B, 1, D)
 
 
 class PreLogits(nn.Module):
@@ -344,6 +363,10 @@ class VisionTransformer(nn.Module):
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows linearly
         self.blocks = nn.ModuleList(
             Block(dim, num_heads, mlp_dim, drop_rate, attn_drop_rate, dpr[i]) for i in range(depth))
+        # With token pooling only z_L^0 is read, so the last block runs its query, attention output, MLP
+        # and residuals for the class token alone (Block.forward_cls): the same logits, and for ViT-Nano
+        # (4 layers) ~18% fewer FLOPs per training step. False runs every token through every block.
+        self.last_block_cls_only = True
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
         # Head: pre-training "MLP with one hidden layer" (tanh) or the fine-tuning single linear layer.
@@ -398,8 +421,13 @@ class VisionTransformer(nn.Module):
         x, attentions = self._encode(x, return_attention)
         return self.norm(x), attentions
 
-    def _encode(self, x: torch.Tensor, return_attention: bool = False):
-        """(B, C, H, W) -> encoder output before the final LayerNorm (B, N, D), list of attentions."""
+    def cls_only_last_block(self) -> bool:
+        """Whether _pooled runs the last block for the class token only (token pooling, no relative bias)."""
+        return self.last_block_cls_only and self.pool == "token" and self.rel_bias is None
+
+    def _encode(self, x: torch.Tensor, return_attention: bool = False, cls_only_last: bool = False):
+        """(B, C, H, W) -> encoder output before the final LayerNorm (B, N, D), list of attentions.
+        With cls_only_last the last block returns the class token only: (B, 1, D)."""
         x = self.patch_embed(x)  # (B, n, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N = 1 + n, D)
@@ -412,6 +440,8 @@ class VisionTransformer(nn.Module):
                 x = x + self.layer_pos_embed[i]()  # a separately learned embedding per layer
             elif self.shared_pos_embed is not None:
                 x = x + self.shared_pos_embed()  # the same embedding at every layer
+            if cls_only_last and i == len(self.blocks) - 1:
+                return block.forward_cls(x), attentions  # (B, 1, D)
             x, attn = block(x, self.rel_bias[i] if self.rel_bias is not None else None, return_attention)
             if return_attention:
                 attentions.append(attn)
@@ -424,10 +454,11 @@ class VisionTransformer(nn.Module):
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> pooled encoder output (B, D). With token pooling the final LayerNorm (a per-token
         operation) is applied to the class token only: the same numbers as _pool(forward_tokens(x)),
-        without normalising (and back-propagating through) the N - 1 tokens nobody reads."""
+        without normalising (and back-propagating through) the N - 1 tokens nobody reads; for the same
+        reason the last block runs for the class token only (see cls_only_last_block)."""
         if self.pool != "token":
             return self._pool(self.forward_tokens(x)[0])
-        return self.norm(self._encode(x, False)[0][:, 0])  # (B, D)
+        return self.norm(self._encode(x, False, self.cls_only_last_block())[0][:, 0])  # (B, D)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-logits representation (B, num_features): after the tanh layer for head='mlp'."""
