@@ -63,8 +63,12 @@ def test_quick_run_writes_reports(tmp_path):
         assert r["ratio_of_medians"] == pytest.approx(r["vitrepro"]["images_per_s"] / r["timm"]["images_per_s"])
         assert r["ratio"] > 0 and len(r["repeat_ratios"]) == r["repeats"]
         assert r["flops_per_image"] > 0 and r["train_flops_per_image"] == 3 * r["flops_per_image"]
+        # timm runs the whole architecture; ours runs the last block for the class token only
+        assert r["executed_flops_per_image"]["timm"] == r["flops_per_image"]
+        assert 0 < r["executed_flops_per_image"]["vitrepro"] < r["flops_per_image"]
         assert 0 <= r["data"]["wait_fraction"] < 1 and r["data"]["dataset"] == "digits"
     md = (out / "cpu.md").read_text()
-    assert "| model | precision | batch | vitrepro img/s | timm img/s | ratio | GFLOP/s | % of peak | data-wait % |" in md
+    assert ("| model | precision | batch | vitrepro img/s | timm img/s | ratio | GFLOP/s | % of peak | "
+            "timm % of peak | data-wait % |") in md
     assert md.count("| ViT-Nano/7 @14px×1 |") == 2
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
