@@ -67,8 +67,42 @@ def test_quick_run_writes_reports(tmp_path):
         assert r["executed_flops_per_image"]["timm"] == r["flops_per_image"]
         assert 0 < r["executed_flops_per_image"]["vitrepro"] < r["flops_per_image"]
         assert 0 <= r["data"]["wait_fraction"] < 1 and r["data"]["dataset"] == "digits"
+        mm = r["matmuls"]
+        assert mm["matmul_s"] > 0 and mm["share_of_step"] > 0 and mm["ceiling_fraction_of_peak"] > 0
+        assert {"addmm", "mm"} <= set(mm["per_op_s"])
+        assert ("bfloat16" if r["precision"] == "bf16" else "float32") in mm["dtypes"]
     md = (out / "cpu.md").read_text()
     assert ("| model | precision | batch | vitrepro img/s | timm img/s | ratio | GFLOP/s | % of peak | "
-            "timm % of peak | data-wait % |") in md
+            "timm % of peak | matmul % of step | matmul-only % of peak | data-wait % |") in md
     assert md.count("| ViT-Nano/7 @14px×1 |") == 2
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_capture_matmuls_records_forward_and_backward_kernels():
+    """The recorder sees the kernels after autocast picked their dtype, in the backward pass too, and the
+    replay runs each recorded call on tensors of the recorded layout."""
+    import torch
+    import torch.nn as nn
+    lin = nn.Linear(8, 4)
+    with torch.no_grad():
+        calls = bench.capture_matmuls(lambda: lin(torch.randn(3, 8)))
+    assert [(c["op"], c["count"]) for c in calls] == [("addmm", 1)]
+    assert [a.size for a in calls[0]["args"]] == [(4,), (3, 8), (8, 4)]
+    assert calls[0]["args"][2].stride == (1, 8)  # the transposed weight, as nn.Linear passes it
+
+    cfg = bench.BenchConfig("ViT-Nano/7", 14, 1, 4)
+    ours, _, _ = bench.build_pair(cfg, torch.device("cpu"))
+    opt = bench.make_optimizer(ours)
+    x, y = torch.rand(4, 1, 14, 14) * 2 - 1, torch.tensor([0, 1, 2, 3])
+    calls = bench.capture_matmuls(lambda: bench.train_step(ours, opt, x, y, torch.bfloat16, "cpu"))
+    ops = {}
+    for c in calls:
+        ops[c["op"]] = ops.get(c["op"], 0) + c["count"]
+    n_linear = sum(isinstance(m, nn.Linear) for m in ours.modules())
+    assert ops["addmm"] >= n_linear - 1  # every linear layer's forward (the patch embedding may be a plain mm)
+    assert ops["mm"] >= n_linear  # at least the weight gradient of each
+    assert any("scaled_dot_product" in k and "backward" in k for k in ops)
+    assert all(c["args"][1].dtype == torch.bfloat16 for c in calls if c["op"] == "addmm")
+    t = bench.time_matmuls(calls, torch.device("cpu"), min_time=0.0, repeats=1)
+    assert t["calls"] == sum(ops.values()) and t["matmul_s"] > 0
+    assert t["matmul_s"] == pytest.approx(sum(t["per_op_s"].values()))

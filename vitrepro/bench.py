@@ -18,6 +18,11 @@ For every (device, model configuration, precision), in one process:
 * **FLOP/s**: 3 x ``vitrepro.models.flops(model, img_size)`` x images/s (forward + backward ~ 3 forwards),
   and its fraction of the **peak**: the best dense square matmul rate measured in the same run, same
   device, threads and dtype (fp32 tensors for fp32; bf16 tensors for bf16).
+* **matmul kernels**: every matmul-like kernel one vitrepro training step dispatches (mm, addmm, bmm and
+  the fused attention kernels, forward and backward, after autocast chose their dtype) is recorded with
+  its shapes, strides and dtype (a ``TorchDispatchMode``) and replayed alone. Their summed time gives the
+  share of the step spent in matmuls, and the fraction of peak the step would reach if everything else
+  were free: the ceiling that the kernels themselves set at the model's own (small) shapes.
 * **data wait**: training the vitrepro model through the trainer's data path (``vitrepro.data.Batches``
   over Fashion-MNIST from ``$VITREPRO_DATA``, or scikit-learn digits if absent, with the trainer's
   ``crop_flip`` augmentation by default): the share of step time spent inside ``Batches.next()``
@@ -48,7 +53,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["BenchConfig", "parse_model_spec", "machine_info", "matmul_peak", "bench_config", "main"]
+__all__ = ["BenchConfig", "parse_model_spec", "machine_info", "matmul_peak", "capture_matmuls", "time_matmuls",
+           "bench_config", "main"]
 
 # The cpu profiles' models (vitrepro/experiments/*.py, cpu()): Fashion-MNIST at 28 px, one channel,
 # with the profiles' batch sizes; plus ViT-B/16 at 224 px (the paper's model; few steps on a CPU).
@@ -147,6 +153,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _best_time(fn, device: torch.device, min_time: float, repeats: int = 3, max_reps: int = 1000) -> float:
+    """Seconds per call of `fn`: the best of `repeats` loops of enough calls to last about `min_time`."""
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    single = time.perf_counter() - t  # includes one-time setup; only used to size the loop
+    reps = max(1, min(max_reps, int(min_time / max(single, 1e-6))))
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best
+
+
 def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=(128, 256, 512, 1024, 2048), min_time: float = 0.2,
                 max_single: float = 1.0) -> dict:
     """Best dense (n x n) @ (n x n) rate over `sizes` and two entry points (``torch.mm`` and ``F.linear``,
@@ -159,20 +184,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=(128, 256, 512, 
         b = torch.randn(n, n, device=device).to(dtype)
         rates = {}
         for op, fn in (("mm", lambda: torch.mm(a, b)), ("linear", lambda: F.linear(a, b))):
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            single = time.perf_counter() - t  # includes one-time setup; only used to size the loop
-            reps = max(1, min(1000, int(min_time / max(single, 1e-6))))
-            best = math.inf
-            for _ in range(3):
-                _sync(device)
-                t = time.perf_counter()
-                for _ in range(reps):
-                    fn()
-                _sync(device)
-                best = min(best, (time.perf_counter() - t) / reps)
+            best = _best_time(fn, device, min_time, max_reps=1000)
             rates[op] = 2 * n**3 / best
             slow = slow or best > max_single
         per_size[n] = rates
@@ -281,6 +293,91 @@ def train_step(model, opt, x, y, amp_dtype, device_type: str, grad_clip: float |
 
 # ---------------------------------------------------------------------------------------------- measuring
 
+# The kernels whose FLOPs vitrepro.models.flops counts: dense matmuls (linear layers, the patch embedding
+# as a matmul, their backward products) and the fused attention kernel (QK^T and AV).
+_MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+@dataclass(frozen=True)
+class _TensorMeta:
+    """The layout of a recorded tensor argument (a pytree leaf, unlike a tuple)."""
+    size: tuple
+    stride: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _is_matmul(func) -> bool:
+    name = func._schema.name.split("::")[-1]
+    return name in _MATMUL_OPS or name.startswith("_scaled_dot_product") or name.startswith("_efficient_attention") \
+        or name.startswith("_flash_attention")
+
+
+def capture_matmuls(fn) -> list[dict]:
+    """Run ``fn()`` once and record every matmul-like kernel it dispatches (forward and backward, after
+    autocast has chosen the dtype): op, and shape/stride/dtype of each tensor argument. Returns the unique
+    calls with their counts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map
+
+    def meta(a):
+        if isinstance(a, torch.Tensor):
+            return _TensorMeta(tuple(a.shape), tuple(a.stride()), a.dtype, a.device)
+        return a
+
+    seen: dict[str, dict] = {}
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if _is_matmul(func):
+                a, k = tree_map(meta, args), tree_map(meta, kwargs)
+                key = f"{func}|{a}|{k}"
+                if key in seen:
+                    seen[key]["count"] += 1
+                else:
+                    seen[key] = {"op": func._schema.name.split("::")[-1], "func": func, "args": a, "kwargs": k, "count": 1}
+            return func(*args, **kwargs)
+
+    with Recorder():
+        fn()
+    return list(seen.values())
+
+
+def _materialise(a, gen: torch.Generator):
+    """A tensor with the recorded shape, strides (including broadcast strides of 0) and dtype."""
+    if not isinstance(a, _TensorMeta):
+        return a
+    size, stride, dtype, device = a.size, a.stride, a.dtype, a.device
+    n = 1 + sum((s - 1) * st for s, st in zip(size, stride) if s > 0) if all(size) else 0
+    if dtype.is_floating_point:
+        base = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+    else:
+        base = torch.zeros(n, dtype=dtype, device=device)
+    return base.as_strided(size, stride)
+
+
+def time_matmuls(calls: list[dict], device: torch.device, min_time: float = 0.02, repeats: int = 3) -> dict:
+    """Replay each recorded kernel alone on fresh tensors of the same layout; the matmul time of one step is
+    sum(count x best time). What a step would take if everything else (norms, GELU, softmax outside SDPA,
+    casts, optimizer) were free: the ceiling the kernels themselves set on the fraction of peak."""
+    from torch.utils._pytree import tree_map
+    gen = torch.Generator().manual_seed(0)
+    total, per_op = 0.0, {}
+    for c in calls:
+        args = tree_map(lambda a: _materialise(a, gen), c["args"])
+        kwargs = tree_map(lambda a: _materialise(a, gen), c["kwargs"])
+        fn = lambda: c["func"](*args, **kwargs)  # noqa: E731
+        best = _best_time(fn, device, min_time, repeats=repeats, max_reps=200)
+        total += c["count"] * best
+        name = c["op"]
+        per_op[name] = per_op.get(name, 0.0) + c["count"] * best
+    return {"matmul_s": total, "per_op_s": per_op, "unique_calls": len(calls),
+            "calls": sum(c["count"] for c in calls),
+            "dtypes": sorted({str(a.dtype).replace("torch.", "") for c in calls for a in c["args"]
+                              if isinstance(a, _TensorMeta) and a.dtype.is_floating_point})}
+
+
 def _load_train_arrays(dataset: str):
     from .data import DataError, load_arrays
     try:
@@ -367,12 +464,21 @@ def bench_config(cfg: BenchConfig, precision: str, device: torch.device, peak: f
     row.update(steps_per_repeat=steps, repeats=repeats, warmup=warmup, ratio=statistics.median(paired),
                repeat_ratios=paired,
                ratio_of_medians=row["vitrepro"]["images_per_s"] / row["timm"]["images_per_s"])
+    # How much of the step is matmul kernels, and the fraction of peak those kernels allow at this model's
+    # own shapes (the peak is measured on large square products; small-K products run slower).
+    mm = time_matmuls(capture_matmuls(fns["vitrepro"]), device)
+    ours_step_s = cfg.batch / row["vitrepro"]["images_per_s"]
+    mm.update(share_of_step=mm["matmul_s"] / ours_step_s,
+              ceiling_flops_per_s=3 * executed["vitrepro"] * cfg.batch / mm["matmul_s"])
+    mm["ceiling_fraction_of_peak"] = mm["ceiling_flops_per_s"] / peak
+    row["matmuls"] = mm
     del opts, fns, theirs
     row["data"] = data_wait(ours, cfg, amp, device, arrays, args, step_s)
     log(f"  vitrepro {row['vitrepro']['images_per_s']:.1f} img/s, timm {row['timm']['images_per_s']:.1f} img/s, "
         f"ratio {row['ratio']:.3f}, {row['vitrepro']['flops_per_s'] / 1e9:.1f} GFLOP/s = "
-        f"{100 * row['vitrepro']['fraction_of_peak']:.1f}% of the start peak, data wait "
-        f"{100 * row['data']['wait_fraction']:.1f}%")
+        f"{100 * row['vitrepro']['fraction_of_peak']:.1f}% of the start peak; matmul kernels "
+        f"{100 * mm['share_of_step']:.0f}% of the step, alone {100 * mm['ceiling_fraction_of_peak']:.1f}% of the peak; "
+        f"data wait {100 * row['data']['wait_fraction']:.1f}%")
     return row
 
 
@@ -415,6 +521,11 @@ def _ips(v: float) -> str:
     return f"{v:.1f}" if v >= 100 else f"{v:.3g}"
 
 
+def _pct(row: dict, key: str) -> str:
+    v = row.get("matmuls", {}).get(key)
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
 def to_markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# vitrepro training benchmark: {m['device_kind']}", ""]
@@ -433,27 +544,34 @@ def to_markdown(result: dict) -> str:
         lines.append(f"- measured {prec} matmul peak: {p['flops_per_s'] / 1e9:.1f} GFLOP/s (best of all the "
                      f"measurements in the run: start, between configurations, end; n={p['size']}, {p['op']}; GFLOP/s per size/op: {p['per_size_gflops']})")
     lines += ["", "| model | precision | batch | vitrepro img/s | timm img/s | ratio | GFLOP/s | % of peak | "
-                  "timm % of peak | data-wait % |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "timm % of peak | matmul % of step | matmul-only % of peak | data-wait % |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     notes = []
     for r in result["rows"]:
         name = f"{r['model']} @{r['img_size']}px×{r['in_chans']}"
         if "skipped" in r or "error" in r:
             why = r.get("skipped") or r.get("error")
             notes.append(f"- {name} {r['precision']}: {'skipped' if 'skipped' in r else 'failed'}: {why}")
-            lines.append(f"| {name} | {r['precision']} | {r['batch']} | — | — | — | — | — | — | — |")
+            lines.append(f"| {name} | {r['precision']} | {r['batch']} | — | — | — | — | — | — | — | — | — |")
             continue
         ours, theirs = r["vitrepro"], r["timm"]
         lines.append(
             f"| {name} | {r['precision']} | {r['batch']} | {_ips(ours['images_per_s'])} | {_ips(theirs['images_per_s'])} | "
             f"{r['ratio']:.3f} | {ours['flops_per_s'] / 1e9:.1f} | {100 * ours['fraction_of_peak']:.1f} | "
-            f"{100 * theirs['fraction_of_peak']:.1f} | {100 * r['data']['wait_fraction']:.1f} |")
+            f"{100 * theirs['fraction_of_peak']:.1f} | {_pct(r, 'share_of_step')} | "
+            f"{_pct(r, 'ceiling_fraction_of_peak')} | {100 * r['data']['wait_fraction']:.1f} |")
     lines += ["", "Columns: images/s = median over interleaved repeats of full training steps (forward, loss, "
               "backward, clip, AdamW) after warm-up; ratio = vitrepro / timm (median of the per-repeat ratios; same "
               "configuration, same weights); "
               "GFLOP/s = 3 × the forward FLOPs vitrepro executes (vitrepro.models.flops(model, executed=True): "
               "its last block runs for the class token only) × vitrepro images/s; % of peak = that over the "
               "matmul peak of the same precision; timm % of peak = the same for timm, whose forward runs every token "
-              "through every block (flops(model)); data-wait % = share of a trainer-data-path step "
+              "through every block (flops(model)); matmul % of step = the time of the step's matmul kernels "
+              "(every mm/addmm/bmm and fused-attention call of one vitrepro training step, forward and backward, "
+              "recorded with their shapes, strides and dtypes and replayed alone) over the step time; matmul-only "
+              "% of peak = the executed FLOPs over that matmul time, over the peak: the fraction of peak the step "
+              "would reach if everything but the matmul kernels were free, i.e. the ceiling the kernels set at this "
+              "model's own (small) shapes; data-wait % = share of a trainer-data-path step "
               "(vitrepro.data.Batches, fetch + preprocess + augment) spent waiting for the batch."]
     if notes:
         lines += ["", "Notes:"] + notes
@@ -514,6 +632,9 @@ def run_device(device: torch.device, args, log=print) -> dict:
         for impl in ("vitrepro", "timm"):
             if impl in r:
                 r[impl]["fraction_of_peak"] = r[impl]["flops_per_s"] / peak[r["precision"]]["flops_per_s"]
+        if "matmuls" in r:
+            r["matmuls"]["ceiling_fraction_of_peak"] = (r["matmuls"]["ceiling_flops_per_s"]
+                                                        / peak[r["precision"]]["flops_per_s"])
     result = {"machine": info, "peak": peak, "rows": rows, "started": started,
               "wall_s": time.perf_counter() - t0, "command": " ".join(["python -m vitrepro.bench", *args.argv]),
               "settings": {k: v for k, v in vars(args).items() if k != "argv"}, "data_note": note}
