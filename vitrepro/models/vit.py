@@ -222,6 +222,26 @@ class RelativeBias(nn.Module):
 # Transformer encoder
 
 
+def attend(q, k, v, bias=None, drop: float = 0.0, return_attention: bool = False):
+    """softmax(q k^T / sqrt(dh) + bias) v for (B, h, Nq, dh) queries and (B, h, N, dh) keys/values.
+
+    Returns (out (B, h, Nq, dh), attention probabilities (B, h, Nq, N) or None). On CUDA this is the
+    fused scaled_dot_product_attention (flash / memory-efficient kernels). On the CPU the explicit
+    form is faster at the sequence lengths used here: torch's CPU flash-attention backward costs
+    2-11x more than three matmuls and a softmax for 17-197 tokens, most of all in bf16
+    (benchmarks/README.md). The softmax runs in fp32, so bf16 autocast rounds only the matmuls.
+    """
+    if q.is_cuda and not return_attention:
+        # The relative bias goes in as an additive float mask.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop), None
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, h, Nq, N)
+    if bias is not None:
+        logits = logits + bias
+    attn = logits.float().softmax(dim=-1).to(logits.dtype)  # (B, h, Nq, N)
+    out = F.dropout(attn, drop, training=drop > 0) @ v  # (B, h, Nq, dh)
+    return out, (attn if return_attention else None)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
@@ -238,18 +258,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, h, N, dh)
         bias = rel_bias(q) if rel_bias is not None else None  # (B, h, N, N) or None
-        drop = self.attn_drop if self.training else 0.0
-        if return_attention:
-            # Explicit attention so the probabilities can be returned (for analysis).
-            logits = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, h, N, N)
-            if bias is not None:
-                logits = logits + bias
-            attn = logits.softmax(dim=-1)
-            out = F.dropout(attn, drop, self.training) @ v  # (B, h, N, dh)
-        else:
-            # Fused kernel; the relative bias goes in as an additive float mask.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
-            attn = None
+        out, attn = attend(q, k, v, bias, self.attn_drop if self.training else 0.0, return_attention)
         out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return self.proj_drop(self.proj(out)), attn
 
@@ -263,7 +272,7 @@ class Attention(nn.Module):
         q = F.linear(x[:, :1], w[:D], b[:D]).reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
         kv = F.linear(x, w[D:], b[D:]).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # each (B, h, N, dh); q is (B, h, 1, dh)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        out, _ = attend(q, k, v, None, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, 1, D)))  # (B, 1, D)
 
 
