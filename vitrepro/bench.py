@@ -59,11 +59,9 @@ import torch.nn.functional as F
 __all__ = ["BenchConfig", "parse_model_spec", "machine_info", "matmul_peak", "capture_matmuls", "time_matmuls",
            "bench_config", "main"]
 
-# The cpu profiles' models (vitrepro/experiments/*.py, cpu()): Fashion-MNIST at 28 px, one channel,
-# with the profiles' batch sizes; plus ViT-B/16 at 224 px (the paper's model; few steps on a CPU).
 # The cpu profiles' ViTs with their batch size (vitrepro/experiments/*.py: all train at batch 64), ViT-Mini/4
-# (width 192, depth 6 at 28 px: the next size up, the configuration the performance issue quotes timm at)
-# and the paper's ViT-B/16; on CUDA also the gpu profiles' ViT-S/4.
+# (width 192, depth 6 at 28 px: the configuration the performance issue quotes timm at) and the paper's
+# ViT-B/16 at 224 px (few steps on a CPU); on CUDA also the gpu profiles' ViT-S/4. Fashion-MNIST, 1 channel.
 DEFAULT_MODELS = {
     "cpu": ["ViT-Nano/7:28:1:64", "ViT-Micro/7:28:1:64", "ViT-Nano/4:28:1:64", "ViT-Micro/4:28:1:64",
             "ViT-Mini/4:28:1:64", "ViT-B/16:224:3:4"],
@@ -238,8 +236,7 @@ def _timm_unfused(theirs: nn.Module) -> nn.Module | None:
     it uses by default (timm's Attention.fused_attn flag, as TIMM_FUSED_ATTN=0 sets it); None for models
     without that flag (ResNets)."""
     import copy
-    flagged = [m for m in theirs.modules() if hasattr(m, "fused_attn")]
-    if not flagged:
+    if not any(hasattr(m, "fused_attn") for m in theirs.modules()):
         return None
     twin = copy.deepcopy(theirs)
     for m in twin.modules():

@@ -71,7 +71,7 @@ def smoke() -> Profile:
 def cpu() -> Profile:
     """ViT-Mini/4 (width 192, 6 layers x 3 heads) on Fashion-MNIST at 28 px (7x7 patches); Fig. 6/7
     qualitatively. The largest ViT of the cpu profiles: with bf16 on an AVX512-BF16 CPU it trains at about
-    60% of the bf16 matmul peak (results/benchmarks/cpu.md), ~5 minutes for both seeds.
+    60% of the bf16 matmul peak (results/benchmarks/cpu.md); the notebook took ~2 minutes there.
 
     Expected (paper): attention distance grows with depth, lower layers mix local and global heads;
     position-embedding similarity falls off with patch distance.
