@@ -1,28 +1,58 @@
 # Two entry points for a fresh machine: `make reproduce` (the cpu profile of every notebook
 # plus results/REPORT.md) and `make test`. Each creates .venv/ when it is missing.
+# Then: `make lab` (JupyterLab on the project kernel) or `make notebook NB=scaling PROFILE=cpu`.
+# Data directory, run store and offline mode come from vitrepro/settings.py (environment variables,
+# then vitrepro.toml, then defaults; ../shared/data is found by itself): `make settings` shows them.
 SHELL := /bin/bash
 PY := .venv/bin/python
 PROFILE ?= cpu
+NB ?=
 NOTEBOOKS := scaling position_embeddings transfer attention
-# Local copies of the Hub datasets (../shared/data on the development machines).
-export VITREPRO_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
-export HF_DATASETS_OFFLINE ?= $(if $(VITREPRO_DATA),1,0)
+LAB_PORT ?= 8888
 
-.PHONY: reproduce test venv notebooks report bench clean-venv
+.PHONY: reproduce test venv kernel lab notebook settings bench clean-venv
 
 venv: .venv/.installed
-.venv/.installed: pyproject.toml env/constraints.txt
+.venv/.installed: pyproject.toml env/constraints.txt env/kernel/kernel.json.in
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c env/constraints.txt -e '.[dev]'
-	$(PY) -m ipykernel install --sys-prefix --name vitrepro --display-name "Python (vitrepro)" >/dev/null
+	$(MAKE) --no-print-directory kernel
 	touch $@
+
+# The project's Jupyter kernel "Python (vitrepro)", installed for the user (~/.local/share/jupyter/kernels)
+# so any JupyterLab finds it; it runs this clone's .venv/bin/python. The notebooks name it in their
+# metadata. ipykernel copies the output of child processes (the training workers) to the kernel's own
+# stdout as well as to the notebook; under papermill that stdout is the terminal, so with --log-output
+# every line showed twice: the kernel's stdout goes to /dev/null (env/kernel/kernel.json.in).
+kernel:
+	rm -rf .venv/share/jupyter/kernels/vitrepro   # an older Makefile's --sys-prefix copy would shadow it
+	$(PY) -m ipykernel install --user --name vitrepro --display-name "Python (vitrepro)" >/dev/null
+	sed 's|@PYTHON@|$(abspath $(PY))|' env/kernel/kernel.json.in \
+	    > "$$($(PY) -c 'from jupyter_core.paths import jupyter_data_dir; print(jupyter_data_dir())')/kernels/vitrepro/kernel.json"
+	@$(PY) -m jupyter kernelspec list | grep -w vitrepro
 
 test: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests
 
 reproduce: venv
 	$(PY) -m vitrepro.experiments.run_all --profile $(PROFILE)
+
+# JupyterLab at the repository root; open notebooks/<name>.ipynb (its .py twin is the same notebook, paired
+# by jupytext). Kernels read the data directory and run store from vitrepro.settings.
+lab: venv
+	@$(PY) -m vitrepro.settings
+	$(PY) -m jupyter lab --port=$(LAB_PORT) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+
+# One notebook from the shell: make notebook NB=scaling PROFILE=cpu [ARGS='-p seeds 1']
+# The executed notebook goes to <runs>/executed/<NB>.<PROFILE>.ipynb, tables and figures to results/<NB>/.
+notebook: venv
+	@if [[ ! " $(NOTEBOOKS) " == *" $(NB) "* ]]; then echo "usage: make notebook NB=<$(NOTEBOOKS)> [PROFILE=$(PROFILE)]" >&2; exit 2; fi
+	@out="$$($(PY) -m vitrepro.settings --get runs_dir)/executed" && mkdir -p "$$out" && set -x && \
+	$(PY) -m papermill notebooks/$(NB).ipynb "$$out/$(NB).$(PROFILE).ipynb" -p profile $(PROFILE) --log-output $(ARGS)
+
+settings: venv
+	@$(PY) -m vitrepro.settings --check-hub
 
 bench: venv
 	$(PY) -m vitrepro.bench

@@ -8,9 +8,9 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python (vitrepro)
 #     language: python
-#     name: python3
+#     name: vitrepro
 # ---
 
 # %% [markdown]
@@ -25,19 +25,22 @@
 #     papermill notebooks/attention.ipynb out.ipynb -p profile cpu
 
 # %% tags=["parameters"]
-profile = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST) | gpu | paper
-dataset = None  # training dataset and source of sample images; None: from the profile
-model_run = None  # analyse a stored run instead: "run:<experiment>/<run_id>"
-pretrained = None  # or released weights: "timm:vit_base_patch16_224.orig_in21k" or a local file
-pretrained_model = None  # our model name for `pretrained`, e.g. "ViT-B/16"
-num_images = None  # test images averaged for attention distance; None: from the profile
-seeds = None  # models trained (one per seed); None: from the profile (cpu: 2)
-results_dir = None  # where tables and figures go; None: results/attention/
-runs_dir = None  # run store; None: $VITREPRO_RUNS or runs/
-device = "auto"  # auto | cpu | cuda | cuda:N
-force = False  # retrain even where the run store holds a finished run
+profile: str = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST) | gpu | paper
+dataset: "Optional[str]" = None  # training dataset and source of sample images; None: from the profile
+model_run: "Optional[str]" = None  # analyse a stored run instead: "run:<experiment>/<run_id>"
+pretrained: "Optional[str]" = None  # or released weights: "timm:vit_base_patch16_224.orig_in21k" or a local file
+pretrained_model: "Optional[str]" = None  # our model name for `pretrained`, e.g. "ViT-B/16"
+num_images: "Optional[int]" = None  # test images averaged for attention distance; None: from the profile
+seeds: "Optional[int]" = None  # models trained (one per seed); None: from the profile (cpu: 3)
+results_dir: "Optional[str]" = None  # where tables and figures go; None: <runs_dir>/results/attention/<profile>/ (not the committed results/)
+runs_dir: "Optional[str]" = None  # run store; None: $VITREPRO_RUNS or runs/
+device: str = "auto"  # auto | cpu | cuda | cuda:N
+force: bool = False  # retrain even where the run store holds a finished run
+allow_partial: bool = False  # True: write tables from the runs that finished when some failed (marked partial)
 
 # %%
+import pandas as pd
+
 from vitrepro.experiments import attention, common
 
 params = attention.validate_params(dict(globals()))
@@ -51,6 +54,15 @@ df.head()
 analysed, figures = attention.analyse(params, df)
 analysed.head()
 
+# %% [markdown]
+# The same measurements at every stored snapshot of the runs: is the structure emerging over training?
+
+# %%
+tracked, tracked_figures = attention.over_training(params, df)
+figures.update(tracked_figures)
+analysed = pd.concat([analysed, tracked.assign(notebook="attention", profile=params.profile, stage="over_training")],
+                     ignore_index=True)
+
 # %%
 tables = attention.tables(df, analysed)
 for title, table in tables.items():
@@ -58,8 +70,6 @@ for title, table in tables.items():
     display(table)
 
 # %%
-import pandas as pd
-
 written = common.write_results(common.results_dir(params, "attention"), pd.concat([df, analysed], ignore_index=True),
                                tables, figures, notes=f"Profile `{params.profile}`.")
 [str(p) for p in written]

@@ -8,9 +8,9 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python (vitrepro)
 #     language: python
-#     name: python3
+#     name: vitrepro
 # ---
 
 # %% [markdown]
@@ -25,14 +25,15 @@
 #     papermill notebooks/scaling.ipynb out.ipynb -p profile cpu
 
 # %% tags=["parameters"]
-profile = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST -> MNIST) | gpu | paper
-upstream = None  # pre-training dataset name or local parquet folder; None: from the profile
-downstream = None  # transfer dataset for the 5-shot probe and fine-tuning; None: from the profile
-seeds = None  # seeds per point; None: from the profile (cpu: 2)
-results_dir = None  # where tables and figures go; None: results/scaling/
-runs_dir = None  # run store; None: $VITREPRO_RUNS or runs/
-device = "auto"  # auto | cpu | cuda | cuda:N
-force = False  # retrain even where the run store holds a finished run
+profile: str = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST -> MNIST) | gpu | paper
+upstream: "Optional[str]" = None  # pre-training dataset name or local parquet folder; None: from the profile
+downstream: "Optional[str]" = None  # transfer dataset for the 5-shot probe and fine-tuning; None: from the profile
+seeds: "Optional[int]" = None  # seeds per point; None: from the profile (cpu: 3)
+results_dir: "Optional[str]" = None  # where tables and figures go; None: <runs_dir>/results/scaling/<profile>/ (not the committed results/)
+runs_dir: "Optional[str]" = None  # run store; None: $VITREPRO_RUNS or runs/
+device: str = "auto"  # auto | cpu | cuda | cuda:N
+force: bool = False  # retrain even where the run store holds a finished run
+allow_partial: bool = False  # True: write tables from the runs that finished when some failed (marked partial)
 
 # %%
 from vitrepro.experiments import common, scaling

@@ -8,9 +8,9 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python (vitrepro)
 #     language: python
-#     name: python3
+#     name: vitrepro
 # ---
 
 # %% [markdown]
@@ -25,16 +25,17 @@
 #     papermill notebooks/transfer.ipynb out.ipynb -p profile cpu
 
 # %% tags=["parameters"]
-profile = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST -> MNIST, digits) | gpu | paper
-upstream = None  # pre-training dataset name or local parquet folder; None: from the profile
-downstream = None  # list of downstream dataset names; None: from the profile
-pretrained = None  # released weights to fine-tune instead, e.g. "timm:vit_base_patch16_224.orig_in21k" or a file
-pretrained_model = None  # our model name for a local `pretrained` file, e.g. "ViT-B/16"
-seeds = None  # seeds per cell; None: from the profile (cpu: 2)
-results_dir = None  # where tables and figures go; None: results/transfer/
-runs_dir = None  # run store; None: $VITREPRO_RUNS or runs/
-device = "auto"  # auto | cpu | cuda | cuda:N
-force = False  # retrain even where the run store holds a finished run
+profile: str = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST -> MNIST, digits) | gpu | paper
+upstream: "Optional[str]" = None  # pre-training dataset name or local parquet folder; None: from the profile
+downstream: "Optional[list]" = None  # list of downstream dataset names; None: from the profile
+pretrained: "Optional[str]" = None  # released weights to fine-tune instead, e.g. "timm:vit_base_patch16_224.orig_in21k" or a file
+pretrained_model: "Optional[str]" = None  # our model name for a local `pretrained` file, e.g. "ViT-B/16"
+seeds: "Optional[int]" = None  # seeds per cell; None: from the profile (cpu: 3)
+results_dir: "Optional[str]" = None  # where tables and figures go; None: <runs_dir>/results/transfer/<profile>/ (not the committed results/)
+runs_dir: "Optional[str]" = None  # run store; None: $VITREPRO_RUNS or runs/
+device: str = "auto"  # auto | cpu | cuda | cuda:N
+force: bool = False  # retrain even where the run store holds a finished run
+allow_partial: bool = False  # True: write tables from the runs that finished when some failed (marked partial)
 
 # %%
 from vitrepro.experiments import common, transfer

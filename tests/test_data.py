@@ -70,7 +70,7 @@ def test_column_ambiguity(tmp_path):
 
 
 def test_not_found_errors(monkeypatch, tmp_path):
-    monkeypatch.delenv("VITREPRO_DATA", raising=False)
+    monkeypatch.setenv("VITREPRO_DATA", "")  # empty: no data directory, not even ../shared/data
     with pytest.raises(DatasetNotFoundError, match="VITREPRO_DATA is not set.*zalando"):
         load_arrays("fashion_mnist", "train")
     monkeypatch.setenv("VITREPRO_DATA", str(tmp_path / "nope"))

@@ -129,7 +129,7 @@ def test_safetensors_and_big_vision_npz(tmp_path):
         assert (src(x) - dst2(x)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("name", ["R26x0.25+ViT-Micro/8", "BiT-R10x0.25", "ViT-Nano/4"])
+@pytest.mark.parametrize("name", ["R26x0.25+ViT-Micro/8", "BiT-R14x0.25", "ViT-Nano/4"])
 def test_npz_round_trip_small(tmp_path, name):
     src = randomize_head(small(name, img_size=32))
     arrays = timm_to_npz(ours_to_timm(src.state_dict(), src), num_heads=getattr(src, "num_heads", None))
@@ -214,7 +214,7 @@ def test_hybrid_blocks():
         assert create_model("R50+ViT-B/16").resnet_blocks == (3, 4, 9)
         assert create_model("R50+ViT-B/32").resnet_blocks == (3, 4, 6, 3)
         assert create_model("R26x0.25+ViT-Micro/8").resnet_blocks == (2, 6)
-        assert create_model("R10x0.25+ViT-Nano/4").resnet_blocks == (4,)
+        assert create_model("R14x0.25+ViT-Nano/4").resnet_blocks == (4,)
         m = create_model("R50+ViT-B/16")
     assert m.grid_size == (14, 14)
     assert [len(s.blocks) for s in m.patch_embed.backbone.stages] == [3, 4, 9]
@@ -267,7 +267,7 @@ def test_return_attention_and_in_chans():
     assert len(attns) == 6 and attns[0].shape == (2, 4, 17, 17)
     assert torch.allclose(attns[3].sum(-1), torch.ones(2, 4, 17))
     assert torch.allclose(logits, model(x), atol=1e-5)
-    hybrid = small("R10x0.25+ViT-Nano/4", img_size=32)
+    hybrid = small("R14x0.25+ViT-Nano/4", img_size=32)
     logits, attns = hybrid(torch.randn(1, 3, 32, 32), return_attention=True)
     assert attns[0].shape == (1, 2, 65, 65)
 
@@ -414,10 +414,10 @@ def test_resize_every_kind_runs(kw):
 
 
 def test_resize_hybrid_and_bit():
-    h = small("R10x0.25+ViT-Nano/4", img_size=32)
+    h = small("R14x0.25+ViT-Nano/4", img_size=32)
     resize(h, 64)
     assert h.grid_size == (16, 16) and h(torch.randn(1, 3, 64, 64)).shape == (1, 5)
-    b = small("BiT-R10x0.25", img_size=32)
+    b = small("BiT-R14x0.25", img_size=32)
     assert resize(b, 48).img_size == 48
 
 
@@ -439,7 +439,7 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="colour"):
         create_model("ViT-Nano/4", colour=1)
     with pytest.raises(TypeError, match="pos_embed"):
-        create_model("BiT-R10x0.25", pos_embed="1d")
+        create_model("BiT-R14x0.25", pos_embed="1d")
     with pytest.raises(ValueError, match="pos_embed_at"):
         create_model("ViT-Nano/4", pos_embed="none", pos_embed_at="every_layer")
     with pytest.raises(ValueError, match="pos_embed_at"):
@@ -499,7 +499,7 @@ def test_native_checkpoint_round_trip(tmp_path, kw):
 @pytest.mark.parametrize("name, kw", [
     ("ViT-Nano/4", {}),
     ("ViT-Micro/4", dict(pos_embed="2d", pos_embed_at="every_layer")),
-    ("R10x0.25+ViT-Nano/4", {}),
+    ("R14x0.25+ViT-Nano/4", {}),
 ])
 def test_cls_only_last_block_same_logits_and_gradients(name, kw):
     m = small(name, img_size=16, **kw)
@@ -580,3 +580,19 @@ def test_attend_matches_sdpa_forward_backward_and_bf16(with_bias, nq):
         low, _ = vit.attend(q, k, v, bias)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_r10_is_the_deprecated_name_of_r14():
+    """depth = 3 x blocks + 2: one bottleneck per stage is 14 layers (timm's resnet14t layout). The old
+    name still builds the same network, with a deprecation warning naming the new one."""
+    from vitrepro.models.registry import parse_name
+
+    assert parse_name("BiT-R14x0.25").resnet.blocks == (1, 1, 1, 1)
+    assert 3 * sum(parse_name("BiT-R14x0.25").resnet.blocks) + 2 == 14
+    with pytest.warns(DeprecationWarning, match="R14x0.25"):
+        old = parse_name("BiT-R10x0.25")
+    assert old.resnet == parse_name("BiT-R14x0.25").resnet
+    with pytest.warns(DeprecationWarning):
+        a = create_model("R10x0.25+ViT-Nano/4", img_size=16)
+    b = create_model("R14x0.25+ViT-Nano/4", img_size=16)
+    assert [p.shape for p in a.state_dict().values()] == [p.shape for p in b.state_dict().values()]

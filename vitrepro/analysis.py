@@ -222,6 +222,25 @@ def patch_distances(grid_size: Sequence[int], patch_size: float) -> torch.Tensor
     return torch.cdist(centres, centres) * float(patch_size)
 
 
+def uniform_attention_distance(grid_size: Sequence[int], patch_size: float) -> float:
+    """The mean attention distance of a head that attends uniformly to every patch: the mean of all
+    patch-centre distances (self included), in pixels. The reference line of Fig. 7 right at this
+    scale: a head below it prefers nearby patches, one at it has no spatial preference (7x7 grid of
+    4 px patches: 14.4 px)."""
+    return float(patch_distances(grid_size, patch_size).mean())
+
+
+def position_similarity_vs_distance(sim: torch.Tensor) -> float:
+    """Pearson correlation between the cosine similarity of two patches' position embeddings and the
+    distance between the patches, over all pairs of distinct patches (Fig. 7 centre as one number:
+    strongly negative when nearby patches have similar embeddings). ``sim``: (gh, gw, gh, gw)."""
+    gh, gw = sim.shape[:2]
+    dist = patch_distances((gh, gw), 1.0).flatten()
+    s = sim.reshape(gh * gw, gh * gw).flatten().to(torch.float64)
+    off = dist > 0
+    return float(torch.corrcoef(torch.stack([dist[off], s[off]]))[0, 1])
+
+
 def _cls_offset(n_tokens: int, grid_size: Sequence[int], has_cls_token: Optional[bool]) -> int:
     n_patches = int(grid_size[0]) * int(grid_size[1])
     extra = n_tokens - n_patches

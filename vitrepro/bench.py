@@ -31,7 +31,7 @@ For every (device, model configuration, precision), in one process:
   ``crop_flip`` augmentation by default): the share of step time spent inside ``Batches.next()``
   (fetch + preprocess + augment), device-synchronised on CUDA.
 
-``--models BiT-R10x0.25:28:1:128`` compares a BiT ResNet with ``timm.models.resnetv2.ResNetV2`` the same way
+``--models BiT-R14x0.25:28:1:128`` compares a BiT ResNet with ``timm.models.resnetv2.ResNetV2`` the same way
 (vitrepro's BiT is built on it, so the ratio measures only the head and the interface).
 
 Results go to ``<out>/<device-kind>.json`` and ``.md`` (written atomically), with the machine described.

@@ -2,8 +2,9 @@
 
 Where a dataset comes from (first match wins):
   1. a folder path given instead of a name (Hub parquet layout: ``<split>-00000-of-0000N.parquet``);
-  2. ``$VITREPRO_DATA/<name>`` (same layout), for the names in ``DATASETS``;
-  3. the Hugging Face Hub, ``datasets.load_dataset(spec.hub_id)``.
+  2. ``<data directory>/<name>`` (same layout), for the names in ``DATASETS``; the data directory is
+     ``$VITREPRO_DATA``, else ``data`` in ``vitrepro.toml``, else ``../shared/data`` (``vitrepro.settings``);
+  3. the Hugging Face Hub, ``datasets.load_dataset(spec.hub_id)``, after one short reachability check.
 ``digits`` (scikit-learn's 8x8 digits) is embedded and needs neither.
 
 Decoded arrays are cached in memory per process and on disk under ``$VITREPRO_CACHE``
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 __all__ = [
     "DatasetSpec", "DATASETS", "ImageArrays", "DataError", "DatasetNotFoundError",
     "load_arrays", "resolve_source", "balanced_subset", "train_val_split", "preprocess",
-    "augment_batch", "Batches", "StreamBatches", "stream_batches", "AUGMENTATIONS",
+    "augment_batch", "Batches", "StreamBatches", "stream_batches", "AUGMENTATIONS", "training_split", "data_fingerprint",
 ]
 
 
@@ -122,8 +123,8 @@ class Source:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    from . import settings
+    return settings.get().offline  # VITREPRO_OFFLINE, HF_HUB_OFFLINE/HF_DATASETS_OFFLINE, vitrepro.toml
 
 
 def resolve_source(name_or_path: str, check_hub: bool = True) -> Source:
@@ -146,27 +147,37 @@ def resolve_source(name_or_path: str, check_hub: bool = True) -> Source:
     spec = DATASETS[s]
     if spec.hub_id is None:
         return Source("digits", s, None, spec)
-    root = os.environ.get("VITREPRO_DATA")
+    from . import settings  # data directory: $VITREPRO_DATA, vitrepro.toml, ../shared/data
+    root = settings.get().data_dir
     if root:
-        local = Path(root).expanduser() / s
+        local = root / s
         if local.is_dir():
             return Source("local", s, str(local.resolve()), spec)
-        local_msg = f"$VITREPRO_DATA={root} has no folder {s!r}" + (
-            "" if Path(root).expanduser().is_dir() else f" (the directory {root} itself does not exist)")
+        local_msg = f"the data directory {root} has no folder {s!r}" + (
+            "" if root.is_dir() else f" (the directory {root} itself does not exist)")
     else:
-        local_msg = "the environment variable VITREPRO_DATA is not set (so no local copy was looked for)"
+        local_msg = ("no data directory (VITREPRO_DATA is not set or empty, vitrepro.toml names none "
+                     "and ../shared/data does not exist)")
+    fix = (f"Set VITREPRO_DATA to a folder holding {s}/<split>-00000-of-00001.parquet "
+           "(or `data = \"...\"` in vitrepro.toml; `python -m vitrepro.settings` shows what is used)")
     if check_hub and _offline() and not Path(spec.hub_id).is_dir():
         raise DatasetNotFoundError(
             f"dataset {s!r} not found: {local_msg}; and the Hub ({spec.hub_id}) is switched off "
-            "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE). Point VITREPRO_DATA at a folder containing "
-            f"{s}/<split>-00000-of-00001.parquet, or go online.")
+            f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE/VITREPRO_OFFLINE). {fix}, or go online.")
+    if check_hub and not Path(spec.hub_id).is_dir():
+        ok, why = settings.hub_reachable(dataset=spec.hub_id)  # one short try, not minutes of retries
+        if not ok:
+            raise DatasetNotFoundError(
+                f"dataset {s!r} not found: {local_msg}; and the Hugging Face Hub "
+                f"({settings.hub_endpoint()}) is unreachable ({why}). {fix}, or connect to the network.")
     return Source("hub", s, spec.hub_id, spec)
 
 
 def _hub_error(src: Source, err: Exception) -> DatasetNotFoundError:
-    root = os.environ.get("VITREPRO_DATA")
-    local_msg = (f"$VITREPRO_DATA={root} has no folder {src.name!r}" if root
-                 else "VITREPRO_DATA is not set")
+    from . import settings
+    root = settings.get().data_dir
+    local_msg = (f"the data directory {root} has no folder {src.name!r}" if root
+                 else "VITREPRO_DATA is not set (no data directory)")
     return DatasetNotFoundError(f"dataset {src.name!r} not found: {local_msg}; and loading "
                                 f"{src.location!r} from the Hub failed: {type(err).__name__}: {err}")
 
@@ -252,10 +263,8 @@ def _digits(split: str):
 
 
 def _cache_dir() -> Path | None:
-    v = os.environ.get("VITREPRO_CACHE", "")
-    if v.lower() in ("0", "off", "none", "false"):
-        return None
-    return Path(v).expanduser() if v else Path.home() / ".cache" / "vitrepro" / "arrays"
+    from . import settings
+    return settings.get().cache_dir  # $VITREPRO_CACHE (off: None), vitrepro.toml, ~/.cache/vitrepro/arrays
 
 
 def _fingerprint(src: Source, split: str, image_column, label_column, size) -> str:
@@ -327,6 +336,35 @@ def load_arrays(name_or_path: str, split: str = "train", *, image_column: str | 
     with _LOCK:
         _MEM[key] = arr
     return arr
+
+
+_FP: dict[int, tuple[ImageArrays, dict]] = {}
+
+
+def data_fingerprint(name_or_path: str, split: str = "train") -> dict:
+    """What a run reads from one split, for its run id: the source (hub id, local folder name or the
+    embedded digits), the number of examples and a sha256 of the decoded arrays (images, labels,
+    class names). The hash is computed once per process per loaded array (``load_arrays`` caches
+    the arrays themselves), so calling this per job of a sweep costs next to nothing. Streamed
+    datasets are not read: their fingerprint is the source description only."""
+    src = resolve_source(name_or_path)
+    source = {"digits": "digits", "local": f"local:{src.name}", "hub": f"hub:{src.location}"}[src.kind]
+    if src.spec is not None and src.spec.streaming:
+        return {"source": source, "split": split, "streamed": _fingerprint(src, split, None, None, None)}
+    arr = load_arrays(name_or_path, split)
+    with _LOCK:
+        hit = _FP.get(id(arr))
+        if hit is not None and hit[0] is arr:
+            return hit[1]
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(arr.images.numpy()).data)
+    h.update(np.ascontiguousarray(arr.labels.numpy()).data)
+    h.update(json.dumps(arr.classes).encode())
+    fp = {"source": source, "split": split, "n": len(arr), "shape": list(arr.images.shape[1:]),
+          "sha256": h.hexdigest()[:16]}
+    with _LOCK:
+        _FP[id(arr)] = (arr, fp)
+    return fp
 
 
 def _read(src: Source, split: str, image_column, label_column, size):
@@ -405,6 +443,23 @@ def train_val_split(labels, val_fraction: float, seed: int = 0) -> tuple[torch.T
 # --------------------------------------------------------------------------- preprocessing
 
 AUGMENTATIONS = ("none", "flip", "crop_flip", "rrc_flip", "auto")
+
+
+def training_split(arrays: ImageArrays, val_fraction: float, train_examples: int | None,
+                   seed: int) -> tuple[ImageArrays, ImageArrays | None]:
+    """(what a run trains on, its held-out validation part or None): first ``val_fraction`` of the
+    training split is held out (stratified), then a class-balanced subset of ``train_examples`` is
+    drawn from the rest. The trainer and the pixel baselines both call this, so they see the same images."""
+    val = None
+    if val_fraction > 0:
+        tr_idx, va_idx = train_val_split(arrays.labels, val_fraction, seed)
+        arrays, val = arrays.subset(tr_idx), arrays.subset(va_idx)
+    if train_examples is not None:
+        if train_examples > len(arrays):
+            raise DataError(f"train_examples={train_examples} but only {len(arrays)} training examples "
+                            f"{'remain after the validation hold-out' if val is not None else 'exist'}")
+        arrays = arrays.subset(balanced_subset(arrays.labels, train_examples, seed))
+    return arrays, val
 
 
 def preprocess(x: torch.Tensor, img_size: int, in_chans: int) -> torch.Tensor:

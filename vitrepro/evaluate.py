@@ -181,8 +181,9 @@ class FewShot(Evaluator):
 
     def __init__(self, dataset: str, shots: Sequence[int] = (1, 5, 10, 25), seeds: Sequence[int] = (0, 1, 2),
                  train_split: str = "train", test_split: str = "test", l2_reg: float = 2.0 ** 10,
-                 batch_size: int = 256, max_test: int | None = None):
+                 batch_size: int = 256, max_test: int | None = None, train_arrays: ImageArrays | None = None):
         self.dataset, self.shots, self.seeds = dataset, tuple(int(s) for s in shots), tuple(int(s) for s in seeds)
+        self._train_arrays = train_arrays  # the pool the shots are drawn from, when not a named split
         self.train_split, self.test_split, self.l2_reg = train_split, test_split, l2_reg
         self.batch_size, self.max_test = batch_size, max_test
         self.name = f"fewshot/{Accuracy._short(dataset)}"
@@ -190,7 +191,7 @@ class FewShot(Evaluator):
     def __call__(self, model, **kw) -> dict[str, float]:
         if _is_streamed(self.dataset):
             raise ValueError(f"FewShot on the streamed dataset {self.dataset!r} is not supported yet")
-        tr = load_arrays(self.dataset, self.train_split)
+        tr = self._train_arrays if self._train_arrays is not None else load_arrays(self.dataset, self.train_split)
         te = load_arrays(self.dataset, self.test_split)
         if self.max_test is not None and len(te) > self.max_test:
             te = te.subset(torch.arange(self.max_test))

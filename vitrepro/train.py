@@ -15,8 +15,9 @@ Optimisers: ``adam`` = torch AdamW (β 0.9/0.999, eps 1e-8, decoupled weight dec
 decay is multiplied by the current learning rate), the paper's pre-training optimiser (Table 3);
 ``sgd`` = plain momentum 0.9 (not Nesterov), the fine-tuning optimiser (App. B.1.1). Weight decay
 applies to matrices / conv kernels only (not biases, norms, class token or position embeddings).
-Schedule: linear warmup from 0 over ``warmup_steps``, then ``cosine`` or ``linear`` decay to 0
-(or ``constant``). Gradients are clipped at global norm ``grad_clip`` (paper: 1).
+Schedule (``lr_at``, as big_vision): linear warmup from exactly 0 at step 0 to ``lr`` at step
+``warmup_steps`` (lr * step / warmup_steps), then ``cosine`` or ``linear`` decay towards 0 at step
+``steps`` (or ``constant``). Gradients are clipped at global norm ``grad_clip`` (paper: 1).
 """
 from __future__ import annotations
 
@@ -39,10 +40,10 @@ import torch.nn.functional as F
 
 from . import __version__
 from .data import AUGMENTATIONS, DATASETS, Batches, DataError, StreamBatches, ImageArrays, load_arrays, resolve_source, \
-    train_val_split, balanced_subset
+    train_val_split, balanced_subset, training_split
 from .store import RunStore, atomic_torch_save, code_versions, run_id_for
 
-__all__ = ["TrainConfig", "ConfigError", "DivergedError", "run", "run_many", "run_id_of", "main",
+__all__ = ["TrainConfig", "ConfigError", "DivergedError", "run", "run_many", "run_id_of", "resolved_identity", "main",
            "resolve_precision", "lr_at"]
 
 
@@ -102,6 +103,9 @@ class TrainConfig:
     # evaluation, logging
     evaluators: list = field(default_factory=lambda: [{"type": "accuracy"}])
     eval_every: int | None = None           # also log eval accuracy every N steps
+    select_on: str | None = None            # "val": keep the parameters with the best held-out accuracy
+    select_every: int | None = None         # steps between those validation checks (None: once per epoch)
+    snapshot_every: int | None = None       # also store the model every N steps (analysis over training)
     log_every: int = 50
     checkpoint_every: int | None = 100      # None: only at the end
     device: str = "auto"                    # auto | cpu | cuda | cuda:N
@@ -169,6 +173,13 @@ class TrainConfig:
         choice("schedule", ("cosine", "linear", "constant"))
         choice("precision", ("auto", "fp32", "bf16"))
         choice("augment", AUGMENTATIONS)
+        if self.select_on not in (None, "val"):
+            raise ConfigError(f"select_on={self.select_on!r}: use 'val' (the held-out part of train) or None; "
+                              "a selection on the test split is not offered")
+        if self.select_on == "val" and self.val_fraction <= 0:
+            raise ConfigError("select_on='val' needs val_fraction > 0 (the held-out part of train)")
+        positive("select_every", allow_none=True)
+        positive("snapshot_every", allow_none=True)
         if self.eval_split == "val" and self.val_fraction <= 0:
             raise ConfigError("eval_split='val' needs val_fraction > 0 (the held-out part of train)")
         if not (0.0 <= self.val_fraction < 1.0):
@@ -221,6 +232,7 @@ _TYPES.update({
     "warmup_steps": (int,), "schedule": (str,), "grad_clip": (float, _NONE), "label_smoothing": (float,),
     "precision": (str,), "seed": (int,), "init": (str, _NONE), "reset_head": (bool, _NONE),
     "evaluators": (list,), "eval_every": (int, _NONE), "log_every": (int,),
+    "select_on": (str, _NONE), "select_every": (int, _NONE), "snapshot_every": (int, _NONE),
     "checkpoint_every": (int, _NONE), "device": (str,),
 })
 assert set(_TYPES) == {f.name for f in dataclasses.fields(TrainConfig)}
@@ -252,10 +264,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based)."""
+    """Learning rate for optimizer step ``step`` (0-based; ``total`` steps in all).
+
+    As the official code: big_vision/utils.py ``create_learning_rate_schedule`` (and vit_jax/utils.py)
+    multiplies by min(1, step / warmup_steps) and decays over progress = (step - w) / (total - w), and is
+    called with the optimizer's update count, which starts at 0 (optax ``scale_by_schedule``; big_vision's
+    train.py logs ``sched_fn(step - 1)`` for its 1-based update ``step``). So warm-up starts at exactly 0
+    (the first update has lr 0) and reaches ``cfg.lr`` at step ``w``; linear decay ends at 0 (big_vision's
+    default ``linear_end``)."""
     w = cfg.warmup_steps
     if step < w:
-        return cfg.lr * (step + 1) / w
+        return cfg.lr * step / w
     if cfg.schedule == "constant":
         return cfg.lr
     frac = (step - w) / max(1, total - w)
@@ -340,12 +359,13 @@ class _Plan:
     steps: int
     init_run: Path | None
     init_config: dict | None
+    selector: Any = None            # Accuracy on the held-out split when cfg.select_on == "val"
 
 
 def _prepare(cfg: TrainConfig, store: RunStore) -> _Plan:
     """Every check that needs I/O (data location, model shapes), before any compute or store write."""
     from . import models
-    from .evaluate import Accuracy, make_evaluator
+    from .evaluate import Accuracy, FewShot, make_evaluator
     try:
         resolve_source(cfg.dataset)
         for e in cfg.evaluators:
@@ -382,17 +402,10 @@ def _prepare(cfg: TrainConfig, store: RunStore) -> _Plan:
     except DataError as e:
         raise ConfigError(str(e)) from e
     data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-    val = None
-    if cfg.val_fraction > 0:
-        tr_idx, va_idx = train_val_split(arrays.labels, cfg.val_fraction, data_seed)
-        arrays, val = arrays.subset(tr_idx), arrays.subset(va_idx)
-    if cfg.train_examples is not None:
-        if cfg.train_examples > len(arrays):
-            raise ConfigError(f"train_examples={cfg.train_examples} but {cfg.dataset} has {len(arrays)}")
-        try:
-            arrays = arrays.subset(balanced_subset(arrays.labels, cfg.train_examples, data_seed))
-        except DataError as e:
-            raise ConfigError(str(e)) from e
+    try:
+        arrays, val = training_split(arrays, cfg.val_fraction, cfg.train_examples, data_seed)
+    except DataError as e:
+        raise ConfigError(f"{cfg.dataset}: {e}") from e
     if cfg.batch_size > len(arrays):
         raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(arrays)} training examples")
     img_size = cfg.img_size or (init_config["_resolved"]["img_size"] if init_config else arrays.img_size)
@@ -415,9 +428,20 @@ def _prepare(cfg: TrainConfig, store: RunStore) -> _Plan:
                 evaluators.append(Accuracy(cfg.dataset, "val", arrays=val,
                                            **{k: v for k, v in e.items() if k not in ("type", "dataset", "split")}))
                 continue
+        if e.get("type") == "fewshot" and e.get("train_split") == "val":
+            # shots from the held-out part of this run's training set: images the model never trained on
+            if e.get("dataset", cfg.dataset) != cfg.dataset or val is None:
+                raise ConfigError(f"few-shot train_split='val' draws its shots from the held-out part of "
+                                  f"dataset={cfg.dataset!r}: give val_fraction > 0 and no other dataset")
+            evaluators.append(FewShot(cfg.dataset, train_arrays=val,
+                                      **{k: v for k, v in e.items() if k not in ("type", "dataset")}))
+            continue
         e.setdefault("dataset", cfg.dataset)
         evaluators.append(make_evaluator(e))
-    return _Plan(cfg, arrays, evaluators, img_size, in_chans, num_classes, steps, init_run, init_config)
+    selector = None
+    if cfg.select_on == "val":
+        selector = Accuracy(cfg.dataset, "val", arrays=val)
+    return _Plan(cfg, arrays, evaluators, img_size, in_chans, num_classes, steps, init_run, init_config, selector)
 
 
 def _check_shapes(cfg: TrainConfig, img_size: int, in_chans: int, num_classes: int) -> None:
@@ -461,6 +485,7 @@ def _build_model(plan: _Plan, device: torch.device):
         r = ic["_resolved"]
         opts = {k: ic.get(k) for k in ("pool", "pos_embed", "pos_embed_at", "head", "representation_size",
                                         "drop_rate", "attn_drop_rate", "drop_path_rate") if ic.get(k) is not None}
+        opts = {**{k: v for k, v in (r.get("arch") or {}).items() if v is not None}, **opts}  # inherited, complete
         opts.update(cfg.model_options())
         model = models.create_model(cfg.model, img_size=r["img_size"], in_chans=r["in_chans"],
                                     num_classes=r["num_classes"], **opts)
@@ -533,24 +558,143 @@ def tune_cpu_allocator() -> bool:
 
 # ---------------------------------------------------------------------- run
 
+def _data_used(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(dataset, split) pairs a configuration reads: its training split and every evaluator's splits
+    (an accuracy on ``val`` reads the held-out part of the training split)."""
+    pairs = [(cfg.dataset, cfg.train_split)]
+    for e in cfg.evaluators:
+        ds = e.get("dataset") or cfg.dataset
+        if e.get("type") == "accuracy":
+            split = e.get("split") or (cfg.eval_split if not e.get("dataset") else "test")
+            if split != "val":
+                pairs.append((ds, split))
+        elif e.get("type") == "fewshot":
+            shots = e.get("train_split", "train")  # "val": the held-out part of this run's training split
+            pairs += [(ds, cfg.train_split if shots == "val" else shots), (ds, e.get("test_split", "test"))]
+    return list(dict.fromkeys(pairs))
+
+
+def resolved_identity(cfg: TrainConfig | dict) -> dict:
+    """What a configuration resolves to on this machine, with this data: device type, precision
+    (``auto`` resolved as ``resolve_precision`` does), a fingerprint of every dataset split it reads
+    (``data.data_fingerprint``: source, size, content hash; cached per process) and, for an ``init``
+    file, its size and modification time. Part of the run id and kept in the record."""
+    from .data import data_fingerprint
+    cfg = TrainConfig.from_dict(cfg) if not isinstance(cfg, TrainConfig) else cfg
+    device = _resolve_device(cfg.device, 0)
+    ident: dict[str, Any] = {"device_type": device.type, "precision": resolve_precision(cfg.precision, device)}
+    data = {}
+    for ds, split in _data_used(cfg):
+        try:
+            data[f"{ds}:{split}"] = data_fingerprint(ds, split)
+        except DataError as e:
+            raise ConfigError(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - a corrupt file: name the dataset and the split
+            raise ConfigError(f"dataset {ds!r}, split {split!r} cannot be read: {type(e).__name__}: {e}") from e
+    ident["data"] = data
+    if cfg.init and not cfg.init.startswith(("run:", "timm:", "hf-hub:", "hf_hub:")) and Path(cfg.init).is_file():
+        st = Path(cfg.init).stat()
+        ident["init_file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return ident
+
+
 def run_id_of(config: TrainConfig | dict) -> str:
-    """The store id of a configuration (normalised through ``from_dict``, so lr=1 and lr=1.0 agree)."""
-    return run_id_for(TrainConfig.from_dict(config).to_dict())
+    """The store id of a configuration (normalised through ``from_dict``, so lr=1 and lr=1.0 agree):
+    the configuration, the code's numerics version (``store.NUMERICS_VERSION``) and what it resolves to
+    here (``resolved_identity``). Cheap after the first call per dataset in a process."""
+    cfg = TrainConfig.from_dict(config) if not isinstance(config, TrainConfig) else config
+    return run_id_for(cfg.to_dict(), resolved=resolved_identity(cfg))
+
+
+_ARCH_KEYS = ("pool", "pos_embed", "pos_embed_at", "head", "representation_size", "drop_rate",
+              "attn_drop_rate", "drop_path_rate")
+
+
+def _arch_of(cfg: TrainConfig, init_config: dict | None) -> dict:
+    """The full architecture a run builds: its own options, else those inherited from the run it
+    fine-tunes (``init=run:...``, whose ``_resolved.arch`` is complete), else the model's defaults."""
+    import inspect
+
+    from . import models
+    arch: dict[str, Any] = {}
+    if init_config is not None:
+        arch.update({k: v for k, v in ((init_config.get("_resolved") or {}).get("arch") or {}).items()})
+        arch.update({k: init_config[k] for k in _ARCH_KEYS if init_config.get(k) is not None})
+    arch.update(cfg.model_options())
+    try:
+        family = models.parse_name(cfg.model).family
+        cls = models.bit.BiTResNet if family == "bit" else models.vit.VisionTransformer
+        sig = inspect.signature(cls.__init__).parameters
+        for k in _ARCH_KEYS:
+            if k in sig and k not in arch:
+                arch[k] = sig[k].default
+        arch = {k: v for k, v in arch.items() if k in sig}
+    except Exception:  # noqa: BLE001 - the explicit options are still right
+        pass
+    return {k: arch[k] for k in _ARCH_KEYS if k in arch}
+
+
+def _say(msg: str) -> None:
+    print(f"[vitrepro] {msg}", file=sys.stderr, flush=True)
+
+
+def _finished(store: RunStore, exp: str, rid: str, quiet: bool = False) -> dict | None:
+    """The record of a finished run whose files read back, else None; a damaged record or model is
+    reported (naming the file) and the run is done again (it resumes from its final checkpoint)."""
+    from .store import DamagedRunError, check_torch_file
+    say = (lambda m: None) if quiet else _say
+    try:
+        rec = store.record(exp, rid)
+    except DamagedRunError as e:
+        say(f"{e} -- evaluating the run again from its checkpoint.")
+        return None
+    if rec is None or rec.get("status") != "ok":
+        return None
+    model_pt = store.run_dir(exp, rid) / "model.pt"
+    try:
+        check_torch_file(model_pt, f"{exp}/{rid}")
+    except FileNotFoundError:
+        say(f"{model_pt} is missing although its record says finished -- resuming the run to write it.")
+        return None
+    except DamagedRunError as e:
+        say(f"{e} -- resuming the run to write it again.")
+        return None
+    return rec
+
+
+def _check_init_run(cfg: TrainConfig, store: RunStore) -> None:
+    """A fine-tune's parent weights must read back: a damaged parent model.pt is named, with its remedy."""
+    from .store import DamagedRunError, check_torch_file
+    if not (cfg.init and cfg.init.startswith("run:")):
+        return
+    d = store.root / cfg.init[4:]
+    if (d / "model.pt").exists():
+        try:
+            check_torch_file(d / "model.pt", cfg.init[4:])
+        except DamagedRunError as e:
+            raise ConfigError(f"init={cfg.init!r}: the parent run's weights cannot be loaded: {e}") from e
 
 
 def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool = False,
         progress: str = "auto") -> dict:
-    """Train (or resume, or return the stored record of) one configuration. Returns the record."""
+    """Train (or resume, or return the stored record of) one configuration. Returns the record.
+
+    The run folder is owned by one process at a time (``RunStore.lock``, an OS lock released when
+    the owner dies): a second process of the same configuration waits for the first and then returns
+    its record (or resumes the run, if the owner died)."""
+    from .store import DamagedRunError, check_torch_file
     cfg = TrainConfig.from_dict(config) if not isinstance(config, TrainConfig) else config
     cfg.check()
     store = store if store is not None else RunStore()
     conf = cfg.to_dict()
-    rid = run_id_for(conf)
+    identity = resolved_identity(cfg)
+    rid = run_id_for(conf, resolved=identity)
     rank, world, local_rank = _dist_env()
     if not force:
-        rec = store.record(cfg.experiment, rid)
-        if rec is not None and rec.get("status") == "ok":
+        rec = _finished(store, cfg.experiment, rid)
+        if rec is not None:
             return rec
+    _check_init_run(cfg, store)
     plan = _prepare(cfg, store)
     device = _resolve_device(cfg.device, local_rank)
     if cfg.batch_size % (world * cfg.accum_steps):
@@ -563,27 +707,50 @@ def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool =
             torch.cuda.set_device(device)
         torch.distributed.init_process_group(backend)
     run_dir = store.run_dir(cfg.experiment, rid)
-    resolved = {"img_size": plan.img_size, "in_chans": plan.in_chans, "num_classes": plan.num_classes,
-                "steps": plan.steps, "train_size": len(plan.train) if plan.train is not None else None}
-    if rank == 0:
-        if force and run_dir.exists():
-            for n in ("record.json", "checkpoint.pt", "metrics.jsonl", "model.pt"):
-                if (run_dir / n).exists():
-                    (run_dir / n).unlink()
-        store.clear_record(cfg.experiment, rid)
-        store.create(cfg.experiment, rid, {**conf, "_resolved": resolved})
-    if ddp:
-        torch.distributed.barrier()
+    lock = store.lock(cfg.experiment, rid) if rank == 0 else None
+    if lock is not None:
+        lock.acquire(on_wait=lambda owner: _say(f"run {cfg.experiment}/{rid} is being trained by {owner}; waiting"))
     try:
-        return _train(plan, store, rid, device, rank, world, progress, resolved)
-    except Exception as e:  # record the failure (rank 0), then re-raise
+        if lock is not None and (lock.waited or not force):
+            rec = _finished(store, cfg.experiment, rid, quiet=not lock.waited)  # finished by the owner we waited for
+            if rec is not None:
+                return rec
+        resolved = {"img_size": plan.img_size, "in_chans": plan.in_chans, "num_classes": plan.num_classes,
+                    "steps": plan.steps, "train_size": len(plan.train) if plan.train is not None else None,
+                    "arch": _arch_of(cfg, plan.init_config),
+                    "head_reset": bool(cfg.init) and (cfg.reset_head is not False or (
+                        plan.init_config is not None and plan.init_config["_resolved"]["num_classes"] != plan.num_classes)),
+                    **identity, "numerics": code_versions()["numerics"]}
         if rank == 0:
-            rec = {"run_id": rid, "experiment": cfg.experiment, "status": "failed",
-                   "error": f"{type(e).__name__}: {e}", "error_type": type(e).__name__, "config": conf,
-                   "run_dir": str(run_dir), "versions": _versions(), "git_revision": _git_revision(),
-                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            store.write_record(cfg.experiment, rid, rec)
-        raise
+            if force and run_dir.exists():
+                for n in ("record.json", "checkpoint.pt", "metrics.jsonl", "model.pt"):
+                    if (run_dir / n).exists():
+                        (run_dir / n).unlink()
+            ckpt = run_dir / "checkpoint.pt"
+            if ckpt.exists():
+                check_torch_file(ckpt, f"{cfg.experiment}/{rid}")  # DamagedRunError names it and the remedy
+            elif (run_dir / "metrics.jsonl").exists():
+                (run_dir / "metrics.jsonl").unlink()  # rows of an attempt that never checkpointed: start clean
+            store.clear_record(cfg.experiment, rid)
+            store.create(cfg.experiment, rid, {**conf, "_resolved": resolved})
+        if ddp:
+            torch.distributed.barrier()
+        try:
+            return _train(plan, store, rid, device, rank, world, progress, resolved)
+        except Exception as e:  # record the failure (rank 0), then re-raise
+            if rank == 0:
+                rec = {"run_id": rid, "experiment": cfg.experiment, "status": "failed",
+                       "error": f"{type(e).__name__}: {e}", "error_type": type(e).__name__, "config": conf,
+                       "resolved": resolved, "run_dir": str(run_dir), "versions": _versions(),
+                       "git_revision": _git_revision(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                try:
+                    store.write_record(cfg.experiment, rid, rec)
+                except OSError:
+                    pass  # e.g. the disk is full: the original error says so
+            raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _train(plan: _Plan, store: RunStore, rid: str, device: torch.device, rank: int, world: int,
@@ -618,6 +785,7 @@ def _train(plan: _Plan, store: RunStore, rid: str, device: torch.device, rank: i
     loss_n = 0
     resumed_from = None
     ckpt_path = run_dir / "checkpoint.pt"
+    best = _BestOnValidation(plan.selector, cfg.select_every or max(1, (train_size or 0) // cfg.batch_size), amp)
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
@@ -628,6 +796,7 @@ def _train(plan: _Plan, store: RunStore, rid: str, device: torch.device, rank: i
         loss_sum = ck["loss_sum"].to(device)
         loss_n = int(ck["loss_n"])
         torch.set_rng_state(ck["rng_cpu"])
+        best.load_state_dict(ck.get("selection"))
         if rank == 0:
             store.truncate_metrics(exp, rid, step)
     train_model = model
@@ -653,12 +822,15 @@ def _train(plan: _Plan, store: RunStore, rid: str, device: torch.device, rank: i
         atomic_torch_save(ckpt_path, {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "data": batches.state_dict(),
             "step": step, "elapsed": elapsed_before + time.time() - t_start, "loss_sum": loss_sum.cpu(),
-            "loss_n": loss_n, "rng_cpu": torch.get_rng_state(), "config": cfg.to_dict()})
+            "loss_n": loss_n, "rng_cpu": torch.get_rng_state(), "config": cfg.to_dict(),
+            "selection": best.state_dict()})
 
     def check_finite(value: float):
         if not math.isfinite(value):
             raise DivergedError(f"training loss became {value} by step {step} (lr={lr_at(step - 1, cfg, plan.steps):.3g}); "
-                                "try a lower learning rate, warmup or grad_clip")
+                                "try a lower learning rate, warmup or grad_clip"
+                                + ("; if precision=fp32 trains, it is a bf16 numerics problem, not the "
+                                   "learning rate" if precision == "bf16" else ""))
 
     while step < plan.steps:
         lr = lr_at(step, cfg, plan.steps)
@@ -703,6 +875,10 @@ def _train(plan: _Plan, store: RunStore, rid: str, device: torch.device, rank: i
             loss_n = 0
         if bar is not None:
             bar.update(1)
+        if best.due(step, last):
+            log_row({"step": step, "select/val": best.update(model, step)})
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0 and rank == 0:
+            atomic_torch_save(run_dir / "snapshots" / f"step_{step:07d}.pt", model.state_dict())
         if cfg.eval_every and step % cfg.eval_every == 0 and not last and rank == 0:
             for ev in plan.evaluators:
                 if ev.name.startswith("acc/"):
@@ -716,6 +892,7 @@ def _train(plan: _Plan, store: RunStore, rid: str, device: torch.device, rank: i
         bar.close()
     train_time = elapsed_before + time.time() - t_start
     record = None
+    best.restore(model)  # early stopping: evaluate (and store) the parameters chosen on validation
     if rank == 0:
         metrics: dict[str, float] = {}
         t_eval = time.time()
@@ -726,6 +903,8 @@ def _train(plan: _Plan, store: RunStore, rid: str, device: torch.device, rank: i
         losses = [r["loss"] for r in rows if "loss" in r]
         if losses:
             metrics["train/loss"] = losses[-1]
+        if best.selector is not None:
+            metrics[best.selector.name] = best.best_acc
         log_row({"step": step, **metrics})
         atomic_torch_save(run_dir / "model.pt", model.state_dict())
         images_seen = plan.steps * cfg.batch_size
@@ -739,7 +918,7 @@ def _train(plan: _Plan, store: RunStore, rid: str, device: torch.device, rank: i
             "precision": precision, "world_size": world, "resumed_from_step": resumed_from,
             "init_report": _small(init_report), "versions": _versions(), "git_revision": _git_revision(),
             "hostname": platform.node(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "run_dir": str(run_dir),
+            "run_dir": str(run_dir), "selection": best.summary(),
         }
         store.write_record(exp, rid, record)
     if world > 1:
@@ -747,6 +926,48 @@ def _train(plan: _Plan, store: RunStore, rid: str, device: torch.device, rank: i
         if record is None:
             record = {"run_id": rid, "experiment": exp, "status": "ok", "rank": rank}
     return record
+
+
+class _BestOnValidation:
+    """Early stopping on held-out data ([P] §4.3: "we ... use early-stopping, and report the best
+    validation accuracy achieved during training"): every ``every`` steps and at the end, accuracy on
+    the validation part of the training set; the parameters with the best value are the run's result.
+    Without a selector (``select_on=None``) it does nothing and the final parameters are kept."""
+
+    def __init__(self, selector, every: int, amp):
+        self.selector, self.every, self.amp = selector, every, amp
+        self.best_acc, self.best_step, self.best_state, self.curve = -1.0, None, None, []
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.selector is not None and (step % self.every == 0 or last)
+
+    def update(self, model, step: int) -> float:
+        kw = {"autocast_dtype": self.amp} if self.amp is not None else {}
+        acc = float(next(iter(self.selector(model, **kw).values())))
+        self.curve.append([step, acc])
+        if acc > self.best_acc:  # ties keep the earlier (cheaper) parameters
+            self.best_acc, self.best_step = acc, step
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return acc
+
+    def restore(self, model) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+    def summary(self) -> dict | None:
+        if self.selector is None:
+            return None
+        return {"on": self.selector.name, "best_step": self.best_step, "best_val": self.best_acc,
+                "curve": self.curve}
+
+    def state_dict(self) -> dict:
+        return {"best_acc": self.best_acc, "best_step": self.best_step, "best_state": self.best_state,
+                "curve": self.curve}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state:
+            self.best_acc, self.best_step = state["best_acc"], state["best_step"]
+            self.best_state, self.curve = state["best_state"], state["curve"]
 
 
 class _null:
@@ -780,9 +1001,13 @@ def run_many(configs: Iterable[TrainConfig | dict], store: RunStore | None = Non
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - recorded by run(); carry on
-            rid = run_id_for(c.to_dict())
-            rec = store.record(c.experiment, rid) or {"run_id": rid, "experiment": c.experiment,
-                                                       "status": "failed", "error": f"{type(e).__name__}: {e}"}
+            rid = run_id_of(c)
+            try:
+                rec = store.record(c.experiment, rid)
+            except Exception:  # noqa: BLE001 - a damaged record: the error below says what happened
+                rec = None
+            rec = rec or {"run_id": rid, "experiment": c.experiment, "status": "failed",
+                          "error": f"{type(e).__name__}: {e}"}
             print(f"[vitrepro] run {c.experiment}/{rid} failed: {rec.get('error')}", file=sys.stderr)
             out.append(rec)
     return out
@@ -799,6 +1024,8 @@ def _parse_value(s: str):
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
+
+    from .store import DamagedRunError, NoSpaceError
     p = argparse.ArgumentParser(prog="python -m vitrepro.train",
                                 description="Train one configuration: key=value pairs (values parsed as JSON "
                                             "when possible) on top of an optional --config JSON file.")
@@ -825,6 +1052,9 @@ def main(argv: list[str] | None = None) -> int:
     except DivergedError as e:
         print(f"diverged: {e}", file=sys.stderr)
         return 3
+    except (DamagedRunError, NoSpaceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from . import common
+from . import common, floors, recipes
 from .common import Job, NotebookParams, ParameterError
 
 NOTEBOOK = "attention"
@@ -58,7 +58,7 @@ class Profile:
     model: str
     img_size: int
     seeds: int
-    train: dict
+    train: dict | None  # None (cpu): the shared upstream runs of recipes.upstream_config
     num_images: int
 
 
@@ -69,17 +69,17 @@ def smoke() -> Profile:
 
 
 def cpu() -> Profile:
-    """ViT-Mini/4 (width 192, 6 layers x 3 heads) on Fashion-MNIST at 28 px (7x7 patches); Fig. 6/7
-    qualitatively. The largest ViT of the cpu profiles: with bf16 on an AVX512-BF16 CPU it trains at about
-    60% of the bf16 matmul peak (results/benchmarks/cpu.md); the notebook took ~2 minutes there.
+    """The cpu profile's upstream ViT-Nano/4 (7x7 grid of 4 px patches at 28 px), trained on all 55k
+    Fashion-MNIST training images with the validation-selected recipe and early stopping: the very runs
+    of the scaling and transfer notebooks (one run, many uses), 3 seeds, with 8 snapshots each so the
+    structure can be followed over training. Fig. 6/7 qualitatively.
 
-    Expected (paper): attention distance grows with depth, lower layers mix local and global heads;
-    position-embedding similarity falls off with patch distance.
+    Expected (paper): mean attention distance grows with depth and stays below the uniform-attention
+    distance (14.4 px on this grid) in the lower layers, where some heads are local and others global;
+    position-embedding similarity falls with patch distance (a clearly negative correlation).
     Command: papermill notebooks/attention.ipynb out.ipynb -p profile cpu
     """
-    return Profile(dataset="fashion_mnist", model="ViT-Mini/4", img_size=28, seeds=2, num_images=256,
-                   train=dict(steps=300, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.1, warmup_steps=30,
-                              schedule="cosine"))
+    return Profile(dataset="fashion_mnist", model="ViT-Nano/4", img_size=28, seeds=3, num_images=512, train=None)
 
 
 def gpu() -> Profile:
@@ -115,6 +115,9 @@ def jobs(params: Params) -> list[Job]:
     if params.model_run or params.pretrained:
         return []
     p = profile(params)
+    if p.train is None:
+        return [Job(recipes.upstream_config(params.profile, p.model, seed, dataset=p.dataset, img_size=p.img_size),
+                    stage="pretrain", upstream=p.dataset) for seed in range(p.seeds)]
     return [Job(common.train_config(experiment=f"{NOTEBOOK}-{params.profile}", model=p.model, dataset=p.dataset,
                                     img_size=p.img_size, seed=seed, **p.train), stage="pretrain", upstream=p.dataset)
             for seed in range(p.seeds)]
@@ -161,15 +164,14 @@ def analyse(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
             rows.append(dict(notebook=NOTEBOOK, profile=params.profile, run_id=run_id, stage="analysis", model=label,
                              family="ViT", dataset=p.dataset, seed=i, metric="attention_distance", value=r.distance,
                              layer=r.layer, head=r.head))
+        grid = analysis._model_grid(model)
+        pix = analysis._model_patch_pixels(model, grid)
+        rows.append(dict(notebook=NOTEBOOK, profile=params.profile, run_id=run_id, stage="analysis", model=label,
+                         family="ViT", dataset=p.dataset, seed=i, metric="uniform_attention_distance",
+                         value=analysis.uniform_attention_distance(grid, pix)))
         sim = analysis.model_position_similarity(model)
         if sim is not None:
-            gh, gw = sim.shape[:2]
-            ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-            coords = torch.stack([ys.flatten(), xs.flatten()], 1).float()
-            d = torch.cdist(coords, coords).flatten()
-            s = sim.reshape(gh * gw, gh * gw).flatten()
-            off = d > 0
-            r = torch.corrcoef(torch.stack([d[off], s[off].float()]))[0, 1].item()
+            r = analysis.position_similarity_vs_distance(sim)
             rows.append(dict(notebook=NOTEBOOK, profile=params.profile, run_id=run_id, stage="analysis", model=label,
                              family="ViT", dataset=p.dataset, seed=i, metric="pos_similarity_vs_distance", value=r))
         if i == 0:
@@ -183,13 +185,23 @@ def analyse(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     dist_df = pd.DataFrame(rows)
     if len(dist_df):
         d = dist_df[dist_df.metric == "attention_distance"].rename(columns={"value": "distance"})
-        figs["fig7_right_attention_distance"] = analysis.plot_attention_distance(
-            d, hue="head", title="Fig. 7 right: mean attention distance")
+        fig = analysis.plot_attention_distance(d, hue="head", title="Fig. 7 right: mean attention distance")
+        uniform = dist_df[dist_df.metric == "uniform_attention_distance"]["value"]
+        if len(uniform):
+            fig.axes[0].axhline(float(uniform.iloc[0]), color="grey", ls="--", lw=1, label="uniform attention")
+            fig.axes[0].legend(fontsize=7)
+        figs["fig7_right_attention_distance"] = fig
     return dist_df, figs
 
 
 def run(params: Params, log=None) -> pd.DataFrame:
-    return common.tidy(common.run_jobs(jobs(params), params, log=log), NOTEBOOK, params.profile)
+    df = common.tidy(common.run_jobs(jobs(params), params, log=log), NOTEBOOK, params.profile)
+    if params.model_run or params.pretrained:
+        return df
+    p = profile(params)
+    hold = recipes.FASHION_VAL if p.train is None else 0.0
+    return pd.concat([df, floors.rows(params, NOTEBOOK, trained_on=[(p.dataset, None, hold)])],
+                     ignore_index=True)
 
 
 def collect(params: Params) -> pd.DataFrame:
@@ -202,12 +214,72 @@ def tables(df: pd.DataFrame, analysed: pd.DataFrame) -> dict[str, pd.DataFrame]:
     if len(d):
         t = d.groupby(["model", "layer"])["value"].agg(["mean", "min", "max"]).reset_index()
         t.columns = ["model", "layer", "mean distance (px)", "min over heads", "max over heads"]
+        u = analysed[analysed.metric == "uniform_attention_distance"]["value"]
+        if len(u):
+            t["uniform attention (px)"] = float(u.iloc[0])
         out["Fig. 7 right: mean attention distance by layer"] = t.round(2)
         s = analysed[analysed.metric == "pos_similarity_vs_distance"]
         if len(s):
             out["Fig. 7 centre: correlation of position-embedding similarity with patch distance"] = s[
                 ["model", "value"]].rename(columns={"value": "Pearson r"}).round(3)
+    tr = analysed[analysed.metric.astype(str).str.endswith("_during_training")] if len(analysed) else analysed
+    if len(tr):
+        w = tr.assign(what=[f"layer {int(l)} distance (px)" if m.startswith("attention") else "Pearson r (pos. sim.)"
+                            for m, l in zip(tr.metric, tr.layer.fillna(0))])
+        out["Over training: mean over seeds at each snapshot"] = w.pivot_table(
+            index="step", columns="what", values="value", aggfunc="mean").round(3).reset_index()
     t = df[df.metric == "top1"] if len(df) else df
     if len(t):
-        out["Analysed models: top-1 on the test split"] = t[["model", "seed", "value"]].round(4)
+        out["Analysed models and the pixel baseline: top-1 on the test split"] = t[["model", "seed", "value"]].round(4)
     return out
+
+
+def over_training(params: Params, df: pd.DataFrame, num_images: int = 128) -> tuple[pd.DataFrame, dict]:
+    """Attention distance by layer and the position-similarity correlation at every stored snapshot of
+    the analysed runs (cpu profile: 8 per run), so a user sees whether the structure is emerging.
+    Returns long-form rows (run_id, seed, step, layer, metric, value) and the figure."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from .. import analysis
+    from ..store import RunStore
+
+    store = RunStore(common.runs_dir(params))
+    rows = []
+    for r in df[df.stage == "pretrain"].drop_duplicates("run_id").sort_values("seed").itertuples():
+        model = common.load_run_model(params, r.run_id)
+        snaps = sorted((store.find(r.run_id)[2] / "snapshots").glob("step_*.pt"))
+        for snap in snaps:
+            step = int(snap.stem.removeprefix("step_"))
+            model.load_state_dict(torch.load(snap, map_location="cpu", weights_only=True))
+            _, x = sample_images(params, model, num_images)
+            dist = analysis.model_attention_distance(model.eval(), x, batch_size=64)
+            for layer, g in dist.groupby("layer"):
+                rows.append(dict(run_id=r.run_id, seed=int(r.seed), step=step, layer=int(layer),
+                                 metric="attention_distance_during_training", value=float(g.distance.mean())))
+            sim = analysis.model_position_similarity(model)
+            if sim is not None:
+                rows.append(dict(run_id=r.run_id, seed=int(r.seed), step=step, layer=None,
+                                 metric="pos_similarity_during_training",
+                                 value=analysis.position_similarity_vs_distance(sim)))
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out, {}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    d = out[out.metric == "attention_distance_during_training"]
+    sns.lineplot(data=d, x="step", y="value", hue="layer", errorbar="sd", palette="viridis", ax=axes[0])
+    model = common.load_run_model(params, out.run_id.iloc[0])
+    grid = analysis._model_grid(model)
+    axes[0].axhline(analysis.uniform_attention_distance(grid, analysis._model_patch_pixels(model, grid)),
+                    color="grey", ls="--", lw=1, label="uniform")
+    axes[0].set_ylabel("mean attention distance (px)")
+    axes[0].set_title("attention distance over training (mean over heads, ± sd over seeds)")
+    axes[0].legend(fontsize=7, title="layer")
+    d = out[out.metric == "pos_similarity_during_training"]
+    if len(d):
+        sns.lineplot(data=d, x="step", y="value", errorbar="sd", marker="o", ax=axes[1])
+        axes[1].axhline(0, color="grey", lw=0.8)
+        axes[1].set_ylabel("Pearson r (similarity, distance)")
+        axes[1].set_title("position-embedding structure over training")
+    fig.tight_layout()
+    return out, {"fig7_over_training": fig}

@@ -4,17 +4,91 @@
     python -m vitrepro.experiments.run_all --profile smoke --only scaling
 
 Executed notebooks (with outputs) go to `runs/executed/` (kept out of git); the committed notebooks
-stay clean. Each notebook's wall time is written to `results/timings_<profile>.json`.
+stay clean. Each notebook's wall time is written to `results/timings_<profile>.json`. This is the one
+command that writes the committed `results/<notebook>/` (it passes `results_dir` explicitly); a
+notebook run on its own writes under `runs/results/`.
+
+SIGINT / SIGTERM / SIGHUP stop everything this command started (the notebook kernel and its pool
+workers) before it exits; the runs stay resumable, so running the same command again carries on.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import sys
 import time
 from pathlib import Path
 
 from . import NOTEBOOKS
 from .common import REPO_ROOT, atomic_write_text, runs_dir, NotebookParams
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (Linux /proc), parents before children."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def stop_descendants(grace_s: float = 5.0) -> list[int]:
+    """SIGTERM every process this one started (kernel, pool workers, ...), SIGKILL what is left after
+    `grace_s`. Returns their pids."""
+    pids = _descendants(os.getpid())
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + grace_s
+    while time.time() < deadline:
+        alive = [p for p in pids if _alive(p)]
+        if not alive:
+            break
+        time.sleep(0.1)
+    for p in pids:
+        if _alive(p):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (a zombie of ours is reaped by waitpid here)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    if state == "Z":
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return False
+    return True
+
+
+class _Stopped(KeyboardInterrupt):
+    pass
+
+
+def _on_signal(signum, frame):
+    stop_descendants()
+    raise _Stopped(signum)
 
 
 def main(argv=None) -> None:
@@ -34,6 +108,28 @@ def main(argv=None) -> None:
 
     from .. import report
 
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, _on_signal)
+    try:
+        _run(args, pm, report)
+    except KeyboardInterrupt as e:
+        stop_descendants()
+        signum = e.args[0] if isinstance(e, _Stopped) and e.args else signal.SIGINT
+        print(f"stopped by signal {int(signum)}: the kernel and its workers are stopped; the runs are resumable "
+              "(run the same command again to carry on)", file=sys.stderr, flush=True)
+        sys.exit(128 + int(signum))
+
+
+def _value(text: str):
+    """A `-p NAME VALUE` value: JSON where it parses (True/False too), else the string."""
+    try:
+        return json.loads({"True": "true", "False": "false", "None": "null"}.get(text, text))
+    except json.JSONDecodeError:
+        return text
+
+
+def _run(args, pm, report) -> None:
     out_dir = runs_dir(NotebookParams()) / "executed"
     out_dir.mkdir(parents=True, exist_ok=True)
     timings_file = Path(args.results) / f"timings_{args.profile}.json"
@@ -42,7 +138,7 @@ def main(argv=None) -> None:
         t0 = time.time()
         print(f"=== {nb} (profile {args.profile})", flush=True)
         params = {"profile": args.profile, "results_dir": str(Path(args.results) / nb)}
-        params.update({k: v for k, v in args.parameter})
+        params.update({k: _value(v) for k, v in args.parameter})
         pm.execute_notebook(str(REPO_ROOT / "notebooks" / f"{nb}.ipynb"), str(out_dir / f"{nb}.{args.profile}.ipynb"),
                             parameters=params, kernel_name="python3", log_output=True, progress_bar=False,
                             cwd=str(REPO_ROOT))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from . import common
+from . import common, floors, recipes
 from .common import Job, NotebookParams, ParameterError
 
 NOTEBOOK = "transfer"
@@ -77,11 +77,14 @@ class Profile:
     img_size: int  # pre-training resolution
     finetune_sizes: tuple[int, ...]  # same resolution and a higher one
     seeds: int
-    pretrain: dict
+    pretrain: dict | None  # None (cpu): the shared validation-selected upstream runs of recipes.py
     finetune: dict
     finetune_examples: int | None = None
     finetune_augment: bool = True  # random crop + flip; off for digit sets, which a flip does not preserve
     pretrained_finetune: dict | None = None  # the paper's recipe for released weights
+    resolution_pretrain: int | None = None  # cpu: a ViT pre-trained at this lower resolution ...
+    resolution_finetune: tuple[int, ...] = ()  # ... fine-tuned at these (real extra pixels)
+    upsampled_finetune: int | None = None  # cpu: the img_size model also fine-tuned at this upsampled size
 
 
 PAPER_FINETUNE = dict(steps=10000, batch_size=512, optimizer="sgd", lr=0.01, weight_decay=0.0, warmup_steps=500,
@@ -99,19 +102,26 @@ def smoke() -> Profile:
 
 
 def cpu() -> Profile:
-    """Fashion-MNIST 6k subset ("ImageNet") vs all 60k ("ImageNet-21k") -> MNIST (1k-example fine-tune)
-    and scikit-learn digits, fine-tuned at 28 px and at 42 px (position embeddings interpolated).
+    """Fashion-MNIST 5.5k subset ("ImageNet") vs all 55k ("ImageNet-21k") -> MNIST (its whole 8k training
+    split) and scikit-learn digits; ViT-Nano/4 and BiT-R14x0.25, 3 seeds. The pre-training runs are the
+    scaling notebook's (one run, many uses); fine-tuning follows [P] App. B.1.1 at CPU scale (recipes.py).
 
-    Expected (paper, qualitatively): the 60k rows above the 6k rows; 42 px above 28 px; both above scratch.
+    Designs that can test each claim at this scale:
+    * higher-resolution fine-tuning with real extra pixels: ViT-Nano/4 pre-trained on Fashion-MNIST
+      downsampled to 16 px (4x4 patches), fine-tuned on MNIST at 16 px and at its native 28 px (7x7,
+      position embeddings interpolated bilinearly as in [VT]); beside it the upsampled variant 28 -> 44 px (11x11 patches),
+      which adds tokens but no information;
+    * from scratch with the fine-tuning budget (500 steps) and with the budget of the 5.5k pre-training plus
+      fine-tuning, the pre-training recipe on the downstream set.
+
+    Expected (paper, qualitatively): the 55k rows above the 5.5k rows; 28 px (from 16) above 16 px;
+    every pre-trained row above scratch.
     Command: papermill notebooks/transfer.ipynb out.ipynb -p profile cpu
     """
-    return Profile(upstream="fashion_mnist", upstream_sizes=(6000, None), downstream=("mnist", "digits"),
-                   models=("ViT-Micro/7", "ViT-Nano/7"), img_size=28, finetune_sizes=(28, 42), seeds=2,
-                   pretrain=dict(steps=400, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.1,
-                                 warmup_steps=40, schedule="cosine"),
-                   finetune=dict(steps=60, batch_size=64, optimizer="sgd", lr=0.03, warmup_steps=6, schedule="cosine",
-                                 weight_decay=0.0),
-                   finetune_examples=1000, finetune_augment=False)
+    return Profile(upstream="fashion_mnist", upstream_sizes=(5500, None), downstream=("mnist", "digits"),
+                   models=("ViT-Nano/4", "BiT-R14x0.25"), img_size=28, finetune_sizes=(28,), seeds=3,
+                   pretrain=None, finetune=dict(recipes.CPU_FINETUNE), finetune_augment=False,
+                   resolution_pretrain=16, resolution_finetune=(16, 28), upsampled_finetune=44)
 
 
 def gpu() -> Profile:
@@ -168,6 +178,8 @@ def jobs(params: Params) -> list[Job]:
                     experiment=exp, model=model, dataset=ds, seed=seed, init=params.pretrained, augment=True,
                     train_examples=p.finetune_examples, **ft), stage="finetune", upstream=params.pretrained))
         return out
+    if p.pretrain is None:
+        return _cpu_jobs(params, p)
     for model in p.models:
         for seed in range(p.seeds):
             for n in p.upstream_sizes:
@@ -190,26 +202,81 @@ def jobs(params: Params) -> list[Job]:
     return out
 
 
+def _cpu_jobs(params: Params, p: Profile) -> list[Job]:
+    """The cpu profile's designs (see `cpu`): shared upstream runs, fine-tunes, resolution and scratch rows."""
+    out = []
+    prof, first = params.profile, p.models[0]
+    for model in p.models:
+        for seed in range(p.seeds):
+            for n in p.upstream_sizes:
+                pre = Job(recipes.upstream_config(prof, model, seed, n=n, dataset=p.upstream, img_size=p.img_size),
+                          stage="pretrain", upstream=p.upstream, upstream_examples=n)
+                out.append(pre)
+                sizes = [p.img_size] + ([p.upsampled_finetune] if model == first and n is None else [])
+                for ds in p.downstream:
+                    for size in (sizes if ds == p.downstream[0] else [p.img_size]):
+                        out.append(Job(recipes.finetune_config(prof, model, ds, seed, size), stage="finetune",
+                                       upstream=p.upstream, upstream_examples=n, parent=pre))
+            steps = p.finetune["steps"]
+            for ds in p.downstream:  # from scratch with the fine-tuning budget
+                out.append(Job(recipes.scratch_config(prof, model, ds, seed, steps), stage="scratch",
+                               upstream=f"none ({steps} steps, the fine-tuning budget)"))
+            if model != first:
+                continue
+            small = recipes.pretrain_steps(p.upstream_sizes[0]) + steps  # ... and with pre-training's budget too
+            out.append(Job(recipes.scratch_config(prof, model, p.downstream[0], seed, small), stage="scratch",
+                           upstream=f"none ({small} steps, {p.upstream_sizes[0]} pre-training + fine-tuning)"))
+            if p.resolution_pretrain:  # real extra pixels: pre-train low, fine-tune at the native size
+                low = f"{p.upstream} at {p.resolution_pretrain} px"
+                pre = Job(recipes.upstream_config(prof, model, seed, dataset=p.upstream, img_size=p.resolution_pretrain),
+                          stage="pretrain", upstream=low)
+                out.append(pre)
+                for size in p.resolution_finetune:
+                    out.append(Job(recipes.finetune_config(prof, model, p.downstream[0], seed, size), stage="finetune",
+                                   upstream=low, parent=pre))
+    return out
+
+
+def baseline_rows(params: Params, log=print) -> pd.DataFrame:
+    """Pixel logistic regression on every downstream set and on each upstream set (same splits)."""
+    p = profile(params)
+    hold = recipes.FASHION_VAL if p.pretrain is None else 0.0
+    ups = [] if params.pretrained else [(p.upstream, n, hold) for n in p.upstream_sizes]
+    return floors.rows(params, NOTEBOOK, trained_on=[(ds, None, 0.0) for ds in p.downstream] + ups, log=log)
+
+
 def run(params: Params, log=None) -> pd.DataFrame:
-    return common.tidy(common.run_jobs(jobs(params), params, log=log), NOTEBOOK, params.profile)
+    df = common.tidy(common.run_jobs(jobs(params), params, log=log), NOTEBOOK, params.profile)
+    return pd.concat([df, baseline_rows(params)], ignore_index=True)
 
 
 def collect(params: Params) -> pd.DataFrame:
-    return common.collect(jobs(params), params, NOTEBOOK)
+    return pd.concat([common.collect(jobs(params), params, NOTEBOOK), baseline_rows(params)], ignore_index=True)
 
 
 def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     d = df[(df.metric == "top1") & df.stage.isin(["finetune", "scratch"])].copy()
     if d.empty:
         return {}
-    d["pre-training"] = [("from scratch" if s == "scratch" else
-                          f"{u or 'released weights'} ({'all' if pd.isna(n) else int(n)})")
+    d["pre-training"] = [(f"from scratch, {u}" if s == "scratch" else
+                          f"{u or 'released weights'}" + ("" if pd.isna(n) else f" ({int(n)})"))
                          for s, u, n in zip(d.stage, d.upstream, d.upstream_examples)]
     t = common.mean_spread(d, ["model", "pre-training", "img_size", "dataset"])
     t["cell"] = [common.fmt_pm(m, s, n, 100) for m, s, n in zip(t["mean"], t["std"], t["n"])]
     w = t.pivot(index=["model", "pre-training", "img_size"], columns="dataset", values="cell").reset_index()
     w.columns = [str(c) for c in w.columns]
-    return {"Table 5 analogue: fine-tuned top-1 (%) by model, upstream and fine-tuning resolution": w}
+    b = df[(df.stage == "baseline") & (df.metric == "top1")]
+    base = {ds: common.fmt_pm(g.value.mean(), 0, 1, 100) for ds, g in b.groupby("dataset")}
+    w.loc[len(w)] = ["-", "pixels: logistic regression", None] + [base.get(c, "") for c in w.columns[3:]]
+    out = {"Table 5 analogue: fine-tuned top-1 (%) by model, upstream and fine-tuning resolution, "
+           "with the pixel baseline": w}
+    up = df[(df.metric == "top1") & (df.stage == "pretrain")]
+    if len(up):  # the upstream accuracy of the models compared above
+        u = common.mean_spread(up.assign(size=up.upstream_examples.fillna(-1)), ["model", "upstream", "size", "img_size"])
+        u["upstream top-1 (%)"] = [common.fmt_pm(m, s, n, 100) for m, s, n in zip(u["mean"], u["std"], u["n"])]
+        out["Upstream test top-1 (%) of the pre-trained models"] = u[["model", "upstream", "size", "img_size",
+                                                                     "upstream top-1 (%)"]]
+    return out
 
 
 def figures(df: pd.DataFrame) -> dict:

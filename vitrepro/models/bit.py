@@ -15,7 +15,11 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.layers import GroupNormAct, StdConv2d, StdConv2dSame
+import torch.nn.functional as F
+from timm.layers import GroupNormAct
+from timm.layers import StdConv2d as _TimmStdConv2d
+from timm.layers import StdConv2dSame as _TimmStdConv2dSame
+from timm.layers.padding import pad_same
 from timm.models.resnetv2 import ResNetV2
 
 from .vit import PreLogits, zero_linear
@@ -23,6 +27,73 @@ from .vit import PreLogits, zero_linear
 RESNET_OPTIONS = ("img_size", "in_chans", "num_classes", "head", "representation_size", "drop_rate",
                   "drop_path_rate")
 STAGE_CHANNELS = (256, 512, 1024, 2048)  # bottleneck output channels per stage at width 1
+
+
+_REDUCED = (torch.bfloat16, torch.float16)
+
+
+def _cpu_reduced_precision(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a conv of `x` runs a reduced-precision (oneDNN bf16/fp16) kernel on the CPU."""
+    if x.device.type != "cpu":
+        return False
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in _REDUCED:
+        return True
+    return x.dtype in _REDUCED or weight.dtype in _REDUCED
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """``F.conv2d``, routed around a oneDNN bug in CPU bf16 weight gradients (torch 2.x, AVX512-BF16/AMX).
+
+    The bug: when, along an axis, the stride is larger than the number of kernel positions
+    (``n + 2*pad - dilation*(k-1) < stride``; e.g. a 3x3/2 conv, pad 1, on a 1x1 map: BiT stage 3 at
+    <= 16 px, stages 2-3 at 8 px), oneDNN's bf16 backward-weights kernel leaves the gradient of the
+    kernel taps that only ever see padding uninitialised instead of 0: whatever the heap held, often
+    NaN/inf or 1e14, different from run to run (it is why bf16 BiT runs were not repeatable and the 8 px
+    smoke run went NaN in ``stages.{2,3}.blocks.0.conv2``). Forward and input gradients are right; fp32
+    is unaffected.
+
+    The work-around is exact: an axis with a single output position (``n + 2*pad - dilation*(k-1) <=
+    stride``) never moves the kernel, so its stride is set to 1 and the input positions that the one
+    window never reaches are cropped; the padding of such a conv is applied explicitly (``F.pad``, then a
+    conv without padding; with the conv's own padding oneDNN still misses taps when the other axis is
+    over-padded). Same windows, same products, same output; the buggy kernel is never chosen. Only CPU
+    reduced-precision convs with a single-position axis are touched (tiny feature maps); all others,
+    fp32 and CUDA keep the plain call.
+    """
+    if isinstance(padding, str) or not _cpu_reduced_precision(x, weight):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    positions = [x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) for i in (0, 1)]
+    single = [stride[i] > 1 and 1 <= positions[i] <= stride[i] for i in (0, 1)]  # one output position
+    if not any(single):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    (ph, pw), (sh, sw) = padding, stride
+    # F.pad order (w_before, w_after, h_before, h_after); a negative "after" crops unreachable positions
+    x = F.pad(x, (pw, pw - (positions[1] - 1) if single[1] else pw,
+                  ph, ph - (positions[0] - 1) if single[0] else ph))
+    return F.conv2d(x, weight, bias, (1 if single[0] else sh, 1 if single[1] else sw), 0, dilation, groups)
+
+
+def _standardized(conv: nn.Conv2d) -> torch.Tensor:
+    """Weight standardisation as timm computes it (per output channel, biased variance, `conv.eps`).
+    The weights are fp32 parameters and batch_norm is not autocast to bf16, so this runs in fp32."""
+    return F.batch_norm(conv.weight.reshape(1, conv.out_channels, -1), None, None, training=True,
+                        momentum=0.0, eps=conv.eps).reshape_as(conv.weight)
+
+
+class StdConv2d(_TimmStdConv2d):
+    """timm's StdConv2d (same parameters, same maths), with the conv routed through `conv2d`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d(x, _standardized(self), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StdConv2dSame(_TimmStdConv2dSame):
+    """timm's StdConv2dSame (TF 'SAME' padding), with the conv routed through `conv2d`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.same_pad:
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return conv2d(x, _standardized(self), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def group_norm(width: float):

@@ -17,7 +17,7 @@ so the total depth is unchanged:
     s = 32  -> stages (b1, b2, b3, b4)        paper option (i):  R50+ViT-B/32, blocks (3, 4, 6, 3)
     s = 16  -> stages (b1, b2, b3 + b4)       paper option (ii): R50+ViT-B/16, blocks (3, 4, 9)
     s = 8   -> stages (b1, b2 + b3 + b4)      CPU sizes, e.g. R26x0.25+ViT-Micro/8, blocks (2, 6)
-    s = 4   -> stages (b1 + b2 + b3 + b4)     e.g. R10x0.25+ViT-Nano/4, blocks (4,)
+    s = 4   -> stages (b1 + b2 + b3 + b4)     e.g. R14x0.25+ViT-Nano/4, blocks (4,)
 
 Fractional ResNet widths (x0.25, x0.5) are for CPU experiments; GroupNorm then uses proportionally
 fewer groups (32 * width) so every group keeps at least as many channels as in BiT-R50x1.
@@ -45,7 +45,7 @@ VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
 
 # ResNet depth -> blocks per stage (bottleneck blocks; depth = 3 * sum(blocks) + 2).
 RESNET_BLOCKS: dict[int, tuple[int, int, int, int]] = {
-    10: (1, 1, 1, 1),
+    14: (1, 1, 1, 1),  # timm calls this layout resnet14t
     26: (2, 2, 2, 2),
     50: (3, 4, 6, 3),
     101: (3, 4, 23, 3),
@@ -60,10 +60,10 @@ REGISTERED: tuple[str, ...] = (
     # CPU-sized ViTs
     "ViT-Nano/4", "ViT-Micro/4", "ViT-Mini/4", "ViT-Nano/8", "ViT-Micro/8", "ViT-Mini/8",
     # hybrids
-    "R50+ViT-B/16", "R50+ViT-B/32", "R26x0.25+ViT-Micro/8", "R10x0.25+ViT-Nano/4",
+    "R50+ViT-B/16", "R50+ViT-B/32", "R26x0.25+ViT-Micro/8", "R14x0.25+ViT-Nano/4",
     # BiT ResNets
     "BiT-R50x1", "BiT-R50x3", "BiT-R101x1", "BiT-R101x3", "BiT-R152x2", "BiT-R152x4", "BiT-R26x1",
-    "BiT-R26x0.25", "BiT-R10x0.25",
+    "BiT-R26x0.25", "BiT-R14x0.25",
 )
 
 
@@ -113,8 +113,19 @@ def _vit_spec(name: str, size: str, patch: str) -> ViTSpec:
     return ViTSpec(size, *VIT_SIZES[size], patch=p)
 
 
+# Names of earlier versions that miscounted the depth: "R10" was (1, 1, 1, 1) blocks, i.e. 14 layers.
+DEPRECATED_DEPTHS = {10: 14}
+
+
 def _resnet_spec(name: str, depth: str, width: str | None) -> ResNetSpec:
     d = int(depth)
+    if d in DEPRECATED_DEPTHS:
+        import warnings
+
+        new = DEPRECATED_DEPTHS[d]
+        warnings.warn(f"{name!r}: R{d} is the old name of R{new} (depth = 3 x blocks + 2 = {new}); "
+                      f"use {name.replace(f'R{d}', f'R{new}')!r}", DeprecationWarning, stacklevel=3)
+        d = new
     if d not in RESNET_BLOCKS:
         raise _unknown(name, f"ResNet depth {d} not in {sorted(RESNET_BLOCKS)}")
     w = float(width) if width is not None else 1.0

@@ -1,0 +1,184 @@
+"""Recipes chosen on validation only, verdict statistics that mean something, baselines on the models'
+splits, and cpu-profile designs that share their runs (issue 13)."""
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vitrepro import stats, verdicts
+from vitrepro.experiments import recipes, select
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "vitrepro" / "experiments"
+
+
+# ------------------------------------------------------------------------- selection on validation
+def test_selection_refuses_test_metrics():
+    rows = [{"lr": 1e-3, "acc/fashion_mnist/test": 0.9, "acc/fashion_mnist/val": 0.8},
+            {"lr": 2e-3, "acc/fashion_mnist/test": 0.7, "acc/fashion_mnist/val": 0.85}]
+    for metric in ("acc/fashion_mnist/test", "top1", "fewshot/mnist/5shot", "train/loss"):
+        with pytest.raises(select.SelectionError, match="never on test|not a validation"):
+            select.best(rows, metric, ["lr"])
+    # the validation metric picks 2e-3 although test would have picked 1e-3
+    assert select.best(rows, "acc/fashion_mnist/val", ["lr"]) == {"lr": 2e-3}
+
+
+def test_selection_averages_seeds_before_choosing():
+    rows = [{"lr": 1, "top1_val": v} for v in (0.9, 0.5, 0.5)] + [{"lr": 2, "top1_val": v} for v in (0.7, 0.7, 0.7)]
+    assert select.best(rows, "top1_val", ["lr"]) == {"lr": 2}
+
+
+def test_d3_pooling_verdict_chooses_lr_on_validation_not_test():
+    """Token at lr 1e-3 is best on test, but 2e-3 is best on validation: the verdict must use 2e-3."""
+    rows = []
+    for pool in ("token", "gap"):
+        for lr, val, test in ((1e-3, 0.80, 0.95), (2e-3, 0.85, 0.70)):
+            for seed in range(3):
+                base = dict(stage="pretrain", pos_embed="1d", pos_embed_at="stem", pool=pool, lr=lr, seed=seed,
+                            dataset="fashion_mnist", upstream_examples=1800)
+                rows += [dict(base, metric="top1_val", value=val), dict(base, metric="top1", value=test + 0.001 * seed)]
+    v = verdicts._pooling_verdict(pd.DataFrame(rows))[0]
+    assert "lr 0.002, chosen on validation" in v.evidence
+    assert "70.1" in v.evidence  # the test accuracy at the validation-chosen rate
+
+
+def test_no_experiment_selects_on_a_test_metric():
+    """Every call of select.best / verdicts' selection in the library names a validation metric."""
+    root = EXPERIMENTS.parent
+    for path in list(root.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "best":
+                metric = node.args[1]
+                if isinstance(metric, ast.Constant):
+                    select.validation_metric(metric.value)  # raises on a test metric
+
+
+def test_searches_read_only_validation_metrics():
+    for name, make in recipes.SEARCHES.items():
+        search = make()
+        for cfg in search.configs():
+            assert cfg["val_fraction"] > 0, name
+            assert cfg.get("select_on") == "val", name
+    src = inspect.getsource(select.run_search)
+    assert "validation_metric(metric)" in src
+
+
+# --------------------------------------------------------------------------- verdict statistics
+def test_a_true_difference_is_found():
+    rng = np.random.default_rng(0)
+    found = sum(stats.beats(0.90 + 0.005 * rng.standard_normal(5), 0.85 + 0.005 * rng.standard_normal(5)).verdict
+                == "reproduced" for _ in range(50))
+    assert found >= 48
+
+
+def test_a_reversed_difference_is_not_reproduced():
+    assert stats.beats([0.80, 0.81, 0.79], [0.90, 0.91, 0.89]).verdict == "not reproduced"
+
+
+def test_pure_noise_never_yields_alike():
+    """Two groups of pure noise (sd 5 pp, same mean): the equivalence test must not call them alike
+    within 1 pp, however often we draw; tight, equal groups are alike."""
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        c = stats.alike(0.5 + 0.05 * rng.standard_normal(3), 0.5 + 0.05 * rng.standard_normal(3))
+        assert c.verdict != "reproduced"
+    assert stats.alike([0.900, 0.901, 0.899], [0.900, 0.902, 0.898]).verdict == "reproduced"
+
+
+def test_noise_alone_rarely_beats():
+    rng = np.random.default_rng(2)
+    hits = sum(stats.beats(rng.standard_normal(3), rng.standard_normal(3)).verdict == "reproduced" for _ in range(2000))
+    assert hits / 2000 < 0.08  # the test's level is 5%
+
+
+def test_a_real_difference_beyond_the_margin_is_not_alike():
+    assert stats.alike([0.90, 0.91, 0.905], [0.85, 0.855, 0.86]).verdict == "not reproduced"
+
+
+def test_welch_p_value_matches_scipy():
+    from scipy.stats import ttest_ind
+
+    a, b = [0.91, 0.93, 0.90, 0.92], [0.89, 0.90, 0.88]
+    ref = ttest_ind(a, b, equal_var=False, alternative="greater").pvalue
+    assert stats.beats(a, b).p == pytest.approx(ref, rel=1e-9)
+
+
+def test_fewer_than_three_seeds_give_no_verdict():
+    assert stats.beats([0.9, 0.91], [0.1, 0.2]).verdict == "too few seeds"
+    assert stats.combine(["reproduced", "too few seeds"]) == "too few seeds"
+
+
+def _scaling_frame(vit_small, res_small, base=0.5):
+    rows = []
+    for model, fam, vals in (("ViT-Nano/4", "ViT", vit_small), ("BiT-R14x0.25", "ResNet", res_small)):
+        for n in (1800, 55000):
+            for seed, v in enumerate(vals):
+                rows.append(dict(stage="pretrain", model=model, family=fam, upstream_examples=n, seed=seed,
+                                 dataset="fashion_mnist", metric="fewshot5", value=v + (0.05 if n > 1800 else 0),
+                                 train_flops=1e12))
+    rows += [dict(stage="baseline", model="pixels", family="baseline", dataset="fashion_mnist", metric="fewshot5",
+                  value=base, seed=s, upstream_examples=None) for s in range(3)]
+    return pd.DataFrame(rows)
+
+
+def test_verdict_is_invalid_when_a_model_is_below_the_pixel_baseline():
+    df = _scaling_frame([0.60, 0.61, 0.62], [0.70, 0.71, 0.72], base=0.65)
+    v = verdicts.scaling_verdicts(df)[0]
+    assert v.verdict == verdicts.INVALID
+    df = _scaling_frame([0.60, 0.61, 0.62], [0.70, 0.71, 0.72], base=0.5)
+    assert verdicts.scaling_verdicts(df)[0].verdict == "reproduced"
+
+
+# ------------------------------------------------------------------------------ designs and budgets
+def test_pretrain_budget_is_one_schedule_capped_per_subset():
+    full = recipes.pretrain_steps(recipes.FASHION_TRAIN)
+    assert full == int(np.ceil(recipes.CPU_EPOCHS * recipes.FASHION_TRAIN / recipes.CPU_BATCH))
+    small = recipes.pretrain_steps(1800)
+    assert small == int(np.ceil(recipes.CPU_MAX_SUBSET_EPOCHS * 1800 / recipes.CPU_BATCH))
+    assert recipes.pretrain_steps(10 ** 6) == full
+
+
+def test_cpu_notebooks_share_their_pretraining_runs():
+    """One run, many uses: the upstream ViT of scaling is transfer's and attention's; Table 8's
+    (1-D, stem, token) cell is scaling's smallest ViT run."""
+    from vitrepro.experiments import attention, position_embeddings, scaling, transfer
+
+    def configs(mod):
+        return [j.config for j in mod.jobs(mod.validate_params({"profile": "cpu"})) if j.parent is None]
+
+    key = lambda c: (c["experiment"], c["model"], c.get("train_examples"), c["img_size"], c["seed"],  # noqa: E731
+                     c.get("pos_embed"), c.get("pool"), c["lr"], c["steps"])
+    sc = {key(c) for c in configs(scaling)}
+    assert {key(c) for c in configs(attention)} <= sc
+    assert len({key(c) for c in configs(transfer)} & sc) == 12
+    assert len({key(c) for c in configs(position_embeddings)} & sc) == 3
+
+
+def test_cpu_profiles_use_three_seeds_and_validation_selection():
+    from vitrepro.experiments import attention, position_embeddings, scaling, transfer
+
+    for mod in (scaling, position_embeddings, transfer, attention):
+        params = mod.validate_params({"profile": "cpu"})
+        assert mod.profile(params).seeds >= 3
+        for job in mod.jobs(params):
+            if job.stage == "pretrain":
+                assert job.config["select_on"] == "val" and job.config["val_fraction"] > 0
+
+
+def test_preflight_checks_finetune_shapes_before_any_run(tmp_path):
+    """A fine-tuning resolution the patch size does not divide fails before anything trains
+    (found by a cpu-profile dry run: 28 -> 42 px with 4 px patches)."""
+    from vitrepro.experiments import common, transfer
+
+    params = transfer.validate_params({"profile": "smoke", "runs_dir": str(tmp_path / "runs")})
+    jobs = transfer.jobs(params)
+    fine = next(j for j in jobs if j.parent is not None)
+    fine.config["img_size"] = 10  # ViT-Nano/4: 10 px is not a multiple of 4
+    with pytest.raises(common.PreflightError, match="not divisible by the patch size"):
+        common.preflight(jobs, params)
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,56 @@
+"""The pixel baselines of a sweep as rows of its long-form results (stage ``baseline``).
+
+Every table and verdict shows them beside the models: a logistic regression on raw pixels (top-1)
+for each training set a model learns from, and the few-shot probe on raw pixels with the models'
+own protocol (same shot draws and seeds, so each seed's row pairs with the models' seed rows).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import pandas as pd
+
+from .. import baselines
+from ..data import DATASETS
+from .common import SCHEMA, NotebookParams, runs_dir
+
+LOGREG = "pixels: logistic regression"
+FEWSHOT = "pixels: 5-shot linear"
+
+
+def _streamed(dataset: str) -> bool:
+    spec = DATASETS.get(dataset)
+    return bool(spec is not None and spec.streaming)
+
+
+def _row(params: NotebookParams, notebook: str, model: str, dataset: str, metric: str, value: float,
+         n: int | None = None, seed: int | None = None, img_size: int | None = None) -> dict:
+    row = dict.fromkeys(SCHEMA)
+    row.update(notebook=notebook, profile=params.profile, run_id=f"baseline:{model}", stage="baseline", model=model,
+               family="baseline", upstream=dataset, upstream_examples=n, dataset=dataset, img_size=img_size,
+               seed=seed, metric=metric, value=value)
+    return row
+
+
+def rows(params: NotebookParams, notebook: str, *, trained_on: Sequence[tuple[str, int | None, float]] = (),
+         fewshot: Sequence[str] = (), fewshot_val_fraction: float = 0.0, seeds: Sequence[int] = (0, 1, 2),
+         log=print) -> pd.DataFrame:
+    """Baseline rows: a pixel logistic regression per (dataset, training examples or None = all,
+    validation hold-out fraction as the models had it) in ``trained_on``, and the pixel few-shot probe
+    per dataset in ``fewshot`` (shots from the held-out part when ``fewshot_val_fraction`` > 0)."""
+    cache = runs_dir(params)
+    out = []
+    for dataset, n, hold in trained_on:
+        if _streamed(dataset):
+            continue
+        r = baselines.pixel_logistic_regression(dataset, train_examples=n, val_fraction=hold, cache=cache)
+        log(f"baseline: pixel logistic regression on {dataset} ({n or 'all'} examples): top-1 {100 * r['top1']:.2f}% "
+            f"(C={r['C']} chosen on validation)")
+        out.append(_row(params, notebook, LOGREG, dataset, "top1", r["top1"], n=r.get("train_size", n)))
+    for dataset in fewshot:
+        if _streamed(dataset):
+            continue
+        r = baselines.pixel_fewshot(dataset, seeds=seeds, val_fraction=fewshot_val_fraction, cache=cache)
+        log(f"baseline: pixel 5-shot linear probe on {dataset}: {100 * r['mean']:.2f}%")
+        out += [_row(params, notebook, FEWSHOT, dataset, "fewshot5", v, seed=s) for s, v in zip(seeds, r["per_seed"])]
+    return pd.DataFrame(out, columns=SCHEMA)

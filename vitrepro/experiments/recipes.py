@@ -1,0 +1,159 @@
+"""Every training recipe the experiments use, each value with its source.
+
+[P] = Dosovitskiy et al., ICLR 2021 (arXiv 2010.11929); [VT] = google-research/vision_transformer;
+digest with page references: ../shared/docs/paper-numbers.md (sections 4 and 5).
+
+Two kinds of recipe live here:
+
+* the paper's own (`paper_pretrain`, `PAPER_FINETUNE`): Table 3 (pre-training) and App. B.1.1 /
+  Table 4 (fine-tuning), used by the `gpu` and `paper` profiles;
+* the `cpu` profile's, for models of 0.2-0.5 M parameters trained on Fashion-MNIST on two CPU cores.
+  The paper's learning rates belong to batch 4096 with 10k warm-up steps; at batch 128 they diverge
+  or stall, so these were chosen on a held-out part of the training data by the searches in
+  `SEARCHES` (`python -m vitrepro.experiments.select <name>`; results in `results/recipes/`), never
+  on test. Where a value was not searched, its source is given.
+
+A pre-training run that several notebooks need is built by one function here (`upstream_config`),
+with one experiment name, so the run store trains it once and every notebook reuses it.
+"""
+from __future__ import annotations
+
+import math
+
+from .select import Search
+
+# ---------------------------------------------------------------------------------- the paper's
+# [P] App. B.1, Table 3: Adam (0.9, 0.999), batch 4096, 10k linear warm-up, grad clip 1 (ImageNet).
+PAPER_PRETRAIN_COMMON = dict(optimizer="adam", batch_size=4096, warmup_steps=10000, grad_clip=1.0)
+PAPER_PRETRAIN = {
+    # dataset: (epochs, base lr, decay, weight decay, dropout)              [P] Table 3 rows
+    "imagenet-1k": dict(epochs=300, lr=3e-3, schedule="cosine", weight_decay=0.3, drop_rate=0.1),
+    "imagenet-21k": dict(epochs=90, lr=1e-3, schedule="linear", weight_decay=0.03, drop_rate=0.1),
+    "jft-300m": dict(epochs=7, lr=8e-4, schedule="linear", weight_decay=0.1, drop_rate=0.0),  # ViT-B rows
+}
+
+
+def paper_pretrain(dataset: str) -> dict:
+    """[P] Table 3's recipe for ViT-B on ``dataset`` (ImageNet-1k, ImageNet-21k or JFT-300M)."""
+    return {**PAPER_PRETRAIN_COMMON, **PAPER_PRETRAIN[dataset]}
+
+
+# [P] App. B.1.1 / Table 4: SGD momentum 0.9, batch 512, cosine, no weight decay, clip 1, 384 px,
+# zero-initialised head; lr from {0.001, 0.003, 0.01, 0.03} on a held-out split; warm-up 500 and 10k
+# steps for CIFAR from [VT] vit_jax/configs/common.py (the paper gives none).
+PAPER_FINETUNE = dict(steps=10000, batch_size=512, optimizer="sgd", lr=0.01, weight_decay=0.0, warmup_steps=500,
+                      schedule="cosine", grad_clip=1.0, img_size=384)
+PAPER_FINETUNE_LRS = (0.001, 0.003, 0.01, 0.03)
+
+# ------------------------------------------------------------------------------------- cpu recipes
+FASHION_VAL = 5000 / 60000  # 5,000 of the 60,000 training images held out for selection (never trained on)
+FASHION_TRAIN = 55000        # what is left to pre-train on
+CPU_BATCH = 128              # small-data ViT recipes use ~1e-3 at batch 128 (e.g. Lee et al. 2021, ViT for small datasets)
+
+# Pre-training, shared by ViT and ResNet except where noted:
+#   AdamW, decoupled weight decay 0.05 (DeiT, Touvron et al. 2021: 0.05 for small data, [P] uses 0.1-0.3 at
+#   batch 4096), cosine decay ([P] Table 3, ImageNet row), grad clip 1 ([P] App. B.1), learning rate from the
+#   `vit_pretrain` / `bit_pretrain` searches. No augmentation: on validation, crop + flip lost at this budget
+#   (ViT-Nano/4: 84.7% after 12 epochs with it vs 85.8% after 4 without; BiT-R14x0.25: 88.2% after 8 epochs
+#   with it vs 89.2% after 4 without; results/recipes/augmentation.md). It pays off only over longer schedules.
+CPU_PRETRAIN = dict(optimizer="adam", batch_size=CPU_BATCH, weight_decay=0.05, schedule="cosine", grad_clip=1.0,
+                    augment="none")
+CPU_LR = {"vit": 2e-3, "bit": 3e-3, "hybrid": 2e-3}  # results/recipes/{vit,bit}_pretrain.csv (hybrids: their ViT's, [P] B.1)
+CPU_EPOCHS = 8               # of the 55k set: the upstream budget (one long schedule, early-stopped on validation)
+CPU_MAX_SUBSET_EPOCHS = 30   # a subset trains the same schedule, capped at this many passes over it
+
+# Fine-tuning ([P] App. B.1.1 at CPU scale): SGD momentum 0.9, no weight decay, clip 1, cosine, zero head,
+# batch 128, no augmentation (digits are not mirror-symmetric); lr 0.3 from the `finetune` search (250 steps:
+# 0.003 55.6%, 0.01 70.0%, 0.03 82.6%, 0.1 89.5%, 0.3 90.6% on held-out MNIST; the grid's top won, higher
+# was not tried). 500 steps (8 passes over MNIST's 8k training images, 45 over the 1,437 digits): in the
+# search every rate was still improving at step 250.
+CPU_FINETUNE = dict(optimizer="sgd", batch_size=CPU_BATCH, weight_decay=0.0, schedule="cosine", grad_clip=1.0,
+                    lr=0.3, steps=500, warmup_steps=20)
+
+
+def family(model: str) -> str:
+    from ..models.registry import parse_name
+
+    return parse_name(model).family
+
+
+def pretrain_steps(n: int, epochs: float = CPU_EPOCHS, cap: float = CPU_MAX_SUBSET_EPOCHS,
+                   full: int = FASHION_TRAIN, batch: int = CPU_BATCH) -> int:
+    """One long schedule for every subset size ([P] §4.3: same hyper-parameters for every subset,
+    early stopping), capped at `cap` passes over a small subset (what a 2-core machine can afford;
+    the selection curves in the records show whether a subset was still improving at the cap)."""
+    return int(min(math.ceil(epochs * full / batch), math.ceil(cap * n / batch)))
+
+
+def fewshot_on_heldout(dataset: str, shots=(5,), seeds=(0, 1, 2)) -> dict:
+    """The few-shot probe with its shots drawn from the held-out (validation) part of the training set,
+    images no model pre-trained on, scored on the test split ([P] §4.1: 'few-shot ... on a subset of
+    training images'; here the classes are the upstream's, as ImageNet's after JFT in Table 8 / Fig. 4)."""
+    return {"type": "fewshot", "dataset": dataset, "train_split": "val", "shots": list(shots), "seeds": list(seeds)}
+
+
+def upstream_config(profile: str, model: str, seed: int, *, n: int | None = None, img_size: int = 28,
+                    dataset: str = "fashion_mnist", epochs: float = CPU_EPOCHS, lr: float | None = None,
+                    **model_options) -> dict:
+    """The pre-training run on ``n`` examples of the cpu profile's upstream set (all 55k when None).
+
+    Every notebook that needs this model asks for it here, so the configuration (and its run id)
+    is the same and the run store trains it once. A ViT on the whole set also stores 8 evenly spaced
+    copies of itself during training (the attention notebook follows its structure over training)."""
+    steps = pretrain_steps(FASHION_TRAIN if n is None else n, epochs)
+    select_every = max(1, steps // 8)  # 8 validation checks per run (5k images each)
+    cfg = dict(CPU_PRETRAIN, experiment=f"upstream-{profile}", model=model, dataset=dataset, img_size=img_size,
+               train_examples=n, val_fraction=FASHION_VAL, data_seed=0, seed=seed, steps=steps,
+               lr=lr if lr is not None else CPU_LR[family(model)], warmup_steps=min(500, steps // 10),
+               select_on="val", select_every=select_every, checkpoint_every=select_every, log_every=100,
+               evaluators=[{"type": "accuracy"}, fewshot_on_heldout(dataset)], **model_options)
+    if n is None and family(model) == "vit":
+        cfg["snapshot_every"] = max(1, steps // 8)
+    return cfg
+
+
+# ------------------------------------------------------------------------ searches on validation
+def _vit_pretrain() -> Search:
+    base = upstream_config("select", "ViT-Nano/4", 0, epochs=3)
+    return Search(base=base, grid={"lr": [5e-4, 1e-3, 2e-3]},
+                  note="ViT-Nano/4, Fashion-MNIST 55k, 3 epochs, seed 0; validation = 5k held-out training images.")
+
+
+def _bit_pretrain() -> Search:
+    base = upstream_config("select", "BiT-R14x0.25", 0, epochs=3)
+    return Search(base=base, grid={"lr": [1e-3, 3e-3]},
+                  note="BiT-R14x0.25, Fashion-MNIST 55k, 3 epochs, seed 0; validation = 5k held-out training images.")
+
+
+def _finetune() -> Search:
+    parent = upstream_config("select", "ViT-Nano/4", 0, epochs=3)
+    base = dict(CPU_FINETUNE, steps=250, augment="none", experiment="finetune-select", model="ViT-Nano/4", dataset="mnist", img_size=28,
+                val_fraction=0.1, data_seed=0, select_on="val", evaluators=[{"type": "accuracy", "split": "val"}])
+    return Search(base=base, grid={"lr": [0.003, 0.01, 0.03, 0.1, 0.3]}, parent=parent,
+                  note="Fine-tuning ViT-Nano/4 (pre-trained 3 epochs on Fashion-MNIST, lr 1e-3) on MNIST, 10% of "
+                       "its training split held out; the [P] Table 4 grid without 0.001, extended upwards because "
+                       "its largest value won.")
+
+
+SEARCHES = {"vit_pretrain": _vit_pretrain, "bit_pretrain": _bit_pretrain, "finetune": _finetune}
+
+
+def finetune_config(profile: str, model: str, dataset: str, seed: int, img_size: int = 28, **changes) -> dict:
+    """A cpu fine-tuning run (its ``init`` is added by the sweep once the parent has finished).
+
+    Shared by the scaling and transfer notebooks (same experiment name, so the same run)."""
+    from .common import train_config
+
+    return train_config(**{**CPU_FINETUNE, **changes}, experiment=f"finetune-{profile}", model=model, dataset=dataset,
+                        img_size=img_size, seed=seed, augment=False)
+
+
+def scratch_config(profile: str, model: str, dataset: str, seed: int, steps: int, img_size: int = 28) -> dict:
+    """Training on a downstream set from random weights: the pre-training recipe (its optimiser, lr and
+    weight decay) without augmentation, for ``steps`` steps on the whole training split."""
+    from .common import train_config
+
+    pre = {k: v for k, v in CPU_PRETRAIN.items() if k != "augment"}
+    return train_config(**pre, experiment=f"scratch-{profile}", model=model, dataset=dataset, img_size=img_size,
+                        seed=seed, steps=steps, lr=CPU_LR[family(model)], warmup_steps=min(500, steps // 10),
+                        augment=False)

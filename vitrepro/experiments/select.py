@@ -1,0 +1,119 @@
+"""Choose a recipe's hyper-parameters on held-out training data, never on test ([P] App. B: "we use
+a held-out part of the training data").
+
+    python -m vitrepro.experiments.select vit_pretrain      # one of SEARCHES; writes results/recipes/<name>.csv
+
+A search trains one configuration per grid point with ``val_fraction`` > 0 and reads back only the
+accuracy on that validation part (``acc/<dataset>/val``). `best` refuses any other metric, so a
+test-split number cannot enter a selection. The chosen values are written into the recipes
+(`vitrepro/experiments/recipes.py`) by hand, each citing the CSV that chose it.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .common import REPO_ROOT, atomic_write_text
+
+
+class SelectionError(ValueError):
+    """A selection asked to read something other than a validation metric."""
+
+
+def validation_metric(name: str) -> str:
+    """The metric key a selection may read: accuracy on the held-out part of the training set."""
+    # acc/<dataset>/val in a record; top1_val in a notebook's long-form results (common.tidy)
+    if not (name.startswith("acc/") and name.endswith("/val")) and name not in ("select/val", "top1_val"):
+        raise SelectionError(f"selection metric {name!r} is not a validation accuracy (acc/<dataset>/val): "
+                             "hyper-parameters are chosen on held-out training data, never on test")
+    return name
+
+
+def best(rows: Sequence[dict], metric: str, keys: Sequence[str]) -> dict:
+    """The grid point (values of ``keys``) with the highest mean ``metric`` over its rows (seeds).
+
+    ``rows`` are dicts holding the grid keys and the metric, e.g. one per finished run. Raises
+    SelectionError when ``metric`` is not a validation accuracy."""
+    validation_metric(metric)
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        if metric in r and r[metric] is not None:
+            groups.setdefault(tuple(r[k] for k in keys), []).append(float(r[metric]))
+    if not groups:
+        raise SelectionError(f"no row holds {metric!r}: nothing to select from")
+    point = max(groups, key=lambda g: sum(groups[g]) / len(groups[g]))
+    return dict(zip(keys, point))
+
+
+@dataclass
+class Search:
+    """A base configuration, a grid over some of its keys, and the seeds each point trains."""
+
+    base: dict
+    grid: dict
+    seeds: Sequence[int] = (0,)
+    note: str = ""
+    parent: dict | None = field(default=None)  # for fine-tuning searches: the pre-training config
+
+    def configs(self) -> list[dict]:
+        keys = list(self.grid)
+        out = []
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            for seed in self.seeds:
+                out.append({**self.base, **dict(zip(keys, values)), "seed": seed})
+        return out
+
+
+def run_search(name: str, search: Search, store=None) -> list[dict]:
+    """Train every grid point; rows of (grid values, seed, validation accuracy, best step)."""
+    from .. import train
+
+    parent_ref = None
+    if search.parent is not None:
+        rec = train.run(search.parent, store=store, progress="log")
+        parent_ref = f"run:{rec['experiment']}/{rec['run_id']}"
+    rows = []
+    for cfg in search.configs():
+        if parent_ref:
+            cfg = {**cfg, "init": parent_ref}
+        rec = train.run(cfg, store=store, progress="log")
+        sel = rec.get("selection") or {}
+        metric = sel.get("on") or f"acc/{cfg['dataset']}/val"
+        row = {k: cfg[k] for k in search.grid}
+        row.update(seed=cfg["seed"], metric=metric, val=rec["metrics"][validation_metric(metric)],
+                   best_step=sel.get("best_step"), steps=rec["steps"], run_id=rec["run_id"])
+        rows.append(row)
+        print(f"[select {name}] {row}", flush=True)
+    return rows
+
+
+def write_search(name: str, search: Search, rows: list[dict], out: Path) -> dict:
+    import pandas as pd
+
+    chosen = best([{**r, r["metric"]: r["val"]} for r in rows], rows[0]["metric"], list(search.grid))
+    frame = pd.DataFrame(rows)
+    text = frame.to_csv(index=False)
+    atomic_write_text(out / f"{name}.csv", text)
+    atomic_write_text(out / f"{name}.md", f"# Selection `{name}`\n\n{search.note}\n\n"
+                      f"Chosen on validation accuracy: {chosen}\n\n{frame.to_markdown(index=False)}\n")
+    return chosen
+
+
+def main(argv=None) -> None:
+    from .recipes import SEARCHES
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="+", choices=sorted(SEARCHES))
+    ap.add_argument("--out", default=str(REPO_ROOT / "results" / "recipes"))
+    args = ap.parse_args(argv)
+    for name in args.names:
+        search = SEARCHES[name]()
+        rows = run_search(name, search)
+        print(f"[select {name}] chosen: {write_search(name, search, rows, Path(args.out))}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

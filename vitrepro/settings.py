@@ -1,0 +1,407 @@
+"""One place for the settings every entry point reads: data directory, run store, array cache, offline mode.
+
+The Makefile, ``python -m vitrepro.*``, notebooks under papermill or in JupyterLab and the tests all
+ask this module, so a notebook started from Lab finds the same data as ``make reproduce``.
+Each setting is taken from the first of:
+
+  1. an environment variable            (set for one shell or one command);
+  2. the project file ``vitrepro.toml``  (repository root, optional; or the file ``$VITREPRO_CONFIG``);
+  3. the default.
+
+=============  ==========================================  ===============  =======================================
+setting        environment variable(s)                     vitrepro.toml    default
+=============  ==========================================  ===============  =======================================
+data_dir       ``VITREPRO_DATA`` (empty: none)             ``data``         ``<repo>/../shared/data`` when it
+                                                                            exists, else none (the Hub)
+runs_dir       ``VITREPRO_RUNS``                           ``runs``         ``<repo>/runs``
+cache_dir      ``VITREPRO_CACHE`` (``off``: no disk cache)  ``cache``        ``~/.cache/vitrepro/arrays``
+offline        ``VITREPRO_OFFLINE``, else ``HF_HUB_OFFLINE``  ``offline``    false (the Hub is tried, briefly)
+               / ``HF_DATASETS_OFFLINE``
+hub_timeout    ``VITREPRO_HUB_TIMEOUT`` (seconds)          ``hub_timeout``  3
+=============  ==========================================  ===============  =======================================
+
+Relative paths in ``vitrepro.toml`` are relative to the file's folder. Example::
+
+    # vitrepro.toml
+    data = "/mnt/datasets/vitrepro"   # holds fashion_mnist/, mnist/, ... (<split>-00000-of-00001.parquet)
+    runs = "runs"
+    offline = true
+
+``python -m vitrepro.settings`` prints the resolved values and where each came from.
+
+Before a dataset is fetched from the Hub, ``hub_reachable()`` makes one short request (``hub_timeout``
+seconds) so that an unreachable Hub fails in seconds with the fix, instead of minutes of retries.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Settings", "get", "hub_reachable", "REPO_ROOT", "CONFIG_NAME", "KEYS"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_NAME = "vitrepro.toml"
+KEYS = ("data", "runs", "cache", "offline", "hub_timeout")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+class SettingsError(ValueError):
+    """A malformed vitrepro.toml or setting value."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path | None
+    runs_dir: Path
+    cache_dir: Path | None
+    offline: bool
+    hub_timeout: float
+    config_file: Path | None = None
+    origin: dict = field(default_factory=dict, compare=False)  # setting -> where it came from
+
+    def describe(self) -> str:
+        rows = [("data_dir", self.data_dir), ("runs_dir", self.runs_dir), ("cache_dir", self.cache_dir),
+                ("offline", self.offline), ("hub_timeout", self.hub_timeout)]
+        lines = [f"{k:12s} {'(none)' if v is None else v}    [{self.origin.get(k, '')}]" for k, v in rows]
+        lines.append(f"config file  {self.config_file or '(none: ' + str(REPO_ROOT / CONFIG_NAME) + ' absent)'}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- project file
+
+_TOML_CACHE: dict[str, tuple[float, dict]] = {}
+
+
+def _parse_toml(text: str) -> dict:
+    try:
+        import tomllib  # Python >= 3.11
+    except ImportError:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            return _parse_flat_toml(text)
+    return tomllib.loads(text)
+
+
+def _parse_flat_toml(text: str) -> dict:  # pragma: no cover - only without tomllib/tomli
+    out = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line or "=" not in line:
+            continue
+        k, v = (s.strip() for s in line.split("=", 1))
+        if v[:1] in "\"'":
+            out[k] = v[1:-1]
+        elif v.lower() in ("true", "false"):
+            out[k] = v.lower() == "true"
+        else:
+            out[k] = float(v)
+    return out
+
+
+def _config_path(env) -> Path | None:
+    explicit = env.get("VITREPRO_CONFIG")
+    if explicit:
+        p = Path(explicit).expanduser()
+        if not p.is_file():
+            raise SettingsError(f"VITREPRO_CONFIG={explicit} is not a file")
+        return p
+    p = REPO_ROOT / CONFIG_NAME
+    return p if p.is_file() else None
+
+
+def _read_config(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    mtime = path.stat().st_mtime
+    hit = _TOML_CACHE.get(str(path))
+    if hit and hit[0] == mtime:
+        return hit[1]
+    try:
+        values = _parse_toml(path.read_text())
+    except Exception as e:  # noqa: BLE001 - tomllib.TOMLDecodeError and friends
+        raise SettingsError(f"{path}: not valid TOML ({e})") from e
+    values = values.get("vitrepro", values)  # a [vitrepro] table or top-level keys
+    unknown = sorted(set(values) - set(KEYS))
+    if unknown:
+        import difflib
+        hints = [k + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, KEYS, n=1)) else "")
+                 for k in unknown]
+        raise SettingsError(f"{path}: unknown setting(s) {', '.join(hints)}; valid: {', '.join(KEYS)}")
+    _TOML_CACHE[str(path)] = (mtime, values)
+    return values
+
+
+# --------------------------------------------------------------------------- resolution
+
+def _path(value: str, base: Path) -> Path:
+    p = Path(os.path.expandvars(str(value))).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _bool(value, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise SettingsError(f"{what}={value!r}: use 1/0, true/false, yes/no or on/off")
+
+
+def get(env=None) -> Settings:
+    """The current settings. Cheap (environment look-ups and a cached file read): call it where needed,
+    do not keep the result, so a changed environment (tests, ``%env`` in a notebook) takes effect."""
+    env = os.environ if env is None else env
+    cfg_path = _config_path(env)
+    cfg = _read_config(cfg_path)
+    base = cfg_path.parent if cfg_path else REPO_ROOT
+    src_cfg = f"{cfg_path.name if cfg_path else CONFIG_NAME}"
+    origin = {}
+
+    # data directory
+    if "VITREPRO_DATA" in env:
+        v = env["VITREPRO_DATA"].strip()
+        data = _path(v, Path.cwd()) if v else None
+        origin["data_dir"] = "env VITREPRO_DATA" + ("" if v else " (empty: no data directory)")
+    elif "data" in cfg:
+        data = _path(cfg["data"], base) if str(cfg["data"]).strip() else None
+        origin["data_dir"] = src_cfg
+    else:
+        shared = (REPO_ROOT.parent / "shared" / "data").resolve()
+        data = shared if shared.is_dir() else None
+        origin["data_dir"] = "default (../shared/data found)" if data else "default (no ../shared/data: none)"
+
+    # run store
+    if env.get("VITREPRO_RUNS"):
+        runs, origin["runs_dir"] = _path(env["VITREPRO_RUNS"], Path.cwd()), "env VITREPRO_RUNS"
+    elif cfg.get("runs"):
+        runs, origin["runs_dir"] = _path(cfg["runs"], base), src_cfg
+    else:
+        runs, origin["runs_dir"] = REPO_ROOT / "runs", "default"
+
+    # array cache
+    if env.get("VITREPRO_CACHE", "") != "":
+        raw, origin["cache_dir"] = env["VITREPRO_CACHE"], "env VITREPRO_CACHE"
+    elif "cache" in cfg:
+        raw, origin["cache_dir"] = str(cfg["cache"]), src_cfg
+    else:
+        raw, origin["cache_dir"] = "", "default"
+    if raw.strip().lower() in ("0", "off", "none", "false"):
+        cache = None
+    elif raw.strip():
+        cache = _path(raw, Path.cwd() if origin["cache_dir"].startswith("env") else base)
+    else:
+        cache = Path.home() / ".cache" / "vitrepro" / "arrays"
+
+    # offline
+    if env.get("VITREPRO_OFFLINE", "") != "":
+        offline, origin["offline"] = _bool(env["VITREPRO_OFFLINE"], "VITREPRO_OFFLINE"), "env VITREPRO_OFFLINE"
+    elif any(env.get(v, "0").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        offline, origin["offline"] = True, "env HF_HUB_OFFLINE/HF_DATASETS_OFFLINE"
+    elif "offline" in cfg:
+        offline, origin["offline"] = _bool(cfg["offline"], f"{src_cfg} offline"), src_cfg
+    else:
+        offline, origin["offline"] = False, "default"
+
+    # how long the one Hub check may take
+    if env.get("VITREPRO_HUB_TIMEOUT"):
+        t, origin["hub_timeout"] = env["VITREPRO_HUB_TIMEOUT"], "env VITREPRO_HUB_TIMEOUT"
+    elif "hub_timeout" in cfg:
+        t, origin["hub_timeout"] = cfg["hub_timeout"], src_cfg
+    else:
+        t, origin["hub_timeout"] = 3.0, "default"
+    try:
+        timeout = float(t)
+    except (TypeError, ValueError):
+        raise SettingsError(f"hub_timeout={t!r} is not a number of seconds") from None
+
+    return Settings(data, runs, cache, offline, timeout, cfg_path, origin)
+
+
+# --------------------------------------------------------------------------- Hub reachability
+
+_HUB_CACHE: dict[str, tuple[float, bool, str]] = {}
+_HUB_TTL = 60.0
+
+
+def hub_endpoint(env=None) -> str:
+    env = os.environ if env is None else env
+    return (env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(timeout: float | None = None, endpoint: str | None = None,
+                  dataset: str | None = None) -> tuple[bool, str]:
+    """One short request to the Hub (``HF_ENDPOINT`` or huggingface.co): ``(reachable, why_not)``.
+
+    ``dataset`` (a Hub id): asks for that dataset (``/api/datasets/<id>``), else for ``/api/whoami-v2``.
+    An answer 2xx/3xx, 401 or 403 (gated; `datasets` handles tokens) counts as reachable; a 404 for the
+    dataset, another HTTP error, a DNS failure, refused connection or no answer within
+    ``timeout`` seconds (default: the ``hub_timeout`` setting) does not. The request runs in a daemon
+    thread so a slow DNS lookup cannot hold the caller past the timeout. Answers are remembered for a
+    minute per process, so a sweep checks once.
+    """
+    timeout = get().hub_timeout if timeout is None else float(timeout)
+    endpoint = endpoint or hub_endpoint()
+    url = endpoint + (f"/api/datasets/{dataset}" if dataset else "/api/whoami-v2")
+    hit = _HUB_CACHE.get(url)
+    if hit and time.monotonic() - hit[0] < _HUB_TTL:
+        return hit[1], hit[2]
+    result: list = []
+
+    def probe():
+        import urllib.error
+        import urllib.request
+        try:
+            req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "vitrepro-hub-check"})
+            urllib.request.urlopen(req, timeout=timeout).close()
+            result.append((True, ""))
+        except urllib.error.HTTPError as e:  # the server answered
+            ok = e.code in (401, 403)
+            result.append((ok, "" if ok else f"HTTP {e.code} for {url}"))
+        except Exception as e:  # noqa: BLE001 - URLError, socket.timeout, ssl errors, ...
+            reason = getattr(e, "reason", e)
+            result.append((False, f"{type(reason).__name__}: {reason}"))
+
+    th = threading.Thread(target=probe, name="vitrepro-hub-check", daemon=True)
+    th.start()
+    th.join(timeout + 0.5)
+    ok, why = result[0] if result else (False, f"no answer within {timeout:g} s")
+    _HUB_CACHE[url] = (time.monotonic(), ok, why)
+    return ok, why
+
+
+# --------------------------------------------------------------------------- papermill without an output path
+
+def executed_notebook_path(nb_json: str) -> Path:
+    """Where ``papermill notebooks/<nb>.ipynb`` (no output path) writes the executed notebook:
+    ``<runs_dir>/executed/<nb>.<profile>.ipynb``, the same place ``make reproduce`` uses."""
+    import json
+    import re
+    nb = json.loads(nb_json)
+    pm = nb.get("metadata", {}).get("papermill", {})
+    stem = Path(str(pm.get("input_path") or "notebook")).name
+    stem = stem[:-len(".ipynb")] if stem.endswith(".ipynb") else (stem if stem != "-" else "notebook")
+    profile = (pm.get("parameters") or {}).get("profile")
+    if profile is None:  # not passed with -p: the parameters cell's default
+        for cell in nb.get("cells", []):
+            if "parameters" in cell.get("metadata", {}).get("tags", []):
+                src = "".join(cell.get("source", ""))
+                m = re.search(r"^profile\s*(?::[^=]*)?=\s*[\"']([\w-]+)[\"']", src, re.M)
+                profile = m.group(1) if m else None
+    name = f"{stem}.{profile}.ipynb" if profile else f"{stem}.ipynb"
+    return get().runs_dir / "executed" / name
+
+
+class PapermillDefaultOutput:
+    """papermill I/O handler for the path ``-``, registered through the ``papermill.io`` entry point.
+
+    The papermill CLI turns a missing OUTPUT_PATH into ``-`` (the notebook JSON on stdout) whenever
+    stdout is not a terminal. In this project that form writes the executed notebook to
+    ``<runs_dir>/executed/<nb>.<profile>.ipynb`` and says so on stderr. An explicit ``-`` on the
+    command line, and every call through papermill's Python API, keep papermill's behaviour (stdout).
+    """
+
+    @staticmethod
+    def _stream():
+        from papermill.iorw import StreamHandler
+        return StreamHandler()
+
+    @staticmethod
+    def _implicit(path) -> bool:
+        import sys
+        argv0 = Path(sys.argv[0]).name if sys.argv else ""
+        cli = argv0 == "papermill" or argv0.startswith("papermill") or \
+            getattr(sys.modules.get("__main__"), "__package__", None) == "papermill"
+        return path == "-" and cli and "-" not in sys.argv[1:]
+
+    def read(self, path):
+        return self._stream().read(path)
+
+    def listdir(self, path):
+        return self._stream().listdir(path)
+
+    def write(self, buf, path):
+        if not self._implicit(path):
+            return self._stream().write(buf, path)
+        import sys
+        out = executed_notebook_path(buf)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(buf)
+        os.replace(tmp, out)
+        print(f"papermill: no output path given, so the executed notebook was written to {out} "
+              "(vitrepro; pass an output path, or '-' for the notebook JSON on stdout)",
+              file=sys.stderr, flush=True)
+
+    def pretty_path(self, path):
+        return path
+
+
+papermill_output_handler = PapermillDefaultOutput()
+
+
+# --------------------------------------------------------------------------- the project's Jupyter kernel
+
+def _parent_is_jupyter_server() -> bool:
+    """True when the process that started this one is JupyterLab / Jupyter Server / Notebook."""
+    try:
+        import psutil
+        argv = psutil.Process().parent().cmdline()
+    except Exception:  # noqa: BLE001 - no psutil, no parent, no permission
+        return False
+    for a in argv[:3]:
+        name = os.path.basename(a)
+        if name.startswith("jupyter") or name in ("jupyterlab", "jupyter_server", "notebook"):
+            return True
+    return False
+
+
+def launch_kernel() -> None:
+    """Entry of the kernel "Python (vitrepro)" (env/kernel/kernel.json.in), then ipykernel as usual.
+
+    - The kernel's own stdout goes to /dev/null. ipykernel copies what child processes (the training
+      workers) write both to the notebook and to the kernel's stdout; under papermill that stdout is the
+      terminal, so with ``--log-output`` every step line showed twice. The notebook still gets it.
+    - Started by JupyterLab/Jupyter Server, training shows a tqdm bar (ipywidgets); started by anything
+      else (papermill, nbclient), ``VITREPRO_PROGRESS=log``: plain step lines, unless already set.
+    """
+    import sys
+    if sys.path and sys.path[0] == "":  # as ipykernel_launcher: not the current directory first
+        del sys.path[0]
+    fd = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(fd, 1)
+    os.close(fd)
+    if "VITREPRO_PROGRESS" not in os.environ and not _parent_is_jupyter_server():
+        os.environ["VITREPRO_PROGRESS"] = "log"
+    from ipykernel import kernelapp
+    kernelapp.launch_new_instance()
+
+
+def main(argv=None) -> None:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m vitrepro.settings", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--get", choices=["data_dir", "runs_dir", "cache_dir", "offline", "hub_timeout"],
+                    help="print one value only (for scripts and the Makefile)")
+    ap.add_argument("--check-hub", action="store_true", help="also try the Hub once")
+    args = ap.parse_args(argv)
+    s = get()
+    if args.get:
+        v = getattr(s, args.get)
+        print("" if v is None else v)
+        return
+    print(s.describe())
+    if args.check_hub:
+        t0 = time.time()
+        ok, why = hub_reachable()
+        print(f"hub          {hub_endpoint()} {'reachable' if ok else 'unreachable: ' + why} "
+              f"({time.time() - t0:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""One verdict per claim of the paper, from a notebook's long-form results (report layer).
+
+Every verdict rests on per-seed values (one trained model per seed) and a test statistic from
+`vitrepro.stats`: "A beats B" is a one-sided Welch t-test at 5%; "A and B are alike" is an
+equivalence test (90% interval of the difference inside ±1 pp). A claim whose models fall below
+the pixel baseline of the same split is "invalid: model below the pixel baseline" (a model that
+does not beat raw pixels cannot test anything about its representation). A claim the profile did
+not run is "not run", and the evidence says what it would need.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import stats
+from .experiments.position_embeddings import table8_runs
+
+INVALID = "invalid: model below the pixel baseline"
+
+
+@dataclass
+class Verdict:
+    claim: str
+    source: str
+    verdict: str  # reproduced | not reproduced | inconclusive | too few seeds | invalid: ... | not run
+    evidence: str
+
+
+def select(df: pd.DataFrame, **eq) -> pd.DataFrame:
+    """Rows where each column equals the value (or is in the list/tuple/set) given."""
+    m = pd.Series(True, index=df.index)
+    for k, v in eq.items():
+        if k not in df:
+            return df.iloc[0:0]
+        m &= df[k].isin(v) if isinstance(v, (list, tuple, set)) else (df[k] == v)
+    return df[m]
+
+
+def seeds(df: pd.DataFrame, **eq) -> np.ndarray:
+    """Per-seed values (mean over duplicate rows of one seed) of the rows matching ``eq``."""
+    d = select(df, **eq)
+    if d.empty:
+        return np.zeros(0)
+    return d.groupby("seed", dropna=False)["value"].mean().to_numpy(dtype=float)
+
+
+def pct(v: Sequence[float]) -> str:
+    v = np.asarray(v, dtype=float)
+    if v.size == 0:
+        return "missing"
+    sd = v.std(ddof=1) if v.size > 1 else 0.0
+    return f"{100 * v.mean():.1f} ± {100 * sd:.1f}% (n={v.size})"
+
+
+def floor(df: pd.DataFrame, metric: str, dataset: str, n=None) -> float:
+    """The pixel baseline's mean for ``metric`` on ``dataset`` (trained on ``n`` examples; None = any)."""
+    d = select(df, stage="baseline", metric=metric, dataset=dataset)
+    if n is not None and "upstream_examples" in d:
+        d = d[(d.upstream_examples == n) | d.upstream_examples.isna()] if d.upstream_examples.notna().any() else d
+        exact = d[d.upstream_examples == n]
+        d = exact if len(exact) else d
+    return float(d["value"].mean()) if len(d) else math.nan
+
+
+def below(values: Sequence[float], base: float) -> bool:
+    v = np.asarray(values, dtype=float)
+    return bool(v.size and not math.isnan(base) and v.mean() < base)
+
+
+def _judge(comparisons: dict[str, stats.Comparison], floors: dict[str, tuple[np.ndarray, float]]) -> tuple[str, str]:
+    """(verdict, evidence text) for a claim made of named comparisons, invalid if a model is below its floor."""
+    low = [name for name, (v, base) in floors.items() if below(v, base)]
+    ev = "; ".join(f"{name}: {c.text()}" for name, c in comparisons.items())
+    if low:
+        bases = "; ".join(f"{name} {pct(floors[name][0])} vs pixels {100 * floors[name][1]:.1f}%" for name in low)
+        return INVALID, f"{bases}. {ev}"
+    return stats.combine([c.verdict for c in comparisons.values()]), ev
+
+
+# --------------------------------------------------------------------------------------- scaling
+def _upstream_size(df: pd.DataFrame, size) -> pd.Series:
+    return df.upstream_examples == size
+
+
+def scaling_verdicts(df: pd.DataFrame) -> list[Verdict]:
+    out = []
+    src = "[P] §4.3, Fig. 3/4"
+    models = select(df, stage="pretrain")
+    if models.empty:
+        return [Verdict("ResNets beat ViT at the smallest pre-training set", src, "not run", "")]
+    for metric, stage, label in (("fewshot5", "pretrain", "5-shot linear"), ("top1", "finetune", "fine-tuned top-1")):
+        d = select(df, metric=metric, stage=stage)
+        if d.empty:
+            continue
+        dataset = d.dataset.iloc[0]
+        sizes = sorted(d.upstream_examples.dropna().unique())
+        vit_models = sorted(select(d, family="ViT").model.unique())
+        res_models = sorted(select(d, family="ResNet").model.unique())
+        if not sizes or not vit_models or not res_models:
+            continue
+        vit, res = vit_models[0], res_models[0]
+        small, large = sizes[0], sizes[-1]
+        base = lambda n: floor(df, metric, dataset, n if metric == "fewshot5" else None)  # noqa: E731
+        v_s, r_s = seeds(d, model=vit, upstream_examples=small), seeds(d, model=res, upstream_examples=small)
+        v_l, r_l = seeds(d, model=vit, upstream_examples=large), seeds(d, model=res, upstream_examples=large)
+        verdict, ev = _judge({f"{res} - {vit} at {int(small)}": stats.beats(r_s, v_s)},
+                             {f"{vit} at {int(small)}": (v_s, base(small)), f"{res} at {int(small)}": (r_s, base(small))})
+        out.append(Verdict(f"ResNets beat ViT at the smallest pre-training set ({label})", src, verdict,
+                           f"{res} {pct(r_s)} vs {vit} {pct(v_s)}; {ev}"))
+        k = min(len(v_s), len(v_l), len(r_s), len(r_l))
+        gain_v, gain_r = (v_l[:k] - v_s[:k]), (r_l[:k] - r_s[:k])  # per-seed gains (independent runs)
+        verdict, ev = _judge({"ViT gain - ResNet gain": stats.beats(gain_v, gain_r)},
+                             {f"{vit} at {int(large)}": (v_l, base(large)), f"{res} at {int(large)}": (r_l, base(large))})
+        out.append(Verdict(f"ViT gains more from more pre-training data than ResNets ({label})", src, verdict,
+                           f"{int(small)} -> {int(large)} examples: {vit} {100 * gain_v.mean():+.1f} pp, "
+                           f"{res} {100 * gain_r.mean():+.1f} pp; {ev}"))
+    if select(df, family="ViT", stage="pretrain").model.nunique() < 2:
+        out.append(Verdict("Larger ViTs pay off only with more pre-training data", "[P] §4.3, Fig. 3/4", "not run",
+                           "the cpu profile trains one ViT size; a second (ViT-Micro/4 at four sizes x 3 seeds) "
+                           "needs ~3 h more on 2 cores: run the gpu profile"))
+    out += _compute_verdict(df)
+    return out
+
+
+def gap_table(df: pd.DataFrame, metric: str = "fewshot5", stage: str = "pretrain") -> pd.DataFrame:
+    """ViT - ResNet difference per pre-training size, with its 90% Welch interval (Fig. 3/4 trend)."""
+    d = select(df, metric=metric, stage=stage)
+    rows = []
+    vit = sorted(select(d, family="ViT").model.unique())
+    res = sorted(select(d, family="ResNet").model.unique())
+    if not vit or not res:
+        return pd.DataFrame()
+    for n in sorted(d.upstream_examples.dropna().unique()):
+        c = stats.alike(seeds(d, model=vit[0], upstream_examples=n), seeds(d, model=res[0], upstream_examples=n))
+        lo, hi = c.ci if c.ci else (math.nan, math.nan)
+        rows.append({"pre-training examples": int(n), f"{vit[0]} - {res[0]} (pp)": round(100 * c.diff, 2),
+                     "90% interval (pp)": f"[{100 * lo:+.2f}, {100 * hi:+.2f}]", "n": f"{c.n[0]}/{c.n[1]}"})
+    return pd.DataFrame(rows)
+
+
+def _compute_verdict(df: pd.DataFrame) -> list[Verdict]:
+    d = select(df, metric="fewshot5", stage="pretrain")
+    if d.empty or "train_flops" not in d:
+        return []
+    d = d[d.upstream_examples == d.upstream_examples.max()]
+    g = d.groupby(["family", "model"]).agg(acc=("value", "mean"), flops=("train_flops", "mean")).reset_index()
+    vit, res = g[g.family == "ViT"], g[g.family == "ResNet"]
+    if vit.empty or res.empty:
+        return []
+    r, v = res.sort_values("acc").iloc[-1], vit.sort_values("acc").iloc[-1]
+    c = stats.beats(seeds(d, model=r.model), seeds(d, model=v.model))
+    as_good = c.verdict != "reproduced"  # the ResNet is not significantly better
+    verdict = "reproduced" if as_good and v.flops < r.flops else (
+        "not reproduced" if c.verdict == "reproduced" or v.flops >= r.flops else "inconclusive")
+    return [Verdict("ViT reaches ResNet performance with less pre-training compute (5-shot linear)", "[P] §4.4, Fig. 5",
+                    verdict, f"{r.model} {100 * r.acc:.1f}% at {r.flops:.2e} FLOPs; {v.model} {100 * v.acc:.1f}% at "
+                             f"{v.flops:.2e} FLOPs (ResNet/ViT compute {r.flops / v.flops:.2f}x); ResNet above ViT: "
+                             f"{c.text()}")]
+
+
+# ----------------------------------------------------------------------------- position embeddings
+def position_embedding_verdicts(df: pd.DataFrame) -> list[Verdict]:
+    src = "[P] App. D.4, Table 8"
+    out = []
+    grid = table8_runs(df)
+    for metric, label in (("fewshot5", "5-shot linear"), ("top1", "top-1")):
+        d = select(grid, metric=metric)
+        if d.empty:
+            continue
+        dataset = d.dataset.iloc[0]
+        n = d.upstream_examples.dropna().iloc[0] if d.upstream_examples.notna().any() else None
+        base = floor(df, metric, dataset, n if metric == "top1" else None)
+        none = seeds(d, pos_embed="none")
+        kinds = {k: seeds(d, pos_embed=k, pos_embed_at="stem") for k in ("1d", "2d", "relative")}
+        kinds = {k: v for k, v in kinds.items() if v.size}
+        if not none.size or not kinds:
+            continue
+        floors = {f"{k}": (v, base) for k, v in kinds.items()}
+        verdict, ev = _judge({f"{k} - none": stats.beats(v, none) for k, v in kinds.items()}, floors)
+        out.append(Verdict(f"No position embedding is worse than 1-D, 2-D and relative ({label})", src, verdict,
+                           f"none {pct(none)}; " + "; ".join(f"{k} {pct(v)}" for k, v in kinds.items()) + f". {ev}"))
+        names = list(kinds)
+        pairs = {f"{a} vs {b}": stats.alike(kinds[a], kinds[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+        verdict, ev = _judge(pairs, floors)
+        out.append(Verdict(f"1-D, 2-D and relative embeddings are alike within ±1 pp ({label})", src, verdict, ev))
+        places = {}
+        for k in ("1d", "2d"):
+            at = {a: seeds(d, pos_embed=k, pos_embed_at=a) for a in ("stem", "every_layer", "every_layer_shared")}
+            at = {a: v for a, v in at.items() if v.size}
+            ats = list(at)
+            places.update({f"{k} {a} vs {b}": stats.alike(at[a], at[b]) for i, a in enumerate(ats) for b in ats[i + 1:]})
+        if places:
+            verdict, ev = _judge(places, floors)
+            out.append(Verdict(f"Stem, every-layer and shared every-layer injection are alike within ±1 pp ({label})",
+                               src, verdict, ev))
+    out += _pooling_verdict(df)
+    return out
+
+
+def _pooling_verdict(df: pd.DataFrame) -> list[Verdict]:
+    """App. D.3: each pooling at its own learning rate, chosen on validation accuracy, compared on test."""
+    from .experiments.select import best
+
+    d = select(df, stage="pretrain", pos_embed="1d", pos_embed_at="stem")
+    if "pool" not in d or d.pool.nunique() < 2:
+        return []
+    chosen, values = {}, {}
+    for pool, g in d.groupby("pool"):
+        val = g[g.metric == "top1_val"]
+        if val.empty:
+            return [Verdict("Class token and GAP work alike, each at its own learning rate", "[P] App. D.3, Fig. 9",
+                            "not run", "no validation accuracy recorded: the learning rate cannot be chosen")]
+        chosen[pool] = best([{"lr": r.lr, "top1_val": r.value} for r in val.itertuples()], "top1_val", ["lr"])["lr"]
+        values[pool] = seeds(g, metric="top1", lr=chosen[pool])
+    base = floor(df, "top1", d.dataset.iloc[0], d.upstream_examples.dropna().iloc[0] if d.upstream_examples.notna().any() else None)
+    verdict, ev = _judge({"token vs GAP": stats.alike(values["token"], values["gap"])},
+                         {p: (v, base) for p, v in values.items()})
+    return [Verdict("Class token and GAP work alike within ±1 pp, each at its own learning rate", "[P] App. D.3, Fig. 9",
+                    verdict, f"token (lr {chosen['token']:g}, chosen on validation) {pct(values['token'])}; "
+                             f"GAP (lr {chosen['gap']:g}) {pct(values['gap'])}; {ev}")]
+
+
+# ------------------------------------------------------------------------------------- transfer
+def transfer_verdicts(df: pd.DataFrame) -> list[Verdict]:
+    out = []
+    d = select(df, metric="top1", stage="finetune")
+    if d.empty:
+        return out
+    native = d[~d.upstream.astype(str).str.contains(" px")]
+    sizes = native.upstream_examples.fillna(-1)
+    native = native.assign(n=sizes)
+    img = int(native.img_size.mode().iloc[0]) if len(native) else None
+    comps, floors = {}, {}
+    if native.n.nunique() >= 2:
+        small, large = sorted(native.n.unique())[0], -1 if (native.n == -1).any() else sorted(native.n.unique())[-1]
+        for (model, ds), g in native[native.img_size == img].groupby(["model", "dataset"]):
+            a, b = seeds(g, n=large), seeds(g, n=small)
+            if a.size and b.size:
+                comps[f"{model} on {ds}"] = stats.beats(a, b)
+                floors[f"{model} on {ds}"] = (b, floor(df, "top1", ds))
+        if comps:
+            verdict, ev = _judge(comps, floors)
+            out.append(Verdict("Pre-training on the larger upstream set transfers better (ImageNet -> ImageNet-21k rows)",
+                               "[P] §4.2, Table 5", verdict, ev))
+    out += _resolution_verdicts(df, d)
+    out += _scratch_verdicts(df, d)
+    return out
+
+
+def _resolution_verdicts(df: pd.DataFrame, d: pd.DataFrame) -> list[Verdict]:
+    out = []
+    src = "[P] §3.2, App. B.1.1 (Touvron et al. 2019)"
+    for upstream, g in d.groupby("upstream"):
+        sizes = sorted(g.img_size.dropna().unique())
+        if len(sizes) < 2:
+            continue
+        lo, hi = sizes[0], sizes[-1]
+        low_pre = " px" in str(upstream)
+        sub = g if low_pre else g[g.upstream_examples.isna()]
+        for ds, h in sub.groupby("dataset"):
+            a, b = seeds(h, img_size=hi), seeds(h, img_size=lo)
+            if not (a.size and b.size):
+                continue
+            kind = "real extra pixels" if low_pre else "upsampled images: more tokens, no new information"
+            verdict, ev = _judge({f"{int(hi)} px - {int(lo)} px": stats.beats(a, b)},
+                                 {f"{int(lo)} px": (b, floor(df, "top1", ds))})
+            out.append(Verdict(f"Fine-tuning at a higher resolution than pre-training helps ({kind})", src, verdict,
+                               f"pre-trained on {upstream}" + ("" if low_pre else " (all)") +
+                               f", fine-tuned on {ds}: {int(lo)} px {pct(b)} -> {int(hi)} px {pct(a)}; {ev}"))
+    return out
+
+
+def _scratch_verdicts(df: pd.DataFrame, d: pd.DataFrame) -> list[Verdict]:
+    scratch = select(df, metric="top1", stage="scratch")
+    if scratch.empty:
+        return []
+    comps, floors = {}, {}
+    for (model, ds, up), g in scratch.groupby(["model", "dataset", "upstream"]):
+        pre = select(d, model=model, dataset=ds)
+        pre = pre[pre.upstream_examples.isna() & ~pre.upstream.astype(str).str.contains(" px")]
+        img = g.img_size.iloc[0]
+        a, b = seeds(pre[pre.img_size == img]), seeds(g)
+        if a.size and b.size:
+            comps[f"{model} on {ds} vs scratch {up}"] = stats.beats(a, b)
+            floors[f"{model} on {ds}"] = (a, floor(df, "top1", ds))
+    if not comps:
+        return []
+    verdict, ev = _judge(comps, floors)
+    return [Verdict("Pre-training (on the larger upstream set) beats training from scratch", "[P] §4.2, Table 2/5",
+                    verdict, ev)]
+
+
+# ------------------------------------------------------------------------------------ attention
+def attention_verdicts(df: pd.DataFrame) -> list[Verdict]:
+    out = []
+    d = select(df, metric="attention_distance")
+    uniform = select(df, metric="uniform_attention_distance")["value"]
+    u = float(uniform.iloc[0]) if len(uniform) else math.nan
+    top = select(df, metric="top1", stage="pretrain")
+    floors = {"analysed models' top-1": (seeds(top), floor(df, "top1", top.dataset.iloc[0]) if len(top) else math.nan)}
+    if not d.empty and "layer" in d:
+        first, last = d.layer.min(), d.layer.max()
+        per_seed = d.groupby(["seed", "layer"])["value"].mean().unstack()
+        rho = float(pd.Series(per_seed.columns).corr(pd.Series(per_seed.mean().values), method="spearman"))
+        verdict, ev = _judge({f"layer {int(last)} - layer {int(first)}": stats.beats(per_seed[last].values,
+                                                                                     per_seed[first].values)}, floors)
+        out.append(Verdict("Mean attention distance grows with depth", "[P] §4.5, Fig. 7 right", verdict,
+                           f"{per_seed[first].mean():.1f} px in layer {int(first)} -> {per_seed[last].mean():.1f} px in "
+                           f"layer {int(last)} (uniform attention: {u:.1f} px); Spearman rho(layer, distance) = "
+                           f"{rho:.2f}; {ev}"))
+        low = d[d.layer == first].groupby(["seed", "head"])["value"].mean()
+        local = low.groupby("seed").min() < 0.75 * u
+        wide = low.groupby("seed").max() > 0.9 * u
+        both = bool((local & wide).all())
+        verdict = INVALID if below(*floors["analysed models' top-1"]) else ("reproduced" if both else "not reproduced")
+        out.append(Verdict("In the lowest layer some heads attend locally, others globally", "[P] §4.5, Fig. 7 right",
+                           verdict, f"layer {int(first)} heads span {low.min():.1f}-{low.max():.1f} px; local = below "
+                                    f"75% of uniform ({0.75 * u:.1f} px), global = above 90% ({0.9 * u:.1f} px); "
+                                    f"both in {int((local & wide).sum())}/{len(local)} seeds"))
+    r = seeds(df, metric="pos_similarity_vs_distance")
+    if r.size:
+        c = stats.beats(-r, np.zeros_like(r) + 0.3)  # r below -0.3: a clearly distance-encoding embedding
+        verdict = INVALID if below(*floors["analysed models' top-1"]) else c.verdict
+        out.append(Verdict("Learned position embeddings encode distance (similarity falls with patch distance)",
+                           "[P] §4.5, Fig. 7 centre", verdict,
+                           f"Pearson r(similarity, distance) {r.mean():.2f} (per seed {', '.join(f'{x:.2f}' for x in r)}); "
+                           f"test r < -0.3: {c.text(scale=1, unit='')}"))
+    return out
+
+
+VERDICTS: dict[str, Callable[[pd.DataFrame], list[Verdict]]] = {
+    "scaling": scaling_verdicts,
+    "position_embeddings": position_embedding_verdicts,
+    "transfer": transfer_verdicts,
+    "attention": attention_verdicts,
+}
