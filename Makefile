@@ -45,7 +45,8 @@ lab: venv
 	$(PY) -m jupyter lab --port=$(LAB_PORT) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # One notebook from the shell: make notebook NB=scaling PROFILE=cpu [ARGS='-p seeds 1']
-# The executed notebook goes to <runs>/executed/<NB>.<PROFILE>.ipynb, tables and figures to results/<NB>/.
+# The executed notebook goes to <runs>/executed/<NB>.<PROFILE>.ipynb, tables and figures to
+# <runs>/results/<NB>/<PROFILE>/ (the committed results/ are rewritten only by `make reproduce`).
 notebook: venv
 	@if [[ ! " $(NOTEBOOKS) " == *" $(NB) "* ]]; then echo "usage: make notebook NB=<$(NOTEBOOKS)> [PROFILE=$(PROFILE)]" >&2; exit 2; fi
 	@out="$$($(PY) -m vitrepro.settings --get runs_dir)/executed" && mkdir -p "$$out" && set -x && \

@@ -37,6 +37,9 @@ runs_dir: "Optional[str]" = None  # run store; None: $VITREPRO_RUNS or runs/
 device: str = "auto"  # auto | cpu | cuda | cuda:N
 force: bool = False  # retrain even where the run store holds a finished run
 allow_partial: bool = False  # True: write tables from the runs that finished when some failed (marked partial)
+dry_run: bool = False  # True: every configuration of the profile a couple of steps on stand-in data (temporary run store)
+launcher: str = "local"  # local | torchrun: each configuration under torchrun --standalone (DDP), same run store
+nproc_per_node: "Optional[int]" = None  # torchrun processes per configuration; None: all visible GPUs (CPU: 1)
 
 # %%
 import pandas as pd

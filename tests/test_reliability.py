@@ -258,16 +258,16 @@ def _params(tmp_path, **kw):
 def test_sweep_with_failures_raises_unless_allow_partial(tmp_path, monkeypatch):
     import pandas as pd
 
-    from vitrepro.experiments import common
+    from vitrepro.experiments import common, sweep
 
-    real = common._train_one
+    real = sweep._train_one
 
     def flaky(cfg, root, force):
         if cfg["lr"] > 0.01:
-            return common._failed(cfg, "DivergedError: training loss became nan", "x")
+            return sweep._failed(cfg, "DivergedError: training loss became nan", "x")
         return real(cfg, root, force)
 
-    monkeypatch.setattr(common, "_train_one", flaky)
+    monkeypatch.setattr(sweep, "_train_one", flaky)  # where the scheduler looks it up
     jobs = lambda lrs: [common.Job(dict(TINY, lr=lr), "pretrain") for lr in lrs]  # noqa: E731
     with pytest.raises(common.SweepError, match=r"(?s)no run of the sweep finished.*2 of 2 runs.*lr=0\.1.*DivergedError"):
         common.run_jobs(jobs([0.1, 0.5]), _params(tmp_path), log=lambda m: None, workers=1)

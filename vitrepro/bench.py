@@ -417,32 +417,23 @@ def _time_steps(fn, n: int, device: torch.device) -> float:
 
 def bench_config(cfg: BenchConfig, precision: str, device: torch.device, peak: float, args, arrays,
                  log=print) -> dict:
+    """One benchmark row: ours vs timm (and timm's unfused attention) training steps of one configuration,
+    timed in alternating repeats within ``args.budget``; then the matmul share of our step and the data wait."""
     from .models import flops
     amp = torch.bfloat16 if precision == "bf16" else None
     row = {"model": cfg.model, "img_size": cfg.img_size, "in_chans": cfg.in_chans, "batch": cfg.batch,
            "precision": precision, "device": device.type}
     ours, theirs, check = build_pair(cfg, device, seed=args.seed)
     fwd = flops(ours, cfg.img_size)
-    train_flops_per_step = 3 * fwd * cfg.batch
     # What each implementation computes per image: timm runs every token through every block; ours
     # runs the last block for the class token only when pooling by token (same logits, fewer FLOPs).
     executed = {"vitrepro": flops(ours, cfg.img_size, executed=True), "timm": fwd, "timm_unfused": fwd}
     row.update(check=check, flops_per_image=fwd, train_flops_per_image=3 * fwd,
                executed_flops_per_image=executed)
-
-    steps, repeats, warmup = args.steps, args.repeats, args.warmup
-    est = train_flops_per_step / (0.5 * peak)  # seconds per step at half the matmul peak
-    row["estimated_step_s"] = est
-    if 2 * est * (warmup + repeats * steps) > args.budget:
-        steps, warmup = 1, 1
-        repeats = max(2, min(repeats, int(args.budget / (2 * est)) - 1))
-    if est * (2 * (1 + 2) + 3) > 2 * args.budget and not args.no_skip:  # even the shortest protocol
-        row.update(skipped=f"estimated {est:.0f} s per step (3 x {fwd / 1e9:.2f} GFLOP x batch {cfg.batch} at 50% "
-                           f"of the measured {peak / 1e9:.1f} GFLOP/s peak): even the shortest protocol (9 steps) "
-                           f"would take over twice --budget {args.budget:.0f} s")
-        log(f"  skip: {row['skipped']}")
+    protocol = _protocol(row, 3 * fwd * cfg.batch, peak, args, log)
+    if protocol is None:
         return row
-
+    steps, repeats, warmup = protocol
     g = torch.Generator().manual_seed(args.seed)
     x = (torch.rand(cfg.batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g) * 2 - 1).to(device)
     y = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=g).to(device)
@@ -455,11 +446,39 @@ def bench_config(cfg: BenchConfig, precision: str, device: torch.device, peak: f
     row["optimizer"] = (f"{type(o).__name__}(fused={o.defaults.get('fused')}, foreach={o.defaults.get('foreach')}), "
                         "grad clip 1.0")
     fns = {k: (lambda m=m, o=opts[k]: train_step(m, o, x, y, amp, device.type)) for k, m in impls.items()}
+    step_s = _time_alternating(row, fns, steps, repeats, warmup, cfg.batch, executed, peak, args, device)
+    row["matmuls"] = _matmul_share(fns["vitrepro"], cfg.batch / row["vitrepro"]["images_per_s"],
+                                   3 * executed["vitrepro"] * cfg.batch, peak, device)
+    del opts, fns, theirs, impls, unfused
+    row["data"] = data_wait(ours, cfg, amp, device, arrays, args, step_s)
+    _log_row(row, log)
+    return row
 
+
+def _protocol(row: dict, train_flops_per_step: float, peak: float, args, log) -> tuple[int, int, int] | None:
+    """(steps per repeat, repeats, warm-up steps) that fit ``args.budget`` at an estimated half of the matmul
+    peak; None (the row says why) when even the shortest protocol would take over twice the budget."""
+    steps, repeats, warmup = args.steps, args.repeats, args.warmup
+    est = train_flops_per_step / (0.5 * peak)  # seconds per step at half the matmul peak
+    row["estimated_step_s"] = est
+    if 2 * est * (warmup + repeats * steps) > args.budget:
+        steps, warmup = 1, 1
+        repeats = max(2, min(repeats, int(args.budget / (2 * est)) - 1))
+    if est * (2 * (1 + 2) + 3) > 2 * args.budget and not args.no_skip:  # even the shortest protocol
+        row.update(skipped=f"estimated {est:.0f} s per step (3 x {row['flops_per_image'] / 1e9:.2f} GFLOP x batch "
+                           f"{row['batch']} at 50% of the measured {peak / 1e9:.1f} GFLOP/s peak): even the shortest "
+                           f"protocol (9 steps) would take over twice --budget {args.budget:.0f} s")
+        log(f"  skip: {row['skipped']}")
+        return None
+    return steps, repeats, warmup
+
+
+def _time_alternating(row: dict, fns: dict, steps: int, repeats: int, warmup: int, batch: int, executed: dict,
+                      peak: float, args, device: torch.device) -> float:
+    """Warm up every implementation, then time them in repeats whose order alternates; the speeds and the
+    ratios go into ``row``. Returns the slowest implementation's best warm-up step time (seconds)."""
     t_budget = time.perf_counter()
-    warm = {}
-    for k in impls:
-        warm[k] = [_time_steps(fns[k], 1, device) for _ in range(warmup)]
+    warm = {k: [_time_steps(fns[k], 1, device) for _ in range(warmup)] for k in fns}
     step_s = max(min(v) for v in warm.values())
     # Fit the timed repeats into what is left of the budget (at least 1 step x 2 repeats).
     left = args.budget - (time.perf_counter() - t_budget)
@@ -468,15 +487,15 @@ def bench_config(cfg: BenchConfig, precision: str, device: torch.device, peak: f
         steps = max(1, fit)
         if fit < 1:
             repeats = max(2, min(repeats, int(left / (2 * step_s))))
-    times = {k: [] for k in impls}
-    order = list(impls)
+    times = {k: [] for k in fns}
+    order = list(fns)
     for r in range(repeats):
         for k in (order if r % 2 == 0 else order[::-1]):
             times[k].append(_time_steps(fns[k], steps, device))
-    for k in impls:
-        ips = [steps * cfg.batch / t for t in times[k]]
+    for k in fns:
+        ips = [steps * batch / t for t in times[k]]
         med = statistics.median(ips)
-        row[k] = {"images_per_s": med, "step_ms": 1e3 * cfg.batch / med, "repeat_images_per_s": ips,
+        row[k] = {"images_per_s": med, "step_ms": 1e3 * batch / med, "repeat_images_per_s": ips,
                   "warmup_step_s": warm[k], "flops_per_s": 3 * executed[k] * med,
                   "fraction_of_peak": 3 * executed[k] * med / peak}
     # The ratio is the median of the per-repeat ratios: each pair of repeats ran back to back, so a change
@@ -489,16 +508,20 @@ def bench_config(cfg: BenchConfig, precision: str, device: torch.device, peak: f
         # Against the faster of timm's two attention paths, repeat by repeat.
         best = [max(a, b) for a, b in zip(row["timm"]["repeat_images_per_s"], row["timm_unfused"]["repeat_images_per_s"])]
         row["ratio_vs_best_timm"] = statistics.median(a / b for a, b in zip(row["vitrepro"]["repeat_images_per_s"], best))
-    # How much of the step is matmul kernels, and the fraction of peak those kernels allow at this model's
-    # own shapes (the peak is measured on large square products; small-K products run slower).
-    mm = time_matmuls(capture_matmuls(fns["vitrepro"]), device)
-    ours_step_s = cfg.batch / row["vitrepro"]["images_per_s"]
-    mm.update(share_of_step=mm["matmul_s"] / ours_step_s,
-              ceiling_flops_per_s=3 * executed["vitrepro"] * cfg.batch / mm["matmul_s"])
+    return step_s
+
+
+def _matmul_share(step_fn, step_s: float, executed_flops_per_step: float, peak: float, device: torch.device) -> dict:
+    """How much of our step is matmul kernels, and the fraction of peak those kernels allow at this model's
+    own shapes (the peak is measured on large square products; small-K products run slower)."""
+    mm = time_matmuls(capture_matmuls(step_fn), device)
+    mm.update(share_of_step=mm["matmul_s"] / step_s, ceiling_flops_per_s=executed_flops_per_step / mm["matmul_s"])
     mm["ceiling_fraction_of_peak"] = mm["ceiling_flops_per_s"] / peak
-    row["matmuls"] = mm
-    del opts, fns, theirs, impls, unfused
-    row["data"] = data_wait(ours, cfg, amp, device, arrays, args, step_s)
+    return mm
+
+
+def _log_row(row: dict, log) -> None:
+    mm = row["matmuls"]
     unf = (f" (unfused attention {row['timm_unfused']['images_per_s']:.1f}, ratio to the faster "
            f"{row['ratio_vs_best_timm']:.3f})") if "timm_unfused" in row else ""
     log(f"  vitrepro {row['vitrepro']['images_per_s']:.1f} img/s, timm {row['timm']['images_per_s']:.1f} img/s{unf}, "
@@ -506,7 +529,6 @@ def bench_config(cfg: BenchConfig, precision: str, device: torch.device, peak: f
         f"{100 * row['vitrepro']['fraction_of_peak']:.1f}% of the start peak; matmul kernels "
         f"{100 * mm['share_of_step']:.0f}% of the step, alone {100 * mm['ceiling_fraction_of_peak']:.1f}% of the peak; "
         f"data wait {100 * row['data']['wait_fraction']:.1f}%")
-    return row
 
 
 def data_wait(model, cfg: BenchConfig, amp, device: torch.device, arrays, args, step_s: float) -> dict:
@@ -712,9 +734,9 @@ def parse_args(argv=None):
 
 
 def _tune_allocator() -> bool:
-    """The trainer's CPU allocator setting (vitrepro.train.tune_cpu_allocator), for both implementations."""
+    """The trainer's CPU allocator setting (vitrepro.machine.tune_cpu_allocator), for both implementations."""
     try:
-        from .train import tune_cpu_allocator
+        from .machine import tune_cpu_allocator
     except ImportError:
         return False
     return tune_cpu_allocator()

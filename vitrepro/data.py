@@ -39,7 +39,7 @@ import torch.nn.functional as F
 __all__ = [
     "DatasetSpec", "DATASETS", "ImageArrays", "DataError", "DatasetNotFoundError",
     "load_arrays", "resolve_source", "balanced_subset", "train_val_split", "preprocess",
-    "augment_batch", "Batches", "StreamBatches", "stream_batches", "AUGMENTATIONS", "training_split", "data_fingerprint",
+    "augment_batch", "Batches", "StreamBatches", "stream_batches", "open_stream", "class_quota", "stream_arrays", "AUGMENTATIONS", "training_split", "data_fingerprint",
 ]
 
 
@@ -594,20 +594,14 @@ class Batches:
         x = preprocess(self._images[idx], self.img_size, self.in_chans)
         if self.augment != "none":
             x = augment_batch(x, self.augment, _gen(self.seed, self.epoch, i, 31))
-        per = -(-len(idx) // self.world_size)
-        sl = slice(self.rank * per, (self.rank + 1) * per)
-        return x[sl], self._labels[idx][sl]
+        per_rank = -(-len(idx) // self.world_size)  # this rank's share of the global batch (DDP)
+        mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        return x[mine], self._labels[idx][mine]
 
 
-def stream_batches(name: str, split: str, batch_size: int, img_size: int, in_chans: int = 3, *,
-                   augment: str | bool = "none", seed: int = 0, rank: int = 0, world_size: int = 1,
-                   shuffle_buffer: int = 10_000, epoch: int = 0, skip_batches: int = 0,
-                   drop_last: bool = True):
-    """Stream a large dataset (e.g. imagenet-1k) through ``datasets`` in batches of ``batch_size //
-    world_size`` per rank, with the same preprocessing. A simple path: decoding per image with PIL,
-    shuffling in a buffer; resuming skips ``skip_batches`` batches (not bit-exact across epochs)."""
+def open_stream(name: str, split: str):
+    """(an unshuffled `datasets` IterableDataset of a streamed split, image column, label column, split name)."""
     import datasets
-    from datasets.distributed import split_dataset_by_node
     src = resolve_source(name)
     spec = src.spec or DatasetSpec(None)
     split = {"train": spec.train_split, "test": spec.test_split}.get(split, split)
@@ -620,13 +614,76 @@ def stream_batches(name: str, split: str, batch_size: int, img_size: int, in_cha
             raise _hub_error(src, e) from e
     icol, lcol = _pick_columns(ds.features, spec.image_column if src.spec else None,
                                spec.label_column if src.spec else None, src.location or name)
+    return ds, icol, lcol, split
+
+
+def class_quota(n: int, num_classes: int, seed: int = 0) -> list[int]:
+    """Examples per class of a class-balanced subset of ``n`` (``balanced_subset``'s rule: n // K each,
+    the remainder to the first classes of a seeded order)."""
+    per = [n // num_classes] * num_classes
+    order = torch.randperm(num_classes, generator=_gen(seed, 17))
+    for c in order[: n % num_classes].tolist():
+        per[c] += 1
+    return per
+
+
+def _balanced_stream(ds, lcol: str, quota: list[int]):
+    """The examples of an (unshuffled) stream that fill each class's quota, first come first kept: a
+    class-balanced subset drawn by streaming, the same on every pass and nested across sizes."""
+    left = list(quota)
+    todo = sum(left)
+    for ex in ds:
+        y = int(ex[lcol])
+        if 0 <= y < len(left) and left[y] > 0:
+            left[y] -= 1
+            todo -= 1
+            yield ex
+            if todo == 0:
+                return
+
+
+def _buffer_shuffle(it, buffer: int, g: torch.Generator):
+    buf = []
+    for ex in it:
+        if len(buf) < buffer:
+            buf.append(ex)
+            continue
+        j = int(torch.randint(0, buffer, (1,), generator=g))
+        buf[j], ex = ex, buf[j]
+        yield ex
+    while buf:
+        yield buf.pop(int(torch.randint(0, len(buf), (1,), generator=g)))
+
+
+def stream_batches(name: str, split: str, batch_size: int, img_size: int, in_chans: int = 3, *,
+                   augment: str | bool = "none", seed: int = 0, rank: int = 0, world_size: int = 1,
+                   shuffle_buffer: int = 10_000, epoch: int = 0, skip_batches: int = 0,
+                   drop_last: bool = True, train_examples: int | None = None, num_classes: int | None = None,
+                   subset_seed: int = 0):
+    """Stream a large dataset (e.g. imagenet-1k) through ``datasets`` in batches of ``batch_size //
+    world_size`` per rank, with the same preprocessing. A simple path: decoding per image with PIL,
+    shuffling in a buffer; resuming skips ``skip_batches`` batches (not bit-exact across epochs).
+
+    ``train_examples``: a class-balanced subset of that many examples (``num_classes`` classes), drawn by
+    streaming (``class_quota``: the first examples of each class in stream order), then shuffled in a
+    buffer seeded by (seed, epoch); every rank reads the whole stream and keeps every world_size-th example."""
+    from datasets.distributed import split_dataset_by_node
+    ds, icol, lcol, split = open_stream(name, split)
+    spec = resolve_source(name).spec or DatasetSpec(None)
     if augment is True:
         augment = "auto"
-    if split == spec.train_split:
-        ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
-        ds.set_epoch(epoch)
-    if world_size > 1:
-        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    if train_examples is not None:
+        if not num_classes:
+            raise DataError(f"{name}: a streamed subset (train_examples={train_examples}) needs num_classes")
+        it = _balanced_stream(ds, lcol, class_quota(train_examples, num_classes, subset_seed))
+        it = _buffer_shuffle(it, shuffle_buffer, _gen(seed, epoch, 53))
+        ds = (ex for i, ex in enumerate(it) if i % world_size == rank)
+    else:
+        if split == spec.train_split:
+            ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
+            ds.set_epoch(epoch)
+        if world_size > 1:
+            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     per = batch_size // world_size
     mode = "L" if in_chans == 1 else "RGB"
     buf_x, buf_y, nb = [], [], 0
@@ -652,9 +709,11 @@ class StreamBatches:
     (epoch, index) restored by skipping ``index`` batches (exact only if the stream order is)."""
 
     def __init__(self, name: str, split: str, batch_size: int, img_size: int, in_chans: int, *,
-                 augment="none", seed: int = 0, rank: int = 0, world_size: int = 1, device="cpu"):
+                 augment="none", seed: int = 0, rank: int = 0, world_size: int = 1, device="cpu",
+                 train_examples: int | None = None, num_classes: int | None = None, subset_seed: int = 0):
         self.kw = dict(name=name, split=split, batch_size=batch_size, img_size=img_size, in_chans=in_chans,
-                       augment=augment, seed=seed, rank=rank, world_size=world_size)
+                       augment=augment, seed=seed, rank=rank, world_size=world_size, train_examples=train_examples,
+                       num_classes=num_classes, subset_seed=subset_seed)
         self.device = torch.device(device)
         self.epoch, self.index, self._it = 0, 0, None
 
@@ -675,3 +734,28 @@ class StreamBatches:
             except StopIteration:
                 self.epoch, self.index, self._it = self.epoch + 1, 0, None
         raise DataError(f"{self.kw['name']}: the stream yielded no full batch")
+
+
+def stream_arrays(name: str, split: str, n: int | None = None, size: int | None = None,
+                  quota: Sequence[int] | None = None) -> ImageArrays:
+    """The first ``n`` examples of a streamed split (or, with ``quota``, the first ``quota[c]`` of each class
+    c, stopping once all are filled) as uint8 arrays, every image resized to ``size`` (default: the spec's
+    ``array_size`` or 224). For what a streamed set needs in memory: few-shot shots, sample images."""
+    ds, icol, lcol, _ = open_stream(name, split)
+    src = resolve_source(name)
+    size = size or (src.spec.array_size if src.spec and src.spec.array_size else 224)
+    names = getattr(ds.features[lcol], "names", None)
+    it = _balanced_stream(ds, lcol, list(quota)) if quota is not None else iter(ds)
+    xs, ys = [], []
+    for ex in it:
+        if n is not None and len(ys) >= n:
+            break
+        im = ex[icol]
+        mode = "L" if im.mode in ("L", "1") else "RGB"
+        xs.append(_to_array(im.convert("RGB") if mode == "RGB" else im, mode, size))
+        ys.append(int(ex[lcol]))
+    c = 3 if any(x.shape[0] == 3 for x in xs) else 1
+    xs = [np.repeat(x, 3, 0) if x.shape[0] != c else x for x in xs]
+    images = torch.from_numpy(np.stack(xs)) if xs else torch.zeros((0, c, size, size), dtype=torch.uint8)
+    classes = list(names) if names else [str(i) for i in range(max(ys, default=-1) + 1)]
+    return ImageArrays(images, torch.tensor(ys, dtype=torch.long), classes, src.name)

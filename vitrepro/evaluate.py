@@ -165,6 +165,8 @@ def _stream_accuracy(model, dataset, split, batch_size, max_examples, autocast_d
             x = x.to(dev)
             with torch.autocast(dev.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 pred = model(x).argmax(1).cpu()
+            if max_examples is not None and seen + len(y) > max_examples:  # exactly the first max_examples
+                pred, y = pred[:max_examples - seen], y[:max_examples - seen]
             correct += int((pred == y).sum())
             seen += len(y)
             if max_examples is not None and seen >= max_examples:
@@ -189,8 +191,8 @@ class FewShot(Evaluator):
         self.name = f"fewshot/{Accuracy._short(dataset)}"
 
     def __call__(self, model, **kw) -> dict[str, float]:
-        if _is_streamed(self.dataset):
-            raise ValueError(f"FewShot on the streamed dataset {self.dataset!r} is not supported yet")
+        if _is_streamed(self.dataset) and self._train_arrays is None:
+            return self._streamed(model, **kw)
         tr = self._train_arrays if self._train_arrays is not None else load_arrays(self.dataset, self.train_split)
         te = load_arrays(self.dataset, self.test_split)
         if self.max_test is not None and len(te) > self.max_test:
@@ -210,6 +212,57 @@ class FewShot(Evaluator):
                 rows = [pos[int(i)] for i in idx]
                 a = fewshot_lsr(f_needed[rows], tr.labels[idx].numpy(), f_test, y_test, k, self.l2_reg)
                 out[f"{self.name}/{n}shot/seed{s}"] = a
+                accs.append(a)
+            out[f"{self.name}/{n}shot"] = float(np.mean(accs))
+        return out
+
+
+    @torch.no_grad()
+    def _streamed(self, model, autocast_dtype=None) -> dict[str, float]:
+        """The probe on a streamed set (imagenet-1k): the shots are collected by streaming the training split
+        once (the first max(shots) x len(seeds) examples of every class, turned into features as they arrive,
+        so nothing of image size is kept), each seed draws its class-balanced shots from that pool, and the
+        test split is streamed (its first ``max_test`` images)."""
+        from .data import DATASETS, _balanced_stream, _to_array, open_stream
+        s, c = _model_io(model)
+        mode = "L" if c == 1 else "RGB"
+
+        def feats(stream, limit=None):
+            fs, ys, xb = [], [], []
+            for ex in stream:
+                if limit is not None and len(ys) + len(xb) >= limit:
+                    break
+                xb.append(torch.from_numpy(np.ascontiguousarray(_to_array(ex[icol], mode, s))))
+                ys.append(int(ex[lcol]))
+                if len(xb) == self.batch_size:
+                    fs.append(features(model, torch.stack(xb), self.batch_size, autocast_dtype=autocast_dtype).cpu())
+                    xb = []
+            if xb:
+                fs.append(features(model, torch.stack(xb), self.batch_size, autocast_dtype=autocast_dtype).cpu())
+            return (torch.cat(fs).double().numpy() if fs else np.zeros((0, 1))), np.asarray(ys, dtype=np.int64)
+
+        ds, icol, lcol, _ = open_stream(self.dataset, self.train_split)
+        k = len(getattr(ds.features[lcol], "names", None) or ()) or DATASETS[self.dataset].num_classes
+        per_class = max(self.shots) * len(self.seeds)
+        f_pool, y_pool = feats(_balanced_stream(ds, lcol, [per_class] * k))
+        counts = np.bincount(y_pool, minlength=k)
+        present = int((counts > 0).sum())
+        if present == 0 or counts[counts > 0].min() < max(self.shots):
+            raise ValueError(f"few-shot on {self.dataset!r}: {int(((counts > 0) & (counts < max(self.shots))).sum())} "
+                             f"of {k} classes have fewer than {max(self.shots)} examples in its {self.train_split!r} split")
+        if present < k:  # never on the real set; a stand-in (dry run) may hold a part of the classes
+            import sys
+            print(f"[vitrepro] few-shot on {self.dataset!r}: {k - present} of {k} classes have no example in the "
+                  f"{self.train_split!r} stream; probing the {present} present", file=sys.stderr, flush=True)
+        ds_te, icol, lcol, _ = open_stream(self.dataset, self.test_split)
+        f_test, y_test = feats(ds_te, self.max_test)
+        out: dict[str, float] = {}
+        for n in self.shots:
+            accs = []
+            for seed in self.seeds:
+                idx = balanced_subset(torch.from_numpy(y_pool), n * present, seed=seed).numpy()
+                a = fewshot_lsr(f_pool[idx], y_pool[idx], f_test, y_test, k, self.l2_reg)
+                out[f"{self.name}/{n}shot/seed{seed}"] = a
                 accs.append(a)
             out[f"{self.name}/{n}shot"] = float(np.mean(accs))
         return out

@@ -23,7 +23,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .experiments.common import REPO_ROOT, SCHEMA, atomic_write_text  # SCHEMA: results.csv's long-form columns
+from .experiments.params import REPO_ROOT
+from .experiments.results import SCHEMA, atomic_write_text  # SCHEMA: results.csv's long-form columns
 from .verdicts import VERDICTS, Verdict, gap_table
 
 NOTEBOOKS = ("scaling", "position_embeddings", "transfer", "attention")
@@ -33,14 +34,6 @@ def paper_numbers() -> pd.DataFrame:
     """The paper's numbers with their sources ([P] = arXiv 2010.11929; see docs/paper-numbers)."""
     with resources.files("vitrepro").joinpath("paper_numbers.csv").open() as f:
         return pd.read_csv(f)
-
-
-def family(model: str) -> str:
-    if "+" in model:
-        return "Hybrid"
-    if model.startswith("BiT") or model.startswith("R"):
-        return "ResNet"
-    return "ViT"
 
 
 # ------------------------------------------------------------------------------------ report

@@ -21,13 +21,13 @@ Schedule (``lr_at``, as big_vision): linear warmup from exactly 0 at step 0 to `
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .data import AUGMENTATIONS, DATASETS, Batches, DataError, StreamBatches, ImageArrays, load_arrays, resolve_source, \
-    train_val_split, balanced_subset, training_split
+from .data import AUGMENTATIONS, Batches, DataError, StreamBatches, ImageArrays, load_arrays, resolve_source, \
+    training_split
+from .machine import _cpu_flags, resolve_precision, tune_cpu_allocator  # noqa: F401 (_cpu_flags: tests)
 from .store import RunStore, atomic_torch_save, code_versions, run_id_for
 
 __all__ = ["TrainConfig", "ConfigError", "DivergedError", "run", "run_many", "run_id_of", "resolved_identity", "main",
@@ -56,6 +57,9 @@ class DivergedError(RuntimeError):
 
 
 _NONE = type(None)
+# The configuration keys that choose the architecture (create_model options beyond the name and shapes).
+ARCH_KEYS = ("pool", "pos_embed", "pos_embed_at", "head", "representation_size", "drop_rate", "attn_drop_rate",
+             "drop_path_rate")
 # field -> allowed python types (after from_dict's int->float widening)
 _TYPES: dict[str, tuple] = {}
 
@@ -147,9 +151,7 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
     def model_options(self) -> dict:
-        keys = ("pool", "pos_embed", "pos_embed_at", "head", "representation_size", "drop_rate",
-                "attn_drop_rate", "drop_path_rate")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in ARCH_KEYS if getattr(self, k) is not None}
 
     def check(self) -> None:
         """Static checks (no I/O)."""
@@ -240,27 +242,9 @@ assert set(_TYPES) == {f.name for f in dataclasses.fields(TrainConfig)}
 
 # ---------------------------------------------------------------------- helpers
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' only where bf16 is fast: CUDA with bf16 support, or a CPU with
-    avx512_bf16 / amx_bf16 (on AVX2-only CPUs bf16 autocast is ~40x slower than fp32)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if _cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
-    return "fp32"
+def init_names_a_file(init: str | None) -> bool:
+    """Whether ``init`` is a weights file path, not a stored run (``run:``) or a hub model (``timm:``, ``hf-hub:``)."""
+    return bool(init) and not init.startswith(("run:", "timm:", "hf-hub:", "hf_hub:"))
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -349,7 +333,8 @@ def _seed_for(*parts: int) -> int:
 # ---------------------------------------------------------------------- preparation
 
 @dataclass
-class _Plan:
+class TrainingPlan:
+    """What `prepare` found out before any compute: the data, the evaluators and the shapes to build."""
     cfg: TrainConfig
     train: ImageArrays | None       # None: streamed
     evaluators: list
@@ -362,10 +347,9 @@ class _Plan:
     selector: Any = None            # Accuracy on the held-out split when cfg.select_on == "val"
 
 
-def _prepare(cfg: TrainConfig, store: RunStore) -> _Plan:
-    """Every check that needs I/O (data location, model shapes), before any compute or store write."""
+def _check_sources(cfg: TrainConfig) -> None:
+    """The datasets can be found and the model name parses (ConfigError otherwise)."""
     from . import models
-    from .evaluate import Accuracy, FewShot, make_evaluator
     try:
         resolve_source(cfg.dataset)
         for e in cfg.evaluators:
@@ -377,23 +361,36 @@ def _prepare(cfg: TrainConfig, store: RunStore) -> _Plan:
         models.parse_name(cfg.model)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    if cfg.img_size:  # shape check before touching any data (num_classes does not matter here)
-        _check_shapes(cfg, cfg.img_size, cfg.in_chans or 3, 10)
-    init_run, init_config = None, None
-    if cfg.init and not cfg.init.startswith(("run:", "timm:", "hf-hub:", "hf_hub:")) and not Path(cfg.init).exists():
+
+
+def _find_init_run(cfg: TrainConfig, store: RunStore) -> tuple[Path | None, dict | None]:
+    """For ``init=run:<experiment>/<id>``: that run's folder and stored config (it must have finished and
+    be the same model); (None, None) for any other init. A missing init file is a ConfigError."""
+    if init_names_a_file(cfg.init) and not Path(cfg.init).exists():
         raise ConfigError(f"init={cfg.init!r}: no such file (use run:<experiment>/<run_id>, timm:<name>.<tag> "
                           "or a .pth/.safetensors/.npz path)")
-    if cfg.init and cfg.init.startswith("run:"):
-        try:
-            init_run = store.resolve(cfg.init)
-        except FileNotFoundError as e:
-            raise ConfigError(str(e)) from e
-        if not (init_run / "model.pt").exists():
-            raise ConfigError(f"init={cfg.init!r}: that run has no model.pt (not finished?)")
-        with open(init_run / "config.json") as f:
-            init_config = json.load(f)
-        if init_config["model"] != cfg.model:
-            raise ConfigError(f"init={cfg.init!r} is a {init_config['model']} but model={cfg.model!r}")
+    if not (cfg.init and cfg.init.startswith("run:")):
+        return None, None
+    try:
+        init_run = store.resolve(cfg.init)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from e
+    if not (init_run / "model.pt").exists():
+        raise ConfigError(f"init={cfg.init!r}: that run has no model.pt (not finished?)")
+    with open(init_run / "config.json") as f:
+        init_config = json.load(f)
+    if init_config["model"] != cfg.model:
+        raise ConfigError(f"init={cfg.init!r} is a {init_config['model']} but model={cfg.model!r}")
+    return init_run, init_config
+
+
+def _prepare(cfg: TrainConfig, store: RunStore) -> TrainingPlan:
+    """Every check that needs I/O (data location, model shapes), before any compute or store write."""
+    from .evaluate import Accuracy
+    _check_sources(cfg)
+    if cfg.img_size:  # shape check before touching any data (num_classes does not matter here)
+        check_shapes(cfg, cfg.img_size, cfg.in_chans or 3, 10)
+    init_run, init_config = _find_init_run(cfg, store)
     src = resolve_source(cfg.dataset)
     if src.spec is not None and src.spec.streaming:
         return _prepare_streamed(cfg, src, init_run, init_config)
@@ -417,7 +414,17 @@ def _prepare(cfg: TrainConfig, store: RunStore) -> _Plan:
         raise ConfigError(f"epochs={cfg.epochs} gives 0 steps with {len(arrays)} examples and batch {cfg.batch_size}")
     if cfg.warmup_steps >= steps and cfg.schedule != "constant":
         raise ConfigError(f"warmup_steps={cfg.warmup_steps} >= steps={steps}")
-    _check_shapes(cfg, img_size, in_chans, num_classes)
+    check_shapes(cfg, img_size, in_chans, num_classes)
+    evaluators = _make_evaluators(cfg, val)
+    selector = Accuracy(cfg.dataset, "val", arrays=val) if cfg.select_on == "val" else None
+    return TrainingPlan(cfg, arrays, evaluators, img_size, in_chans, num_classes, steps, init_run, init_config,
+                        selector)
+
+
+def _make_evaluators(cfg: TrainConfig, val: ImageArrays | None) -> list:
+    """The configured evaluators; accuracy on ``val`` and few-shot shots from ``val`` use the held-out
+    part of this run's training set."""
+    from .evaluate import Accuracy, FewShot, make_evaluator
     evaluators = []
     for e in cfg.evaluators:
         e = dict(e)
@@ -438,13 +445,10 @@ def _prepare(cfg: TrainConfig, store: RunStore) -> _Plan:
             continue
         e.setdefault("dataset", cfg.dataset)
         evaluators.append(make_evaluator(e))
-    selector = None
-    if cfg.select_on == "val":
-        selector = Accuracy(cfg.dataset, "val", arrays=val)
-    return _Plan(cfg, arrays, evaluators, img_size, in_chans, num_classes, steps, init_run, init_config, selector)
+    return evaluators
 
 
-def _check_shapes(cfg: TrainConfig, img_size: int, in_chans: int, num_classes: int) -> None:
+def check_shapes(cfg: TrainConfig, img_size: int, in_chans: int, num_classes: int) -> None:
     """Build the model on the meta device (no memory, no compute) so that impossible shapes
     (patch size not dividing img_size, bad options) fail before anything runs."""
     from . import models
@@ -458,24 +462,25 @@ def _check_shapes(cfg: TrainConfig, img_size: int, in_chans: int, num_classes: i
         pass  # an op without meta support: create_model validates its arguments before allocating
 
 
-def _prepare_streamed(cfg: TrainConfig, src, init_run, init_config) -> _Plan:
-    """Large datasets (imagenet-1k): streamed through `datasets`; steps only, no subsets."""
+def _prepare_streamed(cfg: TrainConfig, src, init_run, init_config) -> TrainingPlan:
+    """Large datasets (imagenet-1k): streamed through `datasets`; steps only; a class-balanced subset
+    (train_examples) is drawn by streaming (`data.stream_batches`), no validation hold-out."""
     from . import models
     from .evaluate import make_evaluator
     if cfg.steps is None:
         raise ConfigError(f"{cfg.dataset} is streamed: give steps, not epochs")
-    if cfg.train_examples is not None or cfg.val_fraction > 0:
-        raise ConfigError(f"{cfg.dataset} is streamed: train_examples and val_fraction are not supported; "
+    if cfg.val_fraction > 0:
+        raise ConfigError(f"{cfg.dataset} is streamed: val_fraction is not supported; "
                           "use a split expression in train_split (e.g. 'train[:99%]')")
     img_size = cfg.img_size or (init_config["_resolved"]["img_size"] if init_config else 224)
     in_chans = cfg.in_chans or (init_config["_resolved"]["in_chans"] if init_config else 3)
-    _check_shapes(cfg, img_size, in_chans, src.spec.num_classes)
+    check_shapes(cfg, img_size, in_chans, src.spec.num_classes)
     evs = [make_evaluator({"dataset": cfg.dataset, **({"split": cfg.eval_split} if e.get("type") == "accuracy"
                                                       else {}), **e}) for e in cfg.evaluators]
-    return _Plan(cfg, None, evs, img_size, in_chans, src.spec.num_classes, cfg.steps, init_run, init_config)
+    return TrainingPlan(cfg, None, evs, img_size, in_chans, src.spec.num_classes, cfg.steps, init_run, init_config)
 
 
-def _build_model(plan: _Plan, device: torch.device):
+def _build_model(plan: TrainingPlan, device: torch.device):
     from . import models
     cfg = plan.cfg
     torch.manual_seed(cfg.seed)
@@ -483,8 +488,7 @@ def _build_model(plan: _Plan, device: torch.device):
     if plan.init_run is not None:
         ic = plan.init_config
         r = ic["_resolved"]
-        opts = {k: ic.get(k) for k in ("pool", "pos_embed", "pos_embed_at", "head", "representation_size",
-                                        "drop_rate", "attn_drop_rate", "drop_path_rate") if ic.get(k) is not None}
+        opts = {k: ic.get(k) for k in ARCH_KEYS if ic.get(k) is not None}
         opts = {**{k: v for k, v in (r.get("arch") or {}).items() if v is not None}, **opts}  # inherited, complete
         opts.update(cfg.model_options())
         model = models.create_model(cfg.model, img_size=r["img_size"], in_chans=r["in_chans"],
@@ -531,34 +535,9 @@ def _make_optimizer(model, cfg: TrainConfig):
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=False, fused=fused)
 
 
-_ALLOCATOR_TUNED = False
-
-
-def tune_cpu_allocator() -> bool:
-    """Let glibc malloc keep freed memory for reuse instead of handing it back to the OS after every
-    step (M_MMAP_THRESHOLD / M_TRIM_THRESHOLD), so that a CPU training step no longer page-faults its
-    activations in afresh: ~4,000-20,000 page faults and 4-5% of the step time for the cpu-profile ViTs.
-    The cost is that the process keeps its peak heap. Linux/glibc only; VITREPRO_TUNE_MALLOC=0 disables.
-    Returns whether the tuning is in effect."""
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED:
-        return True
-    if os.environ.get("VITREPRO_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_threshold, 256 << 20)) and bool(
-            libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):
-        return False
-    return _ALLOCATOR_TUNED
-
-
 # ---------------------------------------------------------------------- run
 
-def _data_used(cfg: TrainConfig) -> list[tuple[str, str]]:
+def data_used(cfg: TrainConfig) -> list[tuple[str, str]]:
     """(dataset, split) pairs a configuration reads: its training split and every evaluator's splits
     (an accuracy on ``val`` reads the held-out part of the training split)."""
     pairs = [(cfg.dataset, cfg.train_split)]
@@ -584,7 +563,7 @@ def resolved_identity(cfg: TrainConfig | dict) -> dict:
     device = _resolve_device(cfg.device, 0)
     ident: dict[str, Any] = {"device_type": device.type, "precision": resolve_precision(cfg.precision, device)}
     data = {}
-    for ds, split in _data_used(cfg):
+    for ds, split in data_used(cfg):
         try:
             data[f"{ds}:{split}"] = data_fingerprint(ds, split)
         except DataError as e:
@@ -592,7 +571,7 @@ def resolved_identity(cfg: TrainConfig | dict) -> dict:
         except Exception as e:  # noqa: BLE001 - a corrupt file: name the dataset and the split
             raise ConfigError(f"dataset {ds!r}, split {split!r} cannot be read: {type(e).__name__}: {e}") from e
     ident["data"] = data
-    if cfg.init and not cfg.init.startswith(("run:", "timm:", "hf-hub:", "hf_hub:")) and Path(cfg.init).is_file():
+    if init_names_a_file(cfg.init) and Path(cfg.init).is_file():
         st = Path(cfg.init).stat()
         ident["init_file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     return ident
@@ -606,10 +585,6 @@ def run_id_of(config: TrainConfig | dict) -> str:
     return run_id_for(cfg.to_dict(), resolved=resolved_identity(cfg))
 
 
-_ARCH_KEYS = ("pool", "pos_embed", "pos_embed_at", "head", "representation_size", "drop_rate",
-              "attn_drop_rate", "drop_path_rate")
-
-
 def _arch_of(cfg: TrainConfig, init_config: dict | None) -> dict:
     """The full architecture a run builds: its own options, else those inherited from the run it
     fine-tunes (``init=run:...``, whose ``_resolved.arch`` is complete), else the model's defaults."""
@@ -619,26 +594,26 @@ def _arch_of(cfg: TrainConfig, init_config: dict | None) -> dict:
     arch: dict[str, Any] = {}
     if init_config is not None:
         arch.update({k: v for k, v in ((init_config.get("_resolved") or {}).get("arch") or {}).items()})
-        arch.update({k: init_config[k] for k in _ARCH_KEYS if init_config.get(k) is not None})
+        arch.update({k: init_config[k] for k in ARCH_KEYS if init_config.get(k) is not None})
     arch.update(cfg.model_options())
     try:
         family = models.parse_name(cfg.model).family
         cls = models.bit.BiTResNet if family == "bit" else models.vit.VisionTransformer
         sig = inspect.signature(cls.__init__).parameters
-        for k in _ARCH_KEYS:
+        for k in ARCH_KEYS:
             if k in sig and k not in arch:
                 arch[k] = sig[k].default
         arch = {k: v for k, v in arch.items() if k in sig}
     except Exception:  # noqa: BLE001 - the explicit options are still right
         pass
-    return {k: arch[k] for k in _ARCH_KEYS if k in arch}
+    return {k: arch[k] for k in ARCH_KEYS if k in arch}
 
 
 def _say(msg: str) -> None:
     print(f"[vitrepro] {msg}", file=sys.stderr, flush=True)
 
 
-def _finished(store: RunStore, exp: str, rid: str, quiet: bool = False) -> dict | None:
+def finished_record(store: RunStore, exp: str, rid: str, quiet: bool = False) -> dict | None:
     """The record of a finished run whose files read back, else None; a damaged record or model is
     reported (naming the file) and the run is done again (it resumes from its final checkpoint)."""
     from .store import DamagedRunError, check_torch_file
@@ -682,16 +657,14 @@ def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool =
     The run folder is owned by one process at a time (``RunStore.lock``, an OS lock released when
     the owner dies): a second process of the same configuration waits for the first and then returns
     its record (or resumes the run, if the owner died)."""
-    from .store import DamagedRunError, check_torch_file
     cfg = TrainConfig.from_dict(config) if not isinstance(config, TrainConfig) else config
     cfg.check()
     store = store if store is not None else RunStore()
-    conf = cfg.to_dict()
     identity = resolved_identity(cfg)
-    rid = run_id_for(conf, resolved=identity)
+    rid = run_id_for(cfg.to_dict(), resolved=identity)
     rank, world, local_rank = _dist_env()
     if not force:
-        rec = _finished(store, cfg.experiment, rid)
+        rec = finished_record(store, cfg.experiment, rid)
         if rec is not None:
             return rec
     _check_init_run(cfg, store)
@@ -700,231 +673,353 @@ def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool =
     if cfg.batch_size % (world * cfg.accum_steps):
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by world_size*accum_steps "
                           f"= {world}*{cfg.accum_steps}")
-    ddp = world > 1
-    if ddp and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend)
-    run_dir = store.run_dir(cfg.experiment, rid)
+    _start_distributed(world, device)
     lock = store.lock(cfg.experiment, rid) if rank == 0 else None
     if lock is not None:
         lock.acquire(on_wait=lambda owner: _say(f"run {cfg.experiment}/{rid} is being trained by {owner}; waiting"))
     try:
         if lock is not None and (lock.waited or not force):
-            rec = _finished(store, cfg.experiment, rid, quiet=not lock.waited)  # finished by the owner we waited for
+            rec = finished_record(store, cfg.experiment, rid, quiet=not lock.waited)  # finished by the owner we waited for
             if rec is not None:
                 return rec
-        resolved = {"img_size": plan.img_size, "in_chans": plan.in_chans, "num_classes": plan.num_classes,
-                    "steps": plan.steps, "train_size": len(plan.train) if plan.train is not None else None,
-                    "arch": _arch_of(cfg, plan.init_config),
-                    "head_reset": bool(cfg.init) and (cfg.reset_head is not False or (
-                        plan.init_config is not None and plan.init_config["_resolved"]["num_classes"] != plan.num_classes)),
-                    **identity, "numerics": code_versions()["numerics"]}
+        facts = _resolved_facts(plan, identity)
         if rank == 0:
-            if force and run_dir.exists():
-                for n in ("record.json", "checkpoint.pt", "metrics.jsonl", "model.pt"):
-                    if (run_dir / n).exists():
-                        (run_dir / n).unlink()
-            ckpt = run_dir / "checkpoint.pt"
-            if ckpt.exists():
-                check_torch_file(ckpt, f"{cfg.experiment}/{rid}")  # DamagedRunError names it and the remedy
-            elif (run_dir / "metrics.jsonl").exists():
-                (run_dir / "metrics.jsonl").unlink()  # rows of an attempt that never checkpointed: start clean
-            store.clear_record(cfg.experiment, rid)
-            store.create(cfg.experiment, rid, {**conf, "_resolved": resolved})
-        if ddp:
+            _open_run_folder(store, cfg, rid, facts, force)
+        if world > 1:
             torch.distributed.barrier()
         try:
-            return _train(plan, store, rid, device, rank, world, progress, resolved)
+            return _train(plan, store, rid, device, rank, world, progress, facts)
         except Exception as e:  # record the failure (rank 0), then re-raise
             if rank == 0:
-                rec = {"run_id": rid, "experiment": cfg.experiment, "status": "failed",
-                       "error": f"{type(e).__name__}: {e}", "error_type": type(e).__name__, "config": conf,
-                       "resolved": resolved, "run_dir": str(run_dir), "versions": _versions(),
-                       "git_revision": _git_revision(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-                try:
-                    store.write_record(cfg.experiment, rid, rec)
-                except OSError:
-                    pass  # e.g. the disk is full: the original error says so
+                _record_failure(store, cfg, rid, facts, e)
             raise
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(plan: _Plan, store: RunStore, rid: str, device: torch.device, rank: int, world: int,
-           progress: str, resolved: dict) -> dict:
+def _start_distributed(world: int, device: torch.device) -> None:
+    """Join the torchrun process group (gloo on CPU, NCCL on CUDA) when there is more than one process."""
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend)
+
+
+def _resolved_facts(plan: TrainingPlan, identity: dict) -> dict:
+    """What the configuration resolved to for this run: shapes, steps, the full architecture, whether the
+    head was reset, plus ``resolved_identity`` and the numerics version. Stored under the key ``_resolved``
+    of config.json and ``resolved`` of record.json (the on-disk names stored runs keep)."""
+    cfg = plan.cfg
+    head_reset = bool(cfg.init) and (cfg.reset_head is not False or (
+        plan.init_config is not None and plan.init_config["_resolved"]["num_classes"] != plan.num_classes))
+    return {"img_size": plan.img_size, "in_chans": plan.in_chans, "num_classes": plan.num_classes,
+            "steps": plan.steps, "train_size": len(plan.train) if plan.train is not None else None,
+            "arch": _arch_of(cfg, plan.init_config), "head_reset": head_reset,
+            **identity, "numerics": code_versions()["numerics"]}
+
+
+def _open_run_folder(store: RunStore, cfg: TrainConfig, rid: str, facts: dict, force: bool) -> None:
+    """Rank 0, holding the run's lock: start clean where forced or never checkpointed, check a checkpoint
+    to resume from, and write config.json (with ``_resolved``)."""
+    from .store import check_torch_file
+    run_dir = store.run_dir(cfg.experiment, rid)
+    if force and run_dir.exists():
+        for n in ("record.json", "checkpoint.pt", "metrics.jsonl", "model.pt"):
+            if (run_dir / n).exists():
+                (run_dir / n).unlink()
+    checkpoint = run_dir / "checkpoint.pt"
+    if checkpoint.exists():
+        check_torch_file(checkpoint, f"{cfg.experiment}/{rid}")  # DamagedRunError names it and the remedy
+    elif (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()  # rows of an attempt that never checkpointed: start clean
+    store.clear_record(cfg.experiment, rid)
+    store.create(cfg.experiment, rid, {**cfg.to_dict(), "_resolved": facts})
+
+
+def _record_failure(store: RunStore, cfg: TrainConfig, rid: str, facts: dict, error: Exception) -> None:
+    rec = {"run_id": rid, "experiment": cfg.experiment, "status": "failed",
+           "error": f"{type(error).__name__}: {error}", "error_type": type(error).__name__, "config": cfg.to_dict(),
+           "resolved": facts, "run_dir": str(store.run_dir(cfg.experiment, rid)), "versions": _versions(),
+           "git_revision": _git_revision(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        store.write_record(cfg.experiment, rid, rec)
+    except OSError:
+        pass  # e.g. the disk is full: the original error says so
+
+
+# ---------------------------------------------------------------------- training: build, loop, evaluate, record
+
+def _train(plan: TrainingPlan, store: RunStore, rid: str, device: torch.device, rank: int, world: int,
+           progress: str, facts: dict) -> dict:
+    """Build (or resume), run the training loop, evaluate and write the record (rank 0)."""
+    t = _build(plan, store, rid, device, rank, world)
+    _resume(t)
+    _loop(t, progress)
+    t.best.restore(t.model)  # early stopping: evaluate (and store) the parameters chosen on validation
+    record = None
+    if rank == 0:
+        t_eval = time.time()
+        metrics = _evaluate(t)
+        record = _record(t, metrics, facts, eval_time=time.time() - t_eval)
+    if world > 1:
+        torch.distributed.barrier()
+        if record is None:
+            record = {"run_id": rid, "experiment": plan.cfg.experiment, "status": "ok", "rank": rank}
+    return record
+
+
+@dataclass
+class _Training:
+    """One run in progress: what `_build` made, and the counters the loop advances and checkpoints."""
+    plan: TrainingPlan
+    store: RunStore
+    rid: str
+    device: torch.device
+    rank: int
+    world: int
+    model: torch.nn.Module
+    train_model: torch.nn.Module    # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    batches: Any
+    precision: str
+    amp: Any                        # torch.bfloat16 under bf16 autocast, else None
+    best: "_BestOnValidation"
+    init_report: Any
+    flops_per_image: int | None
+    flops_error: str | None
+    t_start: float
+    step: int = 0
+    elapsed_before: float = 0.0     # training seconds before the checkpoint this run resumed from
+    loss_sum: Any = None            # sum of the step losses since the last log row (a tensor on the device)
+    loss_n: int = 0
+    resumed_from: int | None = None
+    train_time: float = 0.0         # seconds of training in all (this process and the ones it resumed)
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.plan.cfg
+
+    @property
+    def run_dir(self) -> Path:
+        return self.store.run_dir(self.cfg.experiment, self.rid)
+
+    @property
+    def train_size(self) -> int | None:
+        return len(self.plan.train) if self.plan.train is not None else None
+
+    def log_row(self, row: dict) -> None:
+        if self.rank == 0:
+            self.store.log(self.cfg.experiment, self.rid, row)
+
+
+def _build(plan: TrainingPlan, store: RunStore, rid: str, device: torch.device, rank: int, world: int) -> _Training:
+    """The model (initialised from the seed, or from ``init``), its optimiser, the batch stream and the
+    validation selector."""
     from . import models
     cfg = plan.cfg
-    exp = cfg.experiment
-    run_dir = store.run_dir(exp, rid)
     t_start = time.time()
     if device.type == "cpu":
         tune_cpu_allocator()
     model, init_report = _build_model(plan, device)
-    n_params = sum(p.numel() for p in model.parameters())
     flops_error = None
     try:
         flops_per_image = int(models.flops(model, plan.img_size))
     except Exception as e:  # noqa: BLE001 - recorded, not fatal
         flops_per_image, flops_error = None, f"{type(e).__name__}: {e}"
-    opt = _make_optimizer(model, cfg)
+    optimizer = _make_optimizer(model, cfg)
     if plan.train is not None:
         batches = Batches(plan.train, cfg.batch_size, plan.img_size, plan.in_chans, augment=cfg.augment,
                           seed=cfg.seed, rank=rank, world_size=world, device=device)
     else:
         batches = StreamBatches(cfg.dataset, cfg.train_split, cfg.batch_size, plan.img_size, plan.in_chans,
-                                augment=cfg.augment, seed=cfg.seed, rank=rank, world_size=world, device=device)
+                                augment=cfg.augment, seed=cfg.seed, rank=rank, world_size=world, device=device,
+                                train_examples=cfg.train_examples, num_classes=plan.num_classes,
+                                subset_seed=cfg.seed if cfg.data_seed is None else cfg.data_seed)
     train_size = len(plan.train) if plan.train is not None else None
     precision = resolve_precision(cfg.precision, device)
     amp = torch.bfloat16 if precision == "bf16" else None
-    step = 0
-    elapsed_before = 0.0
-    loss_sum = torch.zeros((), device=device)
-    loss_n = 0
-    resumed_from = None
-    ckpt_path = run_dir / "checkpoint.pt"
     best = _BestOnValidation(plan.selector, cfg.select_every or max(1, (train_size or 0) // cfg.batch_size), amp)
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        batches.load_state_dict(ck["data"])
-        step = resumed_from = int(ck["step"])
-        elapsed_before = float(ck.get("elapsed", 0.0))
-        loss_sum = ck["loss_sum"].to(device)
-        loss_n = int(ck["loss_n"])
-        torch.set_rng_state(ck["rng_cpu"])
-        best.load_state_dict(ck.get("selection"))
-        if rank == 0:
-            store.truncate_metrics(exp, rid, step)
-    train_model = model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    model.train()
-    accum = cfg.accum_steps
-    mode = _progress_mode(progress) if rank == 0 else "none"
-    bar = None
-    if mode == "bar":
-        from tqdm.auto import tqdm
-        bar = tqdm(total=plan.steps, initial=step, desc=f"{exp}/{rid}", dynamic_ncols=True)
-    t_log, step_log = time.time(), step
+    return _Training(plan, store, rid, device, rank, world, model, model, optimizer, batches, precision, amp, best,
+                     init_report, flops_per_image, flops_error, t_start, loss_sum=torch.zeros((), device=device))
 
-    def log_row(row):
-        if rank == 0:
-            store.log(exp, rid, row)
 
-    def save_checkpoint():
-        if rank != 0:
-            return
-        atomic_torch_save(ckpt_path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "data": batches.state_dict(),
-            "step": step, "elapsed": elapsed_before + time.time() - t_start, "loss_sum": loss_sum.cpu(),
-            "loss_n": loss_n, "rng_cpu": torch.get_rng_state(), "config": cfg.to_dict(),
-            "selection": best.state_dict()})
+def _resume(t: _Training) -> None:
+    """Continue from the run's checkpoint when there is one (model, optimiser, data order, loss sums, RNG,
+    selection), then wrap the model for DDP and put it in training mode."""
+    path = t.run_dir / "checkpoint.pt"
+    if path.exists():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        t.model.load_state_dict(checkpoint["model"])
+        t.optimizer.load_state_dict(checkpoint["optimizer"])
+        t.batches.load_state_dict(checkpoint["data"])
+        t.step = t.resumed_from = int(checkpoint["step"])
+        t.elapsed_before = float(checkpoint.get("elapsed", 0.0))
+        t.loss_sum = checkpoint["loss_sum"].to(t.device)
+        t.loss_n = int(checkpoint["loss_n"])
+        torch.set_rng_state(checkpoint["rng_cpu"])
+        t.best.load_state_dict(checkpoint.get("selection"))
+        if t.rank == 0:
+            t.store.truncate_metrics(t.cfg.experiment, t.rid, t.step)
+    if t.world > 1:
+        t.train_model = torch.nn.parallel.DistributedDataParallel(
+            t.model, device_ids=[t.device.index] if t.device.type == "cuda" else None)
+    t.model.train()
 
-    def check_finite(value: float):
-        if not math.isfinite(value):
-            raise DivergedError(f"training loss became {value} by step {step} (lr={lr_at(step - 1, cfg, plan.steps):.3g}); "
-                                "try a lower learning rate, warmup or grad_clip"
-                                + ("; if precision=fp32 trains, it is a bf16 numerics problem, not the "
-                                   "learning rate" if precision == "bf16" else ""))
 
-    while step < plan.steps:
-        lr = lr_at(step, cfg, plan.steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        torch.manual_seed(_seed_for(cfg.seed, step, rank, 101))
-        x, y = batches.next()
-        xs, ys = x.chunk(accum), y.chunk(accum)
-        for j in range(accum):
-            sync_ctx = train_model.no_sync() if (world > 1 and j < accum - 1) else _null()
-            with sync_ctx:
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    logits = train_model(xs[j])
-                loss = F.cross_entropy(logits.float(), ys[j], label_smoothing=cfg.label_smoothing)
-                (loss / accum).backward()
-            loss_sum += loss.detach() / accum
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        loss_n += 1
-        last = step == plan.steps
-        if step % cfg.log_every == 0 or last:
-            mean_loss = float(loss_sum) / max(1, loss_n)
-            if world > 1:
-                t = torch.tensor([mean_loss], device=device)
-                torch.distributed.all_reduce(t)
-                mean_loss = float(t) / world
-            check_finite(mean_loss)
-            now = time.time()
-            ips = (step - step_log) * cfg.batch_size / max(1e-9, now - t_log)
-            t_log, step_log = now, step
-            log_row({"step": step, "loss": mean_loss, "lr": lr, "images_per_s": round(ips, 2),
-                     "epoch": round(step * cfg.batch_size / train_size, 4) if train_size else None})
-            if bar is not None:
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-            elif mode == "log":
-                print(f"[{exp}/{rid}] step {step}/{plan.steps} loss {mean_loss:.4f} lr {lr:.3g} "
-                      f"{ips:.0f} img/s", flush=True)
-            loss_sum = torch.zeros((), device=device)
-            loss_n = 0
-        if bar is not None:
-            bar.update(1)
-        if best.due(step, last):
-            log_row({"step": step, "select/val": best.update(model, step)})
-        if cfg.snapshot_every and step % cfg.snapshot_every == 0 and rank == 0:
-            atomic_torch_save(run_dir / "snapshots" / f"step_{step:07d}.pt", model.state_dict())
-        if cfg.eval_every and step % cfg.eval_every == 0 and not last and rank == 0:
-            for ev in plan.evaluators:
+def _save_checkpoint(t: _Training) -> None:
+    if t.rank != 0:
+        return
+    atomic_torch_save(t.run_dir / "checkpoint.pt", {
+        "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "data": t.batches.state_dict(),
+        "step": t.step, "elapsed": t.elapsed_before + time.time() - t.t_start, "loss_sum": t.loss_sum.cpu(),
+        "loss_n": t.loss_n, "rng_cpu": torch.get_rng_state(), "config": t.cfg.to_dict(),
+        "selection": t.best.state_dict()})
+
+
+def _check_finite(t: _Training, value: float) -> None:
+    if not math.isfinite(value):
+        raise DivergedError(f"training loss became {value} by step {t.step} "
+                            f"(lr={lr_at(t.step - 1, t.cfg, t.plan.steps):.3g}); "
+                            "try a lower learning rate, warmup or grad_clip"
+                            + ("; if precision=fp32 trains, it is a bf16 numerics problem, not the "
+                               "learning rate" if t.precision == "bf16" else ""))
+
+
+def _train_step(t: _Training) -> float:
+    """One optimiser step: set the scheduled lr, reseed dropout from (seed, step, rank), accumulate the
+    gradients of ``accum_steps`` micro-batches, clip, update. Returns the step's lr."""
+    cfg, accum = t.cfg, t.cfg.accum_steps
+    lr = lr_at(t.step, cfg, t.plan.steps)
+    for g in t.optimizer.param_groups:
+        g["lr"] = lr
+    torch.manual_seed(_seed_for(cfg.seed, t.step, t.rank, 101))
+    x, y = t.batches.next()
+    xs, ys = x.chunk(accum), y.chunk(accum)
+    for j in range(accum):
+        # DDP: all-reduce the gradients on the last micro-batch only
+        sync = t.train_model.no_sync() if (t.world > 1 and j < accum - 1) else contextlib.nullcontext()
+        with sync:
+            with torch.autocast(t.device.type, dtype=t.amp, enabled=t.amp is not None):
+                logits = t.train_model(xs[j])
+            loss = F.cross_entropy(logits.float(), ys[j], label_smoothing=cfg.label_smoothing)
+            (loss / accum).backward()
+        t.loss_sum += loss.detach() / accum
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip)
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.step += 1
+    t.loss_n += 1
+    return lr
+
+
+class _Progress:
+    """Progress output of rank 0: a tqdm bar, one printed line per logged step, or nothing."""
+
+    def __init__(self, t: _Training, progress: str):
+        self.mode = _progress_mode(progress) if t.rank == 0 else "none"
+        self.bar = None
+        self.name = f"{t.cfg.experiment}/{t.rid}"
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=t.plan.steps, initial=t.step, desc=self.name, dynamic_ncols=True)
+        self.t_log, self.step_log = time.time(), t.step
+
+    def images_per_s(self, step: int, batch_size: int) -> float:
+        now = time.time()
+        ips = (step - self.step_log) * batch_size / max(1e-9, now - self.t_log)
+        self.t_log, self.step_log = now, step
+        return ips
+
+    def show(self, step: int, steps: int, loss: float, lr: float, ips: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+        elif self.mode == "log":
+            print(f"[{self.name}] step {step}/{steps} loss {loss:.4f} lr {lr:.3g} {ips:.0f} img/s", flush=True)
+
+
+def _log_loss(t: _Training, lr: float, progress: _Progress) -> None:
+    """A metrics row with the mean loss since the last row (averaged over DDP ranks); resets the sums."""
+    cfg = t.cfg
+    mean_loss = float(t.loss_sum) / max(1, t.loss_n)
+    if t.world > 1:
+        total = torch.tensor([mean_loss], device=t.device)
+        torch.distributed.all_reduce(total)
+        mean_loss = float(total) / t.world
+    _check_finite(t, mean_loss)
+    ips = progress.images_per_s(t.step, cfg.batch_size)
+    t.log_row({"step": t.step, "loss": mean_loss, "lr": lr, "images_per_s": round(ips, 2),
+               "epoch": round(t.step * cfg.batch_size / t.train_size, 4) if t.train_size else None})
+    progress.show(t.step, t.plan.steps, mean_loss, lr, ips)
+    t.loss_sum = torch.zeros((), device=t.device)
+    t.loss_n = 0
+
+
+def _loop(t: _Training, progress: str) -> None:
+    """Train until ``plan.steps``: log, select on validation, snapshot, evaluate and checkpoint on schedule."""
+    cfg = t.cfg
+    shown = _Progress(t, progress)
+    while t.step < t.plan.steps:
+        lr = _train_step(t)
+        last = t.step == t.plan.steps
+        if t.step % cfg.log_every == 0 or last:
+            _log_loss(t, lr, shown)
+        if shown.bar is not None:
+            shown.bar.update(1)
+        if t.best.due(t.step, last):
+            t.log_row({"step": t.step, "select/val": t.best.update(t.model, t.step)})
+        if cfg.snapshot_every and t.step % cfg.snapshot_every == 0 and t.rank == 0:
+            atomic_torch_save(t.run_dir / "snapshots" / f"step_{t.step:07d}.pt", t.model.state_dict())
+        if cfg.eval_every and t.step % cfg.eval_every == 0 and not last and t.rank == 0:
+            for ev in t.plan.evaluators:
                 if ev.name.startswith("acc/"):
-                    log_row({"step": step, **ev(model)})
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
+                    t.log_row({"step": t.step, **ev(t.model)})
+        if (cfg.checkpoint_every and t.step % cfg.checkpoint_every == 0) or last:
             if not last:
-                float_check = float(loss_sum) if loss_n else 0.0
-                check_finite(float_check)
-            save_checkpoint()
-    if bar is not None:
-        bar.close()
-    train_time = elapsed_before + time.time() - t_start
-    record = None
-    best.restore(model)  # early stopping: evaluate (and store) the parameters chosen on validation
-    if rank == 0:
-        metrics: dict[str, float] = {}
-        t_eval = time.time()
-        for ev in plan.evaluators:
-            metrics.update(ev(model, autocast_dtype=amp) if amp is not None else ev(model))
-        eval_time = time.time() - t_eval
-        rows = store.metrics(exp, rid)
-        losses = [r["loss"] for r in rows if "loss" in r]
-        if losses:
-            metrics["train/loss"] = losses[-1]
-        if best.selector is not None:
-            metrics[best.selector.name] = best.best_acc
-        log_row({"step": step, **metrics})
-        atomic_torch_save(run_dir / "model.pt", model.state_dict())
-        images_seen = plan.steps * cfg.batch_size
-        record = {
-            "run_id": rid, "experiment": exp, "status": "ok", "config": cfg.to_dict(), "resolved": resolved,
-            "metrics": metrics, "steps": plan.steps, "images_seen": images_seen,
-            "epochs_seen": images_seen / train_size if train_size else None, "wall_time_s": train_time, "eval_time_s": eval_time,
-            "flops_per_image": flops_per_image, "flops_error": flops_error,
-            "train_flops": (3 * flops_per_image * images_seen) if flops_per_image else None,
-            "params": n_params, "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-            "precision": precision, "world_size": world, "resumed_from_step": resumed_from,
-            "init_report": _small(init_report), "versions": _versions(), "git_revision": _git_revision(),
-            "hostname": platform.node(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "run_dir": str(run_dir), "selection": best.summary(),
-        }
-        store.write_record(exp, rid, record)
-    if world > 1:
-        torch.distributed.barrier()
-        if record is None:
-            record = {"run_id": rid, "experiment": exp, "status": "ok", "rank": rank}
+                _check_finite(t, float(t.loss_sum) if t.loss_n else 0.0)
+            _save_checkpoint(t)
+    if shown.bar is not None:
+        shown.bar.close()
+    t.train_time = t.elapsed_before + time.time() - t.t_start
+
+
+def _evaluate(t: _Training) -> dict[str, float]:
+    """Every evaluator on the final (or validation-chosen) parameters, the last logged training loss and
+    the best validation accuracy; logged as the run's last metrics row."""
+    metrics: dict[str, float] = {}
+    for ev in t.plan.evaluators:
+        metrics.update(ev(t.model, autocast_dtype=t.amp) if t.amp is not None else ev(t.model))
+    losses = [r["loss"] for r in t.store.metrics(t.cfg.experiment, t.rid) if "loss" in r]
+    if losses:
+        metrics["train/loss"] = losses[-1]
+    if t.best.selector is not None:
+        metrics[t.best.selector.name] = t.best.best_acc
+    t.log_row({"step": t.step, **metrics})
+    return metrics
+
+
+def _record(t: _Training, metrics: dict, facts: dict, eval_time: float) -> dict:
+    """Store the model and write record.json: metrics, cost (steps, images, FLOPs, time), versions."""
+    cfg, device = t.cfg, t.device
+    atomic_torch_save(t.run_dir / "model.pt", t.model.state_dict())
+    images_seen = t.plan.steps * cfg.batch_size
+    flops = t.flops_per_image
+    record = {
+        "run_id": t.rid, "experiment": cfg.experiment, "status": "ok", "config": cfg.to_dict(), "resolved": facts,
+        "metrics": metrics, "steps": t.plan.steps, "images_seen": images_seen,
+        "epochs_seen": images_seen / t.train_size if t.train_size else None, "wall_time_s": t.train_time,
+        "eval_time_s": eval_time, "flops_per_image": flops, "flops_error": t.flops_error,
+        "train_flops": (3 * flops * images_seen) if flops else None,
+        "params": sum(p.numel() for p in t.model.parameters()),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "precision": t.precision, "world_size": t.world, "resumed_from_step": t.resumed_from,
+        "init_report": _json_safe(t.init_report), "versions": _versions(), "git_revision": _git_revision(),
+        "hostname": platform.node(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run_dir": str(t.run_dir), "selection": t.best.summary(),
+    }
+    t.store.write_record(cfg.experiment, t.rid, record)
     return record
 
 
@@ -970,15 +1065,8 @@ class _BestOnValidation:
             self.best_state, self.curve = state["best_state"], state["curve"]
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def _small(report):
+def _json_safe(report):
+    """A load report as stored in the record: itself when it is JSON, else its text (at most 2,000 characters)."""
     if report is None:
         return None
     try:

@@ -27,6 +27,6 @@ def export_all(results: Path, profile: str = "cpu") -> None:
         params = mod.Params(profile=profile, results_dir=str(Path(results) / name))
         df = mod.collect(params)
         if len(df):
-            from .common import atomic_write_text
+            from .results import atomic_write_text
 
             atomic_write_text(Path(results) / name / "results.csv", df.to_csv(index=False))

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from . import common, floors, recipes
-from .common import Job, NotebookParams, ParameterError
+from . import common, floors, launch, recipes
+from .common import Job, ParameterError
 
 NOTEBOOK = "attention"
 
 
 @dataclass
-class Params(NotebookParams):
+class Params(launch.ExperimentParams):
     dataset: str | None = None  # training set and the source of sample images (None = the profile's)
     model_run: str | None = None  # analyse a stored run instead, "run:<experiment>/<run_id>"
     pretrained: str | None = None  # or released weights: a timm name with tag, or a local file
@@ -90,17 +90,17 @@ def gpu() -> Profile:
 
 
 def paper() -> Profile:
-    """[P] Fig. 6/7 use ViT-L/16 (Fig. 7) on JFT; ImageNet-1k stands in (Table 3 ImageNet recipe)."""
+    """[P] Fig. 6/7 use ViT-L/16 (Fig. 7) on JFT; ImageNet-1k stands in, with Table 3's ImageNet recipe
+    (`recipes.paper_pretrain`: 93,836 steps at batch 4096; streamed)."""
     return Profile(dataset="imagenet-1k", model="ViT-L/16", img_size=224, seeds=1, num_images=128,
-                   train=dict(epochs=300, batch_size=4096, optimizer="adam", lr=3e-3, weight_decay=0.3,
-                              warmup_steps=10000, schedule="cosine", drop_rate=0.1))
+                   train=recipes.paper_pretrain("imagenet-1k"))
 
 
 PROFILES = {"smoke": smoke, "cpu": cpu, "gpu": gpu, "paper": paper}
 
 
 def validate_params(values: dict) -> Params:
-    return common.validate_params(Params, values)
+    return launch.validated(common.validate_params(Params, values))
 
 
 def profile(params: Params) -> Profile:
@@ -140,9 +140,13 @@ def models(params: Params, df: pd.DataFrame | None = None) -> list[tuple[str, to
 
 def sample_images(params: Params, model: torch.nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n test images: (uint8 originals, model inputs in [-1, 1] at the model's resolution)."""
-    from ..data import load_arrays, preprocess
+    from ..data import DATASETS, load_arrays, preprocess, stream_arrays
 
     p = profile(params)
+    spec = DATASETS.get(p.dataset)
+    if spec is not None and spec.streaming:  # imagenet-1k: the first n test images, by streaming
+        arrays = stream_arrays(p.dataset, "test", n, size=model.img_size)
+        return arrays.images, preprocess(arrays.images, model.img_size, model.in_chans)
     arrays = load_arrays(p.dataset, "test")
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(arrays.labels), generator=g)[:n]
@@ -195,7 +199,7 @@ def analyse(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
 
 
 def run(params: Params, log=None) -> pd.DataFrame:
-    df = common.tidy(common.run_jobs(jobs(params), params, log=log), NOTEBOOK, params.profile)
+    df = common.tidy(launch.run_jobs(jobs(params), params, log=log), NOTEBOOK, params.profile)
     if params.model_run or params.pretrained:
         return df
     p = profile(params)

@@ -12,7 +12,8 @@ import pandas as pd
 
 from .. import baselines
 from ..data import DATASETS
-from .common import SCHEMA, NotebookParams, runs_dir
+from .params import NotebookParams, runs_dir
+from .results import SCHEMA
 
 LOGREG = "pixels: logistic regression"
 FEWSHOT = "pixels: 5-shot linear"
@@ -40,9 +41,14 @@ def rows(params: NotebookParams, notebook: str, *, trained_on: Sequence[tuple[st
     per dataset in ``fewshot`` (shots from the held-out part when ``fewshot_val_fraction`` > 0)."""
     cache = runs_dir(params)
     out = []
+    dry = getattr(params, "dry_run", False)
     for dataset, n, hold in trained_on:
         if _streamed(dataset):
             continue
+        if dry:  # stand-in data: subsets capped at what it holds
+            from .dryrun import cap
+
+            n = cap(dataset, n, hold)
         r = baselines.pixel_logistic_regression(dataset, train_examples=n, val_fraction=hold, cache=cache)
         log(f"baseline: pixel logistic regression on {dataset} ({n or 'all'} examples): top-1 {100 * r['top1']:.2f}% "
             f"(C={r['C']} chosen on validation)")

@@ -5,8 +5,9 @@ digest with page references: ../shared/docs/paper-numbers.md (sections 4 and 5).
 
 Two kinds of recipe live here:
 
-* the paper's own (`paper_pretrain`, `PAPER_FINETUNE`): Table 3 (pre-training) and App. B.1.1 /
-  Table 4 (fine-tuning), used by the `gpu` and `paper` profiles;
+* the paper's own (`paper_pretrain`, `paper_finetune`, from `PAPER_PRETRAIN` and `PAPER_FINETUNE`): Table 3
+  (pre-training; epochs turned into steps, as streamed sets need) and App. B.1.1 / Table 4 (fine-tuning, steps
+  per dataset), used by the `paper` profiles and, for released weights, by `gpu`; the only copy;
 * the `cpu` profile's, for models of 0.2-0.5 M parameters trained on Fashion-MNIST on two CPU cores.
   The paper's learning rates belong to batch 4096 with 10k warm-up steps; at batch 128 they diverge
   or stall, so these were chosen on a held-out part of the training data by the searches in
@@ -33,9 +34,30 @@ PAPER_PRETRAIN = {
 }
 
 
-def paper_pretrain(dataset: str) -> dict:
-    """[P] Table 3's recipe for ViT-B on ``dataset`` (ImageNet-1k, ImageNet-21k or JFT-300M)."""
-    return {**PAPER_PRETRAIN_COMMON, **PAPER_PRETRAIN[dataset]}
+# Training images per set, to turn Table 3's epochs into steps (streamed sets take steps, not epochs).
+TRAIN_IMAGES = {
+    "imagenet-1k": 1_281_167,     # ILSVRC-2012 train split (ILSVRC/imagenet-1k on the Hub)
+    "imagenet-21k": 14_197_122,   # ImageNet Fall 2011 release; [P] §4.1 "21k classes and 14M images"
+    "jft-300m": 303_000_000,      # [P] §4.1 "18k classes and 303M high-resolution images"
+}
+
+
+def epochs_to_steps(epochs: float, dataset: str, batch_size: int) -> int:
+    """``epochs`` passes over the whole of ``dataset`` (``TRAIN_IMAGES``) at ``batch_size``, in steps."""
+    return int(math.ceil(epochs * TRAIN_IMAGES[dataset] / batch_size))
+
+
+def paper_pretrain(dataset: str, *, as_steps: bool = True) -> dict:
+    """[P] Table 3's recipe for ViT-B on ``dataset`` (ImageNet-1k, ImageNet-21k or JFT-300M).
+
+    With ``as_steps`` (default) the epochs are given as steps over the whole set (ImageNet-1k: 300
+    epochs at batch 4096 = 93,836 steps, [P] "~93k"): these sets are streamed, which takes steps, and a
+    class-balanced subset of them trains the same number of steps ([P] §4.3: the same hyper-parameters for
+    every subset)."""
+    recipe = {**PAPER_PRETRAIN_COMMON, **PAPER_PRETRAIN[dataset]}
+    if as_steps:
+        recipe["steps"] = epochs_to_steps(recipe.pop("epochs"), dataset, recipe["batch_size"])
+    return recipe
 
 
 # [P] App. B.1.1 / Table 4: SGD momentum 0.9, batch 512, cosine, no weight decay, clip 1, 384 px,
@@ -44,6 +66,34 @@ def paper_pretrain(dataset: str) -> dict:
 PAPER_FINETUNE = dict(steps=10000, batch_size=512, optimizer="sgd", lr=0.01, weight_decay=0.0, warmup_steps=500,
                       schedule="cosine", grad_clip=1.0, img_size=384)
 PAPER_FINETUNE_LRS = (0.001, 0.003, 0.01, 0.03)
+# [P] Table 4 steps per dataset; warm-up 100 for Pets/Flowers ([BV] configs/transfer.py: 500 would leave
+# no decay in their 500 steps); ImageNet lr 0.03 ([VT] vit_jax/configs/common.py base_lr, inside Table 4's grid).
+PAPER_FINETUNE_STEPS = {"imagenet-1k": 20000, "cifar10": 10000, "cifar100": 10000, "oxford_iiit_pet": 500,
+                        "oxford_flowers102": 500}
+PAPER_FINETUNE_OVERRIDES = {"imagenet-1k": dict(lr=0.03), "oxford_iiit_pet": dict(warmup_steps=100),
+                            "oxford_flowers102": dict(warmup_steps=100)}
+# Fine-tuning augmentation ([VT] input_pipeline.py: random crop of area 0.05-1, resize, flip); none for
+# sets whose classes a flip does not preserve (digits, MNIST) or that are too small to crop (Fashion-MNIST).
+NO_FLIP_DATASETS = ("digits", "mnist", "fashion_mnist")
+
+
+def paper_finetune(dataset: str, *, img_size: int | None = 384) -> dict:
+    """[P] App. B.1.1 / Table 4: the fine-tuning recipe on ``dataset`` (steps per Table 4; CIFAR's 10k where
+    the table has no row), at ``img_size`` (384 in the paper; None: keep the key out)."""
+    recipe = dict(PAPER_FINETUNE, steps=PAPER_FINETUNE_STEPS.get(dataset, PAPER_FINETUNE["steps"]),
+                  **PAPER_FINETUNE_OVERRIDES.get(dataset, {}))
+    recipe.pop("img_size")
+    if img_size is not None:
+        recipe["img_size"] = img_size
+    return recipe
+
+
+def finetune_augment(dataset: str, img_size: int | None = None) -> str:
+    """Fine-tuning augmentation that follows the dataset: none on digit-like sets, else [VT]'s
+    random-resized crop + flip at high resolution (> 64 px) and pad-crop + flip on small images."""
+    if dataset in NO_FLIP_DATASETS:
+        return "none"
+    return "rrc_flip" if (img_size or 384) > 64 else "crop_flip"
 
 # ------------------------------------------------------------------------------------- cpu recipes
 FASHION_VAL = 5000 / 60000  # 5,000 of the 60,000 training images held out for selection (never trained on)

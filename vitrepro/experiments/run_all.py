@@ -2,6 +2,8 @@
 
     python -m vitrepro.experiments.run_all --profile cpu        (what `make reproduce` runs)
     python -m vitrepro.experiments.run_all --profile smoke --only scaling
+    python -m vitrepro.experiments.run_all --profile paper --dry-run [--tiny]   (stand-in data, experiments/dryrun.py)
+    python -m vitrepro.experiments.run_all --profile gpu --launcher torchrun --nproc-per-node 8
 
 Executed notebooks (with outputs) go to `runs/executed/` (kept out of git); the committed notebooks
 stay clean. Each notebook's wall time is written to `results/timings_<profile>.json`. This is the one
@@ -98,7 +100,25 @@ def main(argv=None) -> None:
     ap.add_argument("--results", default=str(REPO_ROOT / "results"))
     ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="extra notebook parameter (applied to every notebook)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="every configuration a couple of steps on stand-in data (temporary run store and results; "
+                         "results/ untouched)")
+    ap.add_argument("--tiny", action="store_true", help="with --dry-run: tiny models of the same families")
+    ap.add_argument("--launcher", choices=["local", "torchrun"], default=None,
+                    help="torchrun: each configuration under torchrun --standalone (DDP)")
+    ap.add_argument("--nproc-per-node", type=int, default=None, help="processes per configuration under torchrun")
     args = ap.parse_args(argv)
+    if args.dry_run:
+        import tempfile
+
+        args.results = tempfile.mkdtemp(prefix=f"vitrepro-dryrun-results-{args.profile}-")
+        args.parameter.append(("dry_run", "true"))
+        if args.tiny:
+            os.environ["VITREPRO_DRY_RUN_MODELS"] = "tiny"  # the notebook kernels inherit it
+    if args.launcher:
+        args.parameter.append(("launcher", args.launcher))
+    if args.nproc_per_node:
+        args.parameter.append(("nproc_per_node", str(args.nproc_per_node)))
     import logging
 
     import papermill as pm
@@ -129,6 +149,14 @@ def _value(text: str):
         return text
 
 
+def _kernel() -> str:
+    """The project's kernel ("vitrepro", installed by `make venv`): it prints each worker line once under
+    papermill's --log-output (env/kernel/kernel.json.in); python3 where it is not installed."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return "vitrepro" if "vitrepro" in KernelSpecManager().find_kernel_specs() else "python3"
+
+
 def _run(args, pm, report) -> None:
     out_dir = runs_dir(NotebookParams()) / "executed"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,11 +168,15 @@ def _run(args, pm, report) -> None:
         params = {"profile": args.profile, "results_dir": str(Path(args.results) / nb)}
         params.update({k: _value(v) for k, v in args.parameter})
         pm.execute_notebook(str(REPO_ROOT / "notebooks" / f"{nb}.ipynb"), str(out_dir / f"{nb}.{args.profile}.ipynb"),
-                            parameters=params, kernel_name="python3", log_output=True, progress_bar=False,
+                            parameters=params, kernel_name=_kernel(), log_output=True, progress_bar=False,
                             cwd=str(REPO_ROOT))
         timings[nb] = round(time.time() - t0, 1)
         print(f"=== {nb} done in {timings[nb]:.0f}s", flush=True)
         atomic_write_text(timings_file, json.dumps(timings, indent=1))
+    if getattr(args, "dry_run", False):
+        print(f"dry run of profile {args.profile} passed; tables and figures in {args.results}; "
+              f"notebook wall times (s): {timings}")
+        return
     text = report.build_report(Path(args.results))
     atomic_write_text(Path(args.results) / "REPORT.md", text)
     print(f"wrote {Path(args.results) / 'REPORT.md'}; notebook wall times (s): {timings}")

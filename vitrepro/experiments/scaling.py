@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ..models.registry import parse_name
-from . import common, floors, recipes
-from .common import Job, NotebookParams
+from . import common, floors, launch, recipes
+from .common import Job
 
 NOTEBOOK = "scaling"
 
 
 @dataclass
-class Params(NotebookParams):
+class Params(launch.ExperimentParams):
     upstream: str | None = None  # pre-training dataset (None = the profile's)
     downstream: str | None = None  # transfer dataset for few-shot and fine-tuning (None = the profile's)
 
@@ -54,7 +54,7 @@ class Profile:
     finetune: dict
     fewshot_shots: tuple[int, ...] = (5,)
     finetune_examples: int | None = None
-    finetune_augment: bool = True  # random crop + flip; off for digits, which a flip does not preserve
+    finetune_augment: bool | str = True  # random crop + flip; off for digits, which a flip does not preserve
     # pre-training overrides per family ("vit", "hybrid", "bit"): [P] Table 3 gives each family its own
     # learning rate (ViTs on ImageNet-size data 3e-3, ResNets 1e-3; hybrids follow their ViT)
     family_pretrain: dict = field(default_factory=dict)
@@ -84,7 +84,7 @@ def cpu() -> Profile:
 
     Expected (paper, qualitatively): the ResNet ahead on the smallest subsets; the ViT - ResNet gap
     shrinking as data grows. Not tested at this budget: "larger ViTs pay off only with more data" and
-    the hybrids (ViT-Micro/4 at four sizes x 3 seeds would add ~3 h on 2 cores; see REPORT.md).
+    the hybrids (ViT-Micro/4 at four sizes x 3 seeds would add ~1 h on 2 cores, a hybrid ~15 min; see REPORT.md).
     Command: papermill notebooks/scaling.ipynb out.ipynb -p profile cpu
     """
     return Profile(
@@ -108,25 +108,25 @@ def gpu() -> Profile:
 
 
 def paper() -> Profile:
-    """The paper's Fig. 3 ImageNet point and models (Table 3 recipe: Adam, batch 4096, 10k warm-up,
-    300 epochs ~ 93k steps, lr 3e-3 cosine, wd 0.3, dropout 0.1), fine-tuned at 384 px on ImageNet with
-    SGD momentum, batch 512, 20k steps ([P] App. B.1, Table 3/4). Needs a cluster under torchrun.
+    """The paper's Fig. 3 ImageNet point and models: [P] Table 3's ImageNet recipe (`recipes.paper_pretrain`:
+    Adam, batch 4096, 10k warm-up, lr 3e-3 cosine, wd 0.3, dropout 0.1; 300 epochs of ImageNet-1k = 93,836
+    steps, the same step budget for every class-balanced subset, drawn by streaming), 5-shot probe on
+    ImageNet, fine-tuned at 384 px on ImageNet with [P] Table 4's recipe (`recipes.paper_finetune`: SGD
+    momentum, batch 512, 20k steps). Needs a cluster under torchrun (`launcher="torchrun"`).
     Expected ImageNet top-1 ([P] Table 5): B/16 77.91, B/32 73.38, L/16 76.53, L/32 71.16.
     """
     return Profile(
         upstream="imagenet-1k", downstream="imagenet-1k", sizes=(40000, 128000, 400000, 1281167), img_size=224,
         seeds=1, models=("ViT-B/32", "ViT-B/16", "ViT-L/32", "ViT-L/16", "BiT-R50x1", "BiT-R152x2", "R50+ViT-B/16"),
-        pretrain=dict(epochs=300, batch_size=4096, optimizer="adam", lr=3e-3, weight_decay=0.3, warmup_steps=10000,
-                      schedule="cosine", drop_rate=0.1),
-        finetune=dict(steps=20000, batch_size=512, optimizer="sgd", lr=0.03, warmup_steps=500, schedule="cosine",
-                      img_size=384))
+        pretrain=recipes.paper_pretrain("imagenet-1k"), finetune=recipes.paper_finetune("imagenet-1k"),
+        finetune_augment=recipes.finetune_augment("imagenet-1k"))
 
 
 PROFILES = {"smoke": smoke, "cpu": cpu, "gpu": gpu, "paper": paper}
 
 
 def validate_params(values: dict) -> Params:
-    return common.validate_params(Params, values)
+    return launch.validated(common.validate_params(Params, values))
 
 
 def profile(params: Params) -> Profile:
@@ -144,6 +144,8 @@ def _pretrain_config(params: Params, p: Profile, model: str, n: int | None, seed
     if p.pretrain is None:  # cpu: the shared upstream runs of recipes.py (validation-selected, early-stopped)
         return recipes.upstream_config(params.profile, model, seed, n=n, dataset=p.upstream, img_size=p.img_size)
     pretrain = {**p.pretrain, **p.family_pretrain.get(parse_name(model).family, {})}
+    if n is not None and n == recipes.TRAIN_IMAGES.get(p.upstream):
+        n = None  # the whole set (streamed: no subset to draw)
     return common.train_config(
         experiment=f"{NOTEBOOK}-{params.profile}", model=model, dataset=p.upstream, train_examples=n,
         img_size=p.img_size, seed=seed, fewshot_dataset=p.downstream, fewshot_shots=p.fewshot_shots, **pretrain)
@@ -183,7 +185,7 @@ def baseline_rows(params: Params, log=print) -> pd.DataFrame:
 
 
 def run(params: Params, log=None) -> pd.DataFrame:
-    results = common.run_jobs(jobs(params), params, log=log)
+    results = launch.run_jobs(jobs(params), params, log=log)
     return pd.concat([common.tidy(results, NOTEBOOK, params.profile), baseline_rows(params)], ignore_index=True)
 
 
@@ -220,7 +222,7 @@ def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             _baseline_cell(df, metric, d.dataset.iloc[0], n if stage == "pretrain" and metric == "top1" else None)
             for n in w.columns]
         out[title] = w.reset_index()
-        out[title].columns = [str(c) for c in out[title].columns]
+        out[title].columns = [f"{int(c):,}" if isinstance(c, float) else str(c) for c in out[title].columns]
     d = df[(df.metric == "fewshot5") & (df.stage == "pretrain")]
     if not d.empty:
         t = d.groupby(["family", "model"]).agg(params=("params", "max"), train_flops_at_largest=("train_flops", "max")).reset_index()

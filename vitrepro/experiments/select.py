@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .common import REPO_ROOT, atomic_write_text
+from .params import REPO_ROOT
+from .results import atomic_write_text
 
 
 class SelectionError(ValueError):
@@ -102,18 +103,19 @@ def write_search(name: str, search: Search, rows: list[dict], out: Path) -> dict
     return chosen
 
 
-def main(argv=None) -> None:
-    from .recipes import SEARCHES
-
+def main(searches: dict, argv=None) -> None:
+    """The command line over ``searches`` (name -> function returning a `Search`; `recipes.SEARCHES`)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("names", nargs="+", choices=sorted(SEARCHES))
+    ap.add_argument("names", nargs="+", choices=sorted(searches))
     ap.add_argument("--out", default=str(REPO_ROOT / "results" / "recipes"))
     args = ap.parse_args(argv)
     for name in args.names:
-        search = SEARCHES[name]()
+        search = searches[name]()
         rows = run_search(name, search)
         print(f"[select {name}] chosen: {write_search(name, search, rows, Path(args.out))}", flush=True)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the program's entry point sits above recipes, which builds on this module
+    from vitrepro.experiments.recipes import SEARCHES
+
+    main(SEARCHES)

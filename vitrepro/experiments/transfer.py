@@ -10,8 +10,9 @@ resolution helps; pre-training beats training from scratch.
 Here: a small and a large upstream set (a class-balanced subset vs the whole set), each model
 fine-tuned on every downstream set at the pre-training resolution and at a higher one, plus a
 from-scratch row. With `pretrained=` (a timm name such as `vit_base_patch16_224.orig_in21k`, or a
-local weight file with `pretrained_model=`), the released weights are fine-tuned with the paper's
-recipe instead.
+local weight file with `pretrained_model=`), the released weights are fine-tuned instead, with the
+recipe of the profile (`pretrained_recipe`: the paper's Table 4 only in gpu/paper, the cpu recipe at a
+4x4 patch grid in cpu), augmented as the dataset allows (no flips on digits).
 
     papermill notebooks/transfer.ipynb out.ipynb -p profile cpu
     papermill notebooks/transfer.ipynb out.ipynb -p profile gpu -p pretrained vit_base_patch16_224.orig_in21k
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from . import common, floors, recipes
-from .common import Job, NotebookParams, ParameterError
+from . import common, floors, launch, recipes
+from .common import Job, ParameterError
 
 NOTEBOOK = "transfer"
 
@@ -37,7 +38,7 @@ TIMM_TO_PAPER = {
 
 
 @dataclass
-class Params(NotebookParams):
+class Params(launch.ExperimentParams):
     upstream: str | None = None  # pre-training dataset (None = the profile's)
     downstream: list | None = None  # list of downstream datasets (None = the profile's)
     pretrained: str | None = None  # timm name with tag, or a local .pth/.safetensors/.npz: fine-tune released weights
@@ -81,14 +82,11 @@ class Profile:
     finetune: dict
     finetune_examples: int | None = None
     finetune_augment: bool = True  # random crop + flip; off for digit sets, which a flip does not preserve
-    pretrained_finetune: dict | None = None  # the paper's recipe for released weights
+    pretrained_finetune: dict | None = None  # smoke: its own recipe for released weights (see pretrained_recipe)
+    paper_recipe: bool = False  # fine-tune each downstream set with [P] Table 4's recipe (recipes.paper_finetune)
     resolution_pretrain: int | None = None  # cpu: a ViT pre-trained at this lower resolution ...
     resolution_finetune: tuple[int, ...] = ()  # ... fine-tuned at these (real extra pixels)
     upsampled_finetune: int | None = None  # cpu: the img_size model also fine-tuned at this upsampled size
-
-
-PAPER_FINETUNE = dict(steps=10000, batch_size=512, optimizer="sgd", lr=0.01, weight_decay=0.0, warmup_steps=500,
-                      schedule="cosine", grad_clip=1.0, img_size=384)  # [P] App. B.1.1, Table 4 (CIFAR)
 
 
 def smoke() -> Profile:
@@ -133,27 +131,26 @@ def gpu() -> Profile:
                    pretrain=dict(steps=10000, batch_size=512, optimizer="adam", lr=1e-3, weight_decay=0.1,
                                  warmup_steps=500, schedule="linear"),
                    finetune=dict(steps=1000, batch_size=512, optimizer="sgd", lr=0.01, warmup_steps=100,
-                                 schedule="cosine", weight_decay=0.0),
-                   pretrained_finetune=dict(PAPER_FINETUNE))
+                                 schedule="cosine", weight_decay=0.0))
 
 
 def paper() -> Profile:
-    """[P] Table 5 ImageNet vs ImageNet-21k rows for B/16 (Table 3 recipes), fine-tuned at 384 px with the
-    Table 4 recipe. ImageNet-21k itself is not in the data table: pass upstream= a local copy.
+    """[P] Table 5 ImageNet vs ImageNet-21k rows for B/16: pre-trained with Table 3's ImageNet recipe
+    (`recipes.paper_pretrain`, 93,836 steps; a 128k class-balanced subset drawn by streaming stands for the
+    smaller set), fine-tuned at 224 and 384 px with Table 4's recipe per dataset (`recipes.paper_finetune`).
+    ImageNet-21k itself is not in the data table: pass upstream= a local copy.
     Expected: B/16 CIFAR-10 98.13 (ImageNet) / 98.95 (I21k), CIFAR-100 87.13 / 91.67, Pets 93.81 / 94.43."""
     return Profile(upstream="imagenet-1k", upstream_sizes=(128000, None),
                    downstream=("cifar10", "cifar100", "oxford_iiit_pet", "oxford_flowers102"), models=("ViT-B/16",),
-                   img_size=224, finetune_sizes=(224, 384), seeds=1,
-                   pretrain=dict(epochs=300, batch_size=4096, optimizer="adam", lr=3e-3, weight_decay=0.3,
-                                 warmup_steps=10000, schedule="cosine", drop_rate=0.1),
-                   finetune=dict(PAPER_FINETUNE), pretrained_finetune=dict(PAPER_FINETUNE))
+                   img_size=224, finetune_sizes=(224, 384), seeds=1, pretrain=recipes.paper_pretrain("imagenet-1k"),
+                   finetune=recipes.paper_finetune("cifar10", img_size=None), paper_recipe=True)
 
 
 PROFILES = {"smoke": smoke, "cpu": cpu, "gpu": gpu, "paper": paper}
 
 
 def validate_params(values: dict) -> Params:
-    return common.validate_params(Params, values)
+    return launch.validated(common.validate_params(Params, values))
 
 
 def profile(params: Params) -> Profile:
@@ -165,17 +162,39 @@ def profile(params: Params) -> Profile:
     return p
 
 
+def pretrained_recipe(params: Params, p: Profile, model: str, dataset: str) -> dict:
+    """The fine-tuning recipe for released weights in this profile: [P] Table 4 at 384 px in gpu/paper; the
+    cpu recipe (`recipes.CPU_FINETUNE`) at a 4x4 patch grid in cpu; the profile's own in smoke."""
+    from ..models.registry import parse_name
+
+    if params.profile in ("gpu", "paper"):
+        return recipes.paper_finetune(dataset)
+    if p.pretrained_finetune is not None:
+        return dict(p.pretrained_finetune)
+    spec = parse_name(model)
+    return dict(recipes.CPU_FINETUNE, img_size=4 * getattr(spec, "patch", 16))
+
+
+def _finetune_recipe(p: Profile, dataset: str) -> dict:
+    return recipes.paper_finetune(dataset, img_size=None) if p.paper_recipe else dict(p.finetune)
+
+
+def _augment(p: Profile, dataset: str, size: int):
+    return recipes.finetune_augment(dataset, size) if p.paper_recipe else p.finetune_augment
+
+
 def jobs(params: Params) -> list[Job]:
     p = profile(params)
     exp = f"{NOTEBOOK}-{params.profile}"
     out = []
-    if params.pretrained:  # fine-tune the released weights with the paper's recipe
+    if params.pretrained:  # fine-tune the released weights with the profile's recipe
         model = pretrained_model_name(params.pretrained, params.pretrained_model)
-        ft = dict(p.pretrained_finetune or PAPER_FINETUNE)
         for ds in p.downstream:
+            ft = pretrained_recipe(params, p, model, ds)
             for seed in range(p.seeds):
                 out.append(Job(common.train_config(
-                    experiment=exp, model=model, dataset=ds, seed=seed, init=params.pretrained, augment=True,
+                    experiment=exp, model=model, dataset=ds, seed=seed, init=params.pretrained,
+                    augment=recipes.finetune_augment(ds, ft.get("img_size")),
                     train_examples=p.finetune_examples, **ft), stage="finetune", upstream=params.pretrained))
         return out
     if p.pretrain is None:
@@ -188,14 +207,18 @@ def jobs(params: Params) -> list[Job]:
                     seed=seed, **p.pretrain), stage="pretrain", upstream=p.upstream, upstream_examples=n)
                 out.append(pre)
                 for ds in p.downstream:
+                    ft = _finetune_recipe(p, ds)
                     for size in p.finetune_sizes:
                         out.append(Job(common.train_config(
-                            experiment=exp, model=model, dataset=ds, img_size=size, seed=seed, augment=p.finetune_augment,
-                            train_examples=p.finetune_examples, **p.finetune), stage="finetune",
-                            upstream=p.upstream, upstream_examples=n, parent=pre))
+                            experiment=exp, model=model, dataset=ds, img_size=size, seed=seed,
+                            augment=_augment(p, ds, size), train_examples=p.finetune_examples, **ft),
+                            stage="finetune", upstream=p.upstream, upstream_examples=n, parent=pre))
             for ds in p.downstream:  # from scratch: the pre-training recipe on the downstream budget
-                scratch = dict(p.pretrain, steps=p.finetune.get("steps", p.pretrain.get("steps")))
+                steps = _finetune_recipe(p, ds).get("steps", p.pretrain.get("steps"))
+                scratch = dict(p.pretrain, steps=steps)
                 scratch.pop("epochs", None)
+                if scratch.get("warmup_steps", 0) >= steps:  # paper: 10k warm-up, 500-10k fine-tuning steps
+                    scratch["warmup_steps"] = steps // 10
                 out.append(Job(common.train_config(
                     experiment=exp, model=model, dataset=ds, img_size=p.img_size, seed=seed,
                     train_examples=p.finetune_examples, **scratch), stage="scratch"))
@@ -246,7 +269,7 @@ def baseline_rows(params: Params, log=print) -> pd.DataFrame:
 
 
 def run(params: Params, log=None) -> pd.DataFrame:
-    df = common.tidy(common.run_jobs(jobs(params), params, log=log), NOTEBOOK, params.profile)
+    df = common.tidy(launch.run_jobs(jobs(params), params, log=log), NOTEBOOK, params.profile)
     return pd.concat([df, baseline_rows(params)], ignore_index=True)
 
 

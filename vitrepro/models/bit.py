@@ -22,7 +22,7 @@ from timm.layers import StdConv2dSame as _TimmStdConv2dSame
 from timm.layers.padding import pad_same
 from timm.models.resnetv2 import ResNetV2
 
-from .vit import PreLogits, zero_linear
+from .vit import PreLogits, replace_head, zero_linear
 
 RESNET_OPTIONS = ("img_size", "in_chans", "num_classes", "head", "representation_size", "drop_rate",
                   "drop_path_rate")
@@ -159,12 +159,8 @@ class BiTResNet(ResNetV2):
         return self.head(self.head_drop(self.forward_features(x)))  # (B, num_classes)
 
     def reset_head(self, num_classes: int) -> None:
-        device = self.norm.weight.device
-        self.pre_logits = nn.Identity()
-        self.head_kind = "linear"
-        self.num_features = self.body_features
-        self.num_classes = num_classes
-        self.head = zero_linear(self.num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
+        """Replace the whole head (pre-logits included) by one zero-initialised linear layer."""
+        replace_head(self, self.body_features, num_classes)
 
     def set_img_size(self, img_size: int) -> None:
         self.img_size = img_size  # a CNN takes any resolution; only the metadata changes

@@ -27,6 +27,21 @@ POS_EMBEDS = ("none", "1d", "2d", "relative")
 POS_EMBED_ATS = ("stem", "every_layer", "every_layer_shared")
 HEADS = ("mlp", "linear")
 
+# ----------------------------------------------------------------------------------------------------
+# Speed paths: one switch. The reference computation is the paper's: every token through every block,
+# attention by torch's fused scaled_dot_product_attention. With SPEED_PATHS on (the default) two measured
+# shortcuts compute the same numbers faster (benchmarks/README.md; commits ad448e2 and 809d610):
+#   1. attention on the CPU as explicit matmuls with an fp32 softmax (`attend`): torch's CPU flash-attention
+#      backward costs 2-11x more than three matmuls and a softmax at 17-197 tokens (fwd+bwd, bf16,
+#      (B, h, N, dh) = (128, 2, 17, 32): 8.39 -> 0.91 ms), 39% of a bf16 ViT-Nano/7 step. CUDA keeps the
+#      fused kernel either way.
+#   2. with token pooling the last block runs for the class token only (`Block.forward_cls`; every token is
+#      still a key and a value): identical logits, 13-21% fewer executed FLOPs per step, and training speed
+#      relative to timm 0.97-1.06 -> 1.15-1.27 on the cpu-profile ViTs.
+# False gives the plain reference path (tests check that both give the same numbers). A model's own
+# `last_block_cls_only = False` turns off shortcut 2 for that model alone.
+SPEED_PATHS = True
+
 
 def resample_grid(table: torch.Tensor, new_hw: tuple[int, int]) -> torch.Tensor:
     """Bilinearly resample a (gh, gw, D) grid of embeddings to new_hw.
@@ -226,12 +241,11 @@ def attend(q, k, v, bias=None, drop: float = 0.0, return_attention: bool = False
     """softmax(q k^T / sqrt(dh) + bias) v for (B, h, Nq, dh) queries and (B, h, N, dh) keys/values.
 
     Returns (out (B, h, Nq, dh), attention probabilities (B, h, Nq, N) or None). On CUDA this is the
-    fused scaled_dot_product_attention (flash / memory-efficient kernels). On the CPU the explicit
-    form is faster at the sequence lengths used here: torch's CPU flash-attention backward costs
-    2-11x more than three matmuls and a softmax for 17-197 tokens, most of all in bf16
-    (benchmarks/README.md). The softmax runs in fp32, so bf16 autocast rounds only the matmuls.
+    fused scaled_dot_product_attention (flash / memory-efficient kernels). On the CPU, with SPEED_PATHS,
+    the explicit form, faster at the sequence lengths used here (see SPEED_PATHS). The explicit form's
+    softmax runs in fp32, so bf16 autocast rounds only the matmuls.
     """
-    if q.is_cuda and not return_attention:
+    if not return_attention and (q.is_cuda or not SPEED_PATHS):
         # The relative bias goes in as an additive float mask.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop), None
     logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, h, Nq, N)
@@ -319,6 +333,17 @@ def zero_linear(in_features: int, out_features: int) -> nn.Linear:
     return head
 
 
+def replace_head(model: nn.Module, num_features: int, num_classes: int) -> None:
+    """The paper's fine-tuning head (ViT and BiT alike): the whole head, pre-logits included, replaced by one
+    zero-initialised linear layer from the ``num_features`` body features, on the model's device."""
+    device = model.norm.weight.device
+    model.pre_logits = nn.Identity()
+    model.head_kind = "linear"
+    model.num_features = num_features
+    model.num_classes = num_classes
+    model.head = zero_linear(num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
+
+
 class VisionTransformer(nn.Module):
     def __init__(
         self,
@@ -372,9 +397,8 @@ class VisionTransformer(nn.Module):
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows linearly
         self.blocks = nn.ModuleList(
             Block(dim, num_heads, mlp_dim, drop_rate, attn_drop_rate, dpr[i]) for i in range(depth))
-        # With token pooling only z_L^0 is read, so the last block runs its query, attention output, MLP
-        # and residuals for the class token alone (Block.forward_cls): the same logits, and for ViT-Nano
-        # (4 layers) ~20% fewer FLOPs per training step. False runs every token through every block.
+        # With token pooling only z_L^0 is read, so the last block may run for the class token alone
+        # (Block.forward_cls, speed path 2 of SPEED_PATHS). False runs every token through every block.
         self.last_block_cls_only = True
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
@@ -432,7 +456,7 @@ class VisionTransformer(nn.Module):
 
     def cls_only_last_block(self) -> bool:
         """Whether _pooled runs the last block for the class token only (token pooling, no relative bias)."""
-        return self.last_block_cls_only and self.pool == "token" and self.rel_bias is None
+        return SPEED_PATHS and self.last_block_cls_only and self.pool == "token" and self.rel_bias is None
 
     def _encode(self, x: torch.Tensor, return_attention: bool = False, cls_only_last: bool = False):
         """(B, C, H, W) -> encoder output before the final LayerNorm (B, N, D), list of attentions.
@@ -481,12 +505,7 @@ class VisionTransformer(nn.Module):
 
     def reset_head(self, num_classes: int) -> None:
         """Replace the whole head (pre-logits included) by one zero-initialised linear layer."""
-        device = self.norm.weight.device
-        self.pre_logits = nn.Identity()
-        self.head_kind = "linear"
-        self.num_features = self.dim
-        self.num_classes = num_classes
-        self.head = zero_linear(self.dim, num_classes).to(device) if num_classes > 0 else nn.Identity()
+        replace_head(self, self.dim, num_classes)
 
     def set_img_size(self, img_size: int) -> None:
         """Change the input resolution in place (used by weights.resize)."""

@@ -1,0 +1,279 @@
+"""Dry runs: every configuration of a profile, a couple of steps each, on synthetic stand-in data.
+
+    python -m vitrepro.experiments.run_all --profile paper --dry-run [--tiny]
+    papermill notebooks/scaling.ipynb out.ipynb -p profile gpu -p dry_run True
+
+What fails here would fail on the cluster: each configuration of the profile trains for `STEPS` steps
+with its real model (with ``tiny``/``VITREPRO_DRY_RUN_MODELS=tiny``, the largest ones, above 25 M parameters,
+swapped for a tiny one of the same family),
+optimizer, schedule (warm-up shortened to fit), augmentation, resolution and evaluators (accuracy, the
+few-shot probe, fine-tuning from its parent run, streaming where the real set is streamed), at a small
+batch, on stand-in datasets with the real ones' schema: the same parquet columns and features (image
+column, ClassLabel with the real number of classes), splits, image sizes and modes (mixed sizes where the
+real set has them), written once into ``<tmp>/vitrepro-dryrun-data-v1/<name>/`` and used through
+``VITREPRO_DATA`` (``vitrepro.settings``). Seeds default to 1, subset sizes are capped at what the stand-in
+holds (so sizes that differ only there become one run), and the run store is a fresh temporary folder:
+nothing of a real run store, cache or results/ is touched.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+STEPS = 2
+BATCH = 8
+VERSION = 2
+
+# name -> (image column, label column, number of classes, {split: examples per class}, size (h, w) or None =
+# mixed sizes, mode, extra ClassLabel columns). Schemas of the Hub sets in data.DATASETS.
+SCHEMAS = {
+    "mnist": ("image", "label", 10, {"train": 6, "test": 2}, (28, 28), "L", {}),
+    "fashion_mnist": ("image", "label", 10, {"train": 6, "test": 2}, (28, 28), "L", {}),
+    "cifar10": ("img", "label", 10, {"train": 6, "test": 2}, (32, 32), "RGB", {}),
+    "cifar100": ("img", "fine_label", 100, {"train": 6, "test": 1}, (32, 32), "RGB", {"coarse_label": 20}),
+    "oxford_iiit_pet": ("image", "label", 37, {"train": 6, "test": 1}, None, "RGB", {}),
+    "oxford_flowers102": ("image", "label", 102, {"train": 3, "validation": 3, "test": 1}, None, "RGB", {}),
+    # streamed like the real one, validation = its test split; all 1000 classes in the features, examples
+    # (5 each: the 5-shot probe's shots) for `PRESENT` of them, so that a probe costs 500 images, not 5,000
+    "imagenet-1k": ("image", "label", 1000, {"train": 5, "validation": 0.1}, None, "RGB", {}),
+}
+PRESENT = {"imagenet-1k": 100}  # classes with training examples (the rest: declared, never drawn)
+
+
+def _encode(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def write_standin(root: Path, name: str, seed: int = 0) -> Path:
+    """Write the stand-in of ``name`` as ``root/name/<split>-00000-of-00001.parquet`` (Hub layout)."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    icol, lcol, k, splits, size, mode, extra = SCHEMAS[name]
+    out = Path(root) / name
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    feats = {icol: datasets.Image(), lcol: datasets.ClassLabel(names=[f"class_{i}" for i in range(k)])}
+    feats.update({c: datasets.ClassLabel(names=[f"group_{i}" for i in range(m)]) for c, m in extra.items()})
+    present = np.sort(rng.choice(k, size=PRESENT[name], replace=False)) if name in PRESENT else np.arange(k)
+    for split, per in splits.items():
+        labels = (np.repeat(present, per) if per >= 1 else
+                  np.sort(rng.choice(k, size=max(1, int(k * per)), replace=False)))
+        images = []
+        for y in labels:
+            h, w = size or tuple(int(v) for v in rng.integers(24, 65, size=2))
+            c = 1 if mode == "L" else 3
+            base = rng.integers(0, 256, size=(h, w, c), dtype=np.uint8)  # noise plus a class-dependent level
+            arr = ((base.astype(np.int32) + int(y) * 37) % 256).astype(np.uint8)
+            images.append({"bytes": _encode(Image.fromarray(arr[..., 0] if c == 1 else arr, mode)), "path": None})
+        cols = {icol: images, lcol: labels.tolist()}
+        cols.update({c: (labels % m).tolist() for c, m in extra.items()})
+        ds = datasets.Dataset.from_dict(cols, features=datasets.Features(feats))
+        ds.to_parquet(str(out / f"{split}-00000-of-00001.parquet"))
+    return out
+
+
+def standin_root(names: Sequence[str] | None = None) -> Path:
+    """The stand-in data directory (written once per machine and reused; every set of `SCHEMAS`)."""
+    import shutil
+
+    root = Path(os.environ.get("VITREPRO_DRY_RUN_DATA") or Path(tempfile.gettempdir()) / f"vitrepro-dryrun-data-v{VERSION}")
+    for name in names or SCHEMAS:
+        if (root / name / ".complete").exists():
+            continue
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root if root.exists() else None))
+        if not root.exists():
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        write_standin(tmp, name)
+        (tmp / name / ".complete").write_text("ok\n")
+        if (root / name).exists():
+            shutil.rmtree(root / name, ignore_errors=True)
+        os.replace(tmp / name, root / name)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def available(dataset: str, val_fraction: float = 0.0) -> int | None:
+    """Training examples the stand-in of ``dataset`` holds (after a stratified hold-out), None: not a stand-in."""
+    from ..data import DATASETS
+
+    if dataset not in SCHEMAS:
+        return None
+    _, _, k, splits, *_ = SCHEMAS[dataset]
+    per = sum(splits.get(s, 0) for s in DATASETS[dataset].train_split.split("+"))
+    return int(PRESENT.get(dataset, k) * (per - int(round(per * val_fraction))))
+
+
+TINY_ABOVE = 25_000_000  # with tiny models: models above this many parameters are swapped (ViT-B, BiT-R50x1, ...)
+
+
+def _params(name: str) -> int:
+    import torch
+
+    from ..models import create_model
+
+    with torch.device("meta"):
+        for size in (224, 256, 64):
+            try:
+                return sum(p.numel() for p in create_model(name, img_size=size, num_classes=1000).parameters())
+            except (ValueError, TypeError):
+                continue
+    return 0
+
+
+def tiny_model(name: str) -> str:
+    """The largest models (> `TINY_ABOVE` parameters) swapped for a tiny one of the same family and patch size
+    (stride): ViT-*/p -> ViT-Nano/p, R..+ViT-*/s -> R14x0.25+ViT-Nano/s, BiT-R* -> BiT-R14x0.25."""
+    from ..models.registry import parse_name
+
+    if _params(name) <= TINY_ABOVE:
+        return name
+    spec = parse_name(name)
+    if spec.family == "vit":
+        return f"ViT-Nano/{spec.vit.patch}"
+    if spec.family == "hybrid":
+        return f"R14x0.25+ViT-Nano/{spec.vit.patch}"
+    return "BiT-R14x0.25"
+
+
+def tiny_wanted() -> bool:
+    return os.environ.get("VITREPRO_DRY_RUN_MODELS", "") == "tiny"
+
+
+def shrink(cfg: dict, tiny: bool | None = None) -> dict:
+    """A configuration as the dry run trains it: `STEPS` steps (warm-up 1 unless constant), batch at most
+    `BATCH`, subsets capped at the stand-in's size, checks every step; model, optimizer, lr, schedule,
+    augmentation, resolution, evaluators and init unchanged (with ``tiny``: a tiny model of the family)."""
+    cfg = dict(cfg)
+    cfg.pop("epochs", None)
+    cfg["steps"] = STEPS
+    cfg["warmup_steps"] = min(int(cfg.get("warmup_steps") or 0), 1)
+    cfg["accum_steps"] = 1
+    cfg["batch_size"] = min(int(cfg.get("batch_size", 64)), BATCH)
+    n = available(cfg.get("dataset"), float(cfg.get("val_fraction") or 0.0))
+    if cfg.get("train_examples") is not None and n is not None:
+        cfg["train_examples"] = min(int(cfg["train_examples"]), n)
+    for key in ("select_every", "snapshot_every"):
+        if cfg.get(key):
+            cfg[key] = 1
+    cfg["checkpoint_every"] = STEPS  # the final checkpoint only (a checkpoint of ViT-B is 1 GB)
+    cfg["log_every"] = 1
+    cfg.pop("eval_every", None)
+    if tiny if tiny is not None else tiny_wanted():
+        cfg["model"] = tiny_model(cfg["model"])
+    return cfg
+
+
+def shrink_jobs(jobs, tiny: bool | None = None):
+    """The jobs of a sweep with `shrink`ed configurations (parents kept: fine-tunes still start from them)."""
+    for job in jobs:
+        job.config = shrink(job.config, tiny)
+    return jobs
+
+
+def cap(dataset: str, n: int | None, val_fraction: float = 0.0) -> int | None:
+    """A subset size as the dry run uses it (pixel baselines): at most what the stand-in holds."""
+    avail = available(dataset, val_fraction)
+    return n if n is None or avail is None else min(n, avail)
+
+
+def activate(params) -> None:
+    """Point this process at the stand-in data (``VITREPRO_DATA``; no array cache) and ``params`` at a fresh
+    run store (a temporary folder, unless ``runs_dir`` is given); seeds default to 1."""
+    os.environ["VITREPRO_DATA"] = str(standin_root())
+    os.environ["VITREPRO_CACHE"] = "off"
+    if not params.runs_dir:
+        import atexit
+        import shutil
+
+        params.runs_dir = tempfile.mkdtemp(prefix=f"vitrepro-dryrun-{params.profile}-")
+        if os.environ.get("VITREPRO_DRY_RUN_KEEP", "") in ("", "0"):
+            atexit.register(shutil.rmtree, params.runs_dir, True)
+    if params.seeds is None:
+        params.seeds = 1
+
+
+def summary(jobs) -> dict:
+    """Configurations and their total training steps (a streamed set's steps as given; epochs as steps
+    over the set where its size is known)."""
+    from . import recipes
+
+    steps = 0
+    for job in jobs:
+        c = job.config
+        if c.get("steps") is not None:
+            steps += int(c["steps"])
+        elif c.get("epochs") is not None:
+            n = c.get("train_examples") or recipes.TRAIN_IMAGES.get(c["dataset"])
+            steps += math.ceil(c["epochs"] * n / c["batch_size"]) if n else 0
+    return {"configurations": len(jobs), "steps": steps}
+
+
+def notebook_cells(notebook: str) -> list[tuple[bool, str]]:
+    """(is the parameters cell, source) of each code cell of ``notebooks/<notebook>.py`` (the jupytext twin)."""
+    from .common import REPO_ROOT
+
+    text = (REPO_ROOT / "notebooks" / f"{notebook}.py").read_text()
+    cells = []
+    for chunk in text.split("\n# %%")[1:]:
+        head, _, body = chunk.partition("\n")
+        if "[markdown]" in head:
+            continue
+        cells.append(('"parameters"' in head, body))
+    return cells
+
+
+def run_notebook(notebook: str, parameters: dict) -> dict:
+    """Execute a notebook's code cells in this process with papermill's parameter injection (the
+    parameters cell, then the given values); returns its namespace."""
+    ns: dict = {"display": lambda *a, **k: None, "__name__": f"dryrun_{notebook}"}
+    for is_params, src in notebook_cells(notebook):
+        exec(compile(src, f"notebooks/{notebook}.py", "exec"), ns)
+        if is_params:
+            ns.update(parameters)
+    return ns
+
+
+def run_profile(profile: str, *, notebooks: Sequence[str] | None = None, tiny: bool = False,
+                extra: dict | None = None) -> dict:
+    """The dry run of ``profile`` in this process: each notebook's own cells with ``dry_run=True`` (a fresh
+    temporary run store and results folder each). Returns {notebook: {"configurations", "steps" (of the
+    real profile), "seconds"}}; raises what a notebook would."""
+    import time
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import NOTEBOOKS, attention, position_embeddings, scaling, transfer
+
+    mods = {"scaling": scaling, "position_embeddings": position_embeddings, "transfer": transfer,
+            "attention": attention}
+    saved = {k: os.environ.get(k) for k in ("VITREPRO_DRY_RUN_MODELS", "VITREPRO_DATA", "VITREPRO_CACHE")}
+    if tiny:
+        os.environ["VITREPRO_DRY_RUN_MODELS"] = "tiny"
+    out = {}
+    try:
+        for nb in notebooks or NOTEBOOKS:
+            t0 = time.time()
+            real = summary(mods[nb].jobs(mods[nb].validate_params({"profile": profile, **(extra or {})})))
+            run_notebook(nb, {"profile": profile, "dry_run": True, **(extra or {})})
+            plt.close("all")
+            out[nb] = {**real, "seconds": round(time.time() - t0, 1)}
+    finally:  # activate() pointed this process at the stand-ins: undo it
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return out

@@ -1,0 +1,37 @@
+"""What a sweep trains: `Job` (one training run and what the tables need to know about it) and
+`train_config`, the `vitrepro.train.TrainConfig` dict the notebooks build their jobs from."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass
+class Job:
+    """One training run of a sweep, plus what the tables need to know about it."""
+
+    config: dict
+    stage: str  # "pretrain" | "finetune" | "scratch"
+    upstream: str | None = None
+    upstream_examples: int | None = None
+    parent: "Job | None" = None  # the pre-training job a fine-tune starts from
+
+
+def finetune_from(parent: Job, record: dict) -> str:
+    """The `init` of a fine-tuning config: the stored final weights of the parent run."""
+    return f"run:{record['experiment']}/{record['run_id']}"
+
+
+def train_config(*, fewshot_dataset: str | None = None, fewshot_shots: Sequence[int] = (5,),
+                 fewshot_seeds: Sequence[int] = (0, 1, 2), augment: bool | str = False,
+                 eval_examples: int | None = None, **fields) -> dict:
+    """A `vitrepro.train.TrainConfig` dict: test accuracy (on the first `eval_examples` test images
+    where given), plus the 5-shot probe where asked."""
+    evaluators = [{"type": "accuracy"} if eval_examples is None else {"type": "accuracy", "max_examples": eval_examples}]
+    if fewshot_dataset:
+        evaluators.append({"type": "fewshot", "dataset": fewshot_dataset, "shots": list(fewshot_shots),
+                           "seeds": list(fewshot_seeds)})
+    cfg = dict(fields, evaluators=evaluators)
+    cfg["augment"] = {True: "crop_flip", False: "none"}.get(augment, augment)
+    cfg.setdefault("log_every", 50)
+    return cfg

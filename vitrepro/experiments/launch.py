@@ -1,0 +1,133 @@
+"""How a notebook's sweep runs: locally, under torchrun, or as a dry run on stand-in data.
+
+Parameters every experiment takes on top of `NotebookParams` (`ExperimentParams`):
+
+* ``dry_run``: every configuration of the profile for a couple of steps on synthetic stand-in data
+  (`dryrun.py`), in a temporary run store;
+* ``launcher``: ``local`` (in the notebook's process or its pool workers) or ``torchrun``: each
+  configuration of the sweep is trained by ``torchrun --standalone --nproc_per_node=N -m vitrepro.train``
+  (DDP; NCCL on GPU, gloo on CPU) into the same run store, so reuse, resume and records are those of a
+  local run; configurations run one after another;
+* ``nproc_per_node``: processes per configuration under torchrun (None: every visible GPU, else 1).
+
+Multi-node: set ``VITREPRO_TORCHRUN_ARGS`` (e.g. ``--nnodes=2 --node_rank=0 --rdzv_backend=c10d
+--rdzv_endpoint=head:29500``; it replaces ``--standalone``) and run the same notebook on every node with
+a run store on a shared file system (README, "Profiles").
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from .common import NotebookParams, ParameterError
+
+LAUNCHERS = ("local", "torchrun")
+ENV = "VITREPRO_LAUNCHER"  # "torchrun:<nproc>" while a sweep runs under torchrun (read by the job trainer)
+
+
+@dataclass
+class ExperimentParams(NotebookParams):
+    """`NotebookParams` plus how the sweep runs (dry run, launcher)."""
+
+    dry_run: bool = False  # every configuration a couple of steps on stand-in data, in a temporary run store
+    launcher: str = "local"  # local | torchrun (each configuration under torchrun --standalone, DDP)
+    nproc_per_node: int | None = None  # torchrun processes per configuration; None: all visible GPUs (CPU: 1)
+
+
+def check(params) -> None:
+    if getattr(params, "launcher", "local") not in LAUNCHERS:
+        raise ParameterError(f"launcher={params.launcher!r} is not one of {LAUNCHERS}")
+    n = getattr(params, "nproc_per_node", None)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ParameterError(f"nproc_per_node must be a positive integer or None, got {n!r}")
+    if n is not None and params.launcher != "torchrun":
+        raise ParameterError("nproc_per_node is only used with launcher='torchrun'")
+
+
+def validated(params):
+    """Check the launch parameters; a dry run switches this process to the stand-in data and a fresh store."""
+    check(params)
+    if getattr(params, "dry_run", False):
+        from . import dryrun
+
+        dryrun.activate(params)
+    return params
+
+
+def nproc(params) -> int:
+    if params.nproc_per_node is not None:
+        return params.nproc_per_node
+    import torch
+
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
+@contextlib.contextmanager
+def _env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_jobs(jobs, params, log=None):
+    """`common.run_jobs`, shrunk to a dry run when asked, and under torchrun when asked (one configuration
+    at a time: each torchrun uses the processes it is given)."""
+    from . import common
+
+    if getattr(params, "dry_run", False):
+        from . import dryrun
+
+        jobs = dryrun.shrink_jobs(list(jobs))
+    if getattr(params, "launcher", "local") != "torchrun":
+        return common.run_jobs(jobs, params, log=log)
+    with _env(**{ENV: f"torchrun:{nproc(params)}", "VITREPRO_WORKERS": "1"}):
+        return common.run_jobs(jobs, params, log=log)
+
+
+def torchrun_command(config_file: str, root: str, force: bool, n: int) -> list[str]:
+    where = shlex.split(os.environ.get("VITREPRO_TORCHRUN_ARGS", "")) or ["--standalone"]
+    return ([sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={n}", "-m", "vitrepro.train",
+             "--config", config_file, "--store", root, "--progress", "log"] + (["--force"] if force else []))
+
+
+def torchrun_train(cfg: dict, root: str, force: bool) -> dict | None:
+    """Train one configuration under torchrun when this sweep runs with launcher='torchrun' (else None):
+    the same run store, run id and record as a local run; a failure becomes a failed record."""
+    spec = os.environ.get(ENV, "")
+    if not spec.startswith("torchrun"):
+        return None
+    from .. import train
+    from ..store import RunStore
+
+    n = int(spec.split(":", 1)[1]) if ":" in spec else 1
+    rid = train.run_id_of(cfg)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(cfg, f)
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        proc = subprocess.run(torchrun_command(f.name, root, force, n), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    finally:
+        os.unlink(f.name)
+    lines = (proc.stdout or "").strip().splitlines()
+    if lines:
+        print("\n".join(lines[-40:]), flush=True)
+    rec = RunStore(root).record(cfg["experiment"], rid)
+    if rec is not None and (rec.get("status") != "ok" or proc.returncode == 0):
+        return rec
+    return {"status": "failed", "run_id": rid, "experiment": cfg.get("experiment"),
+            "error": f"torchrun exited with {proc.returncode}: {' | '.join(lines[-3:])}"}

@@ -1,0 +1,112 @@
+"""Notebook parameters: the dataclass every notebook's `parameters` cell fills, its strict validation
+(papermill only warns about an undeclared parameter), and the folders the parameters choose."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROFILES = ("smoke", "cpu", "gpu", "paper")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ParameterError(ValueError):
+    """A notebook parameter that is unknown, of the wrong type or impossible."""
+
+
+class PreflightError(ParameterError):
+    """Found before any compute: a dataset, split, subset size or directory the sweep cannot use."""
+
+
+@dataclass
+class NotebookParams:
+    """Parameters every notebook takes (the `parameters` cell documents each one)."""
+
+    profile: str = "cpu"
+    seeds: int | None = None  # number of seeds per point; None = the profile's default
+    results_dir: str | None = None  # None = <runs_dir>/results/<notebook>/<profile>/ (a fresh folder, out of git)
+    runs_dir: str | None = None  # None = $VITREPRO_RUNS or runs/
+    device: str = "auto"
+    force: bool = False  # retrain even when the run store has a finished record
+    allow_partial: bool = False  # write tables from the finished runs when some failed (marked partial)
+
+
+# Variables the notebooks themselves define after validation (so re-running that cell still works).
+NOTEBOOK_VARIABLES = {"params", "df", "tables", "figures", "written", "analysed", "sim_figures"}
+
+
+def _is_parameter_like(name: str, value: Any) -> bool:
+    """True for the notebook globals that can only have come from the parameters cell."""
+    if name.startswith("_") or name in {"In", "Out", "get_ipython", "exit", "quit", "display"} | NOTEBOOK_VARIABLES:
+        return False
+    if isinstance(value, (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType)):
+        return False
+    return isinstance(value, (str, int, float, bool, list, tuple, dict, type(None)))
+
+
+def validate_params(cls: type, values: dict[str, Any], *, strict_globals: bool = True):
+    """Build the experiment's parameter dataclass from notebook globals, strictly.
+
+    papermill only *warns* about a parameter the notebook does not declare and injects it anyway,
+    so a misspelled `-p profil cpu` would silently run the default. Here every parameter-like
+    global must be a declared field; unknown names fail with the closest valid spelling.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs, unknown = {}, []
+    for name, value in values.items():
+        if name in fields:
+            kwargs[name] = value
+        elif strict_globals and _is_parameter_like(name, value):
+            unknown.append(name)
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ParameterError(
+            f"unknown notebook parameter(s) {', '.join(hints)}; valid parameters: {', '.join(fields)}")
+    params = cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        value = getattr(params, f.name)
+        _check_type(f, value)
+    if params.profile not in PROFILES:
+        raise ParameterError(f"profile={params.profile!r} is not one of {PROFILES}")
+    if params.seeds is not None and (not isinstance(params.seeds, int) or params.seeds < 1):
+        raise ParameterError(f"seeds must be a positive integer (number of seeds), got {params.seeds!r}")
+    if params.device not in ("auto", "cpu") and not str(params.device).startswith(("cuda", "mps")):
+        raise ParameterError(f"device={params.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    check = getattr(params, "check", None)
+    if check is not None:
+        check()
+    return params
+
+
+def _check_type(f: dataclasses.Field, value: Any) -> None:
+    expected = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    allowed = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+               "str | None": (str, type(None)), "int | None": (int, type(None)),
+               "float | None": (int, float, type(None)), "list": (list, tuple),
+               "list | None": (list, tuple, type(None))}.get(expected)
+    if allowed is None:
+        return
+    if isinstance(value, bool) and bool not in allowed:
+        raise ParameterError(f"parameter {f.name} must be {expected}, got {value!r}")
+    if not isinstance(value, allowed):
+        raise ParameterError(f"parameter {f.name} must be {expected}, got {type(value).__name__} {value!r}")
+
+
+def results_dir(params: NotebookParams, notebook: str) -> Path:
+    """Where a notebook writes: `params.results_dir`, else `<runs_dir>/results/<notebook>/<profile>/`
+    (never the committed `results/<notebook>/`, which only `run_all` / `make reproduce` rewrites)."""
+    if params.results_dir:
+        return Path(params.results_dir).expanduser()
+    return runs_dir(params) / "results" / notebook / params.profile
+
+
+def runs_dir(params: NotebookParams) -> Path:
+    """The run store: `params.runs_dir`, else $VITREPRO_RUNS, else `<repo>/runs` (out of git)."""
+    return Path(params.runs_dir or os.environ.get("VITREPRO_RUNS") or REPO_ROOT / "runs").expanduser()

@@ -1,0 +1,190 @@
+"""Everything a sweep can check before compute (`preflight`): data, splits, subset sizes, few-shot
+draws, init files, shapes, run ids, and writable folders with free space."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from .jobs import Job
+from .params import NotebookParams, PreflightError, runs_dir
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_writable(path: Path, what: str, param: str, need_bytes: int) -> None:
+    """`path` (perhaps not yet created) can be created and written, with `need_bytes` free."""
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    base = _existing_ancestor(path)
+    if not base.is_dir():
+        raise PreflightError(f"{what} {path} cannot be created: {base} is a file, not a folder; "
+                             f"pass another with {param}=...")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise PreflightError(f"{what} {path} is not writable ({base}: {e.strerror or e}); "
+                             f"pass a writable folder with {param}=...") from e
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise PreflightError(f"{what} {path} is not writable ({base} is read-only for this user); "
+                             f"pass a writable folder with {param}=...")
+    free = shutil.disk_usage(base).free
+    if free < need_bytes:
+        raise PreflightError(f"{what} {path}: only {free / 2**20:.0f} MiB free on its disk, the sweep needs "
+                             f"about {need_bytes / 2**20:.0f} MiB; free some space or pass {param}=<a folder "
+                             "on a larger disk>")
+
+
+def _param_hint(params: NotebookParams, dataset: str) -> str:
+    """Which notebook parameter chooses this dataset (or the ones that could)."""
+    base = {f.name for f in dataclasses.fields(NotebookParams)}
+    own = [f.name for f in dataclasses.fields(params) if f.name not in base]
+    named = [n for n in own if getattr(params, n) == dataset]
+    if named:
+        return f"pass another with {named[0]}=..."
+    cands = [n for n in own if any(w in n for w in ("dataset", "upstream", "downstream", "data"))]
+    if cands:
+        return (f"it comes from profile {params.profile!r}; choose the datasets with "
+                + " / ".join(f"{n}=..." for n in cands) + ", or another profile=...")
+    return f"it comes from profile {params.profile!r}; choose another profile=..."
+
+
+def _param_count(model: str, opts: dict, img_size: int | None) -> int:
+    import torch
+
+    from ..models import create_model
+
+    try:
+        with torch.device("meta"):
+            m = create_model(model, img_size=img_size or 32, num_classes=10, **opts)
+        return sum(p.numel() for p in m.parameters())
+    except Exception:  # noqa: BLE001 - an estimate only
+        return 0
+
+
+def preflight(jobs: Sequence[Job], params: NotebookParams) -> dict:
+    """Everything a sweep can check before compute, once, before any run folder exists:
+
+    - the run store and the results folder can be created and written, with free space for the
+      checkpoints (about 16 bytes per parameter per run) and the results;
+    - every (dataset, split) the jobs read opens (`data.load_arrays`), with its label column;
+    - every subset size (`train_examples`, after the validation hold-out) fits in its dataset, and
+      the batch fits in the subset;
+    - every few-shot probe can draw its shots per class from its training split;
+    - every `init` weights file exists.
+
+    Errors (`PreflightError`) name the dataset or folder and the parameter that chooses it. Returns
+    {"datasets": {(dataset, split): examples}, "need_bytes": estimate}."""
+    from .. import train
+
+    cfgs = []
+    for job in jobs:
+        try:
+            cfgs.append((job, train.TrainConfig.from_dict(job.config)))
+        except train.ConfigError as e:
+            raise PreflightError(f"{job.stage} job {job.config.get('model')}: {e}") from e
+    sizes = _open_splits(cfgs, params)
+    for job, c in cfgs:
+        _check_job(job, c, sizes, params)
+    need = _bytes_needed(cfgs)
+    _check_writable(runs_dir(params), "the run store", "runs_dir", need)
+    out = Path(params.results_dir).expanduser() if params.results_dir else runs_dir(params) / "results"
+    _check_writable(out, "the results folder", "results_dir", 16 * 2**20)
+    return {"datasets": {k: (len(v) if v is not None else None) for k, v in sizes.items()}, "need_bytes": need}
+
+
+def _open_splits(cfgs: list, params: NotebookParams) -> dict[tuple[str, str], Any]:
+    """Every (dataset, split) the jobs read, opened: its arrays (None for a streamed dataset)."""
+    from .. import train
+    from ..data import load_arrays, resolve_source
+
+    sizes: dict[tuple[str, str], Any] = {}
+    for job, c in cfgs:
+        for ds, split in train.data_used(c):
+            if (ds, split) in sizes:
+                continue
+            try:
+                src = resolve_source(ds)
+                if src.spec is not None and src.spec.streaming:
+                    sizes[(ds, split)] = None
+                    continue
+                sizes[(ds, split)] = load_arrays(ds, split)
+            except Exception as e:  # noqa: BLE001 - DataError, a corrupt parquet, ...
+                raise PreflightError(f"dataset {ds!r} (split {split!r}, used by the {job.stage} runs) cannot be "
+                                     f"read: {type(e).__name__}: {e}; {_param_hint(params, ds)}") from e
+    return sizes
+
+
+def _check_job(job: Job, c, sizes: dict, params: NotebookParams) -> None:
+    """One job's subset size, batch, few-shot draws, init file, shapes, device and run id."""
+    from .. import train
+
+    arrays = sizes.get((c.dataset, c.train_split))
+    if arrays is not None:
+        avail = len(arrays) - (int(round(len(arrays) * c.val_fraction)) if c.val_fraction > 0 else 0)
+        if c.train_examples is not None and c.train_examples > avail:
+            raise PreflightError(
+                f"the {job.stage} runs of {c.model} use train_examples={c.train_examples} of {c.dataset!r}, "
+                f"which has only {avail} training examples{' after the validation hold-out' if c.val_fraction else ''}; "
+                f"{_param_hint(params, c.dataset)} (a larger dataset, or a profile with smaller subsets)")
+        n = min(avail, c.train_examples or avail)
+        if c.batch_size > n:
+            raise PreflightError(f"the {job.stage} runs of {c.model} on {c.dataset!r} use batch_size={c.batch_size} "
+                                 f"but have only {n} training examples; {_param_hint(params, c.dataset)}")
+    _check_fewshot_draws(c, sizes, params)
+    if train.init_names_a_file(c.init) and not Path(c.init).exists():
+        raise PreflightError(f"init weights {c.init!r} (the {job.stage} runs of {c.model}) do not exist; "
+                             "pass an existing file")
+    if c.img_size:  # impossible shapes (a patch size that does not divide a fine-tuning resolution, ...)
+        try:
+            train.check_shapes(c, c.img_size, c.in_chans or 3, 10)
+        except train.ConfigError as e:
+            raise PreflightError(f"the {job.stage} runs of {c.model}: {e}") from e
+    try:  # the device exists, and every run id can be computed (data fingerprints: already loaded)
+        train.resolved_identity(c)
+    except train.ConfigError as e:
+        hint = "pass device=..." if "device" in str(e) else _param_hint(params, c.dataset)
+        raise PreflightError(f"the {job.stage} runs of {c.model}: {e}; {hint}") from e
+
+
+def _check_fewshot_draws(c, sizes: dict, params: NotebookParams) -> None:
+    """Every few-shot probe of a configuration can draw its shots per class from its training split."""
+    from ..data import balanced_subset
+
+    for e in c.evaluators:
+        if e.get("type") != "fewshot":
+            continue
+        ds = e.get("dataset") or c.dataset
+        tr = sizes.get((ds, e.get("train_split", "train")))
+        if tr is None:
+            continue
+        need = max(e.get("shots") or (25,)) * tr.num_classes
+        for seed in e.get("seeds") or (0, 1, 2):
+            try:
+                balanced_subset(tr.labels, need, seed)
+            except Exception as err:  # noqa: BLE001
+                raise PreflightError(f"the few-shot probe on {ds!r} cannot draw {max(e.get('shots') or (25,))} "
+                                     f"examples per class from its training split: {err}; "
+                                     f"{_param_hint(params, ds)}") from err
+
+
+def _bytes_needed(cfgs: list) -> int:
+    """Disk space for the sweep's run folders: model.pt + checkpoint (weights + two Adam moments), ~16 bytes
+    per parameter per run, plus 64 MiB."""
+    counts: dict[tuple, int] = {}
+    need = 0
+    for job, c in cfgs:
+        key = (c.model, tuple(sorted(c.model_options().items())), c.img_size)
+        if key not in counts:
+            counts[key] = _param_count(c.model, c.model_options(), c.img_size)
+        need += 16 * counts[key]
+    return need + 64 * 2**20

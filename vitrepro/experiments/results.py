@@ -1,0 +1,217 @@
+"""A sweep's results: the long-form frame (`SCHEMA`, `tidy`, `collect` from the run store), the files a
+notebook writes (`write_results`: results.csv, tables.md, PNG figures), the numbers its tables show
+(`mean_spread`, `fmt_pm`) and `load_run_model`, which rebuilds any stored run for analysis."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .jobs import Job, finetune_from
+from .params import NotebookParams, runs_dir
+from .sweep import LAST_SWEEP, SweepError
+
+# The long-form results frame every notebook writes (results.csv) and vitrepro.report reads.
+SCHEMA = ["notebook", "profile", "run_id", "stage", "model", "family", "upstream", "upstream_examples",
+          "dataset", "img_size", "pos_embed", "pos_embed_at", "pool", "lr", "seed", "metric", "value",
+          "train_flops", "params", "wall_s"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    from ..store import atomic_write
+
+    atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure atomically as PNG."""
+    from ..store import atomic_write
+
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    return Path(path)
+
+
+def write_results(out: Path, frame, tables: dict[str, Any], figures: dict[str, Any], notes: str = "",
+                  partial: str | None = None) -> list[Path]:
+    """Write `<out>/results.csv` (long form), `<out>/tables.md` and one PNG per figure.
+
+    Refuses an empty frame (nothing finished: no header-only files). Partial results (a sweep run
+    with `allow_partial=True` where some runs failed; `partial` defaults to what `run_jobs` reported)
+    are marked so at the top of tables.md and in every table title."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    if frame is None or len(frame) == 0:
+        raise SweepError(f"nothing to write to {out}: no run of the sweep finished (the results frame is empty)")
+    if partial is None:
+        partial = (getattr(frame, "attrs", {}) or {}).get("partial") or LAST_SWEEP.get("partial")
+    written = []
+    atomic_write_text(out / "results.csv", frame.to_csv(index=False))
+    written.append(out / "results.csv")
+    md = [notes.strip(), ""] if notes else []
+    if partial:
+        md = ["> **Partial results** (`allow_partial=True`): these tables leave out the runs below.", ">"] + \
+             [f"> {line}" for line in str(partial).splitlines()] + [""] + md
+    for title, table in tables.items():
+        title = f"{title} (partial)" if partial else title
+        md += [f"## {title}", "", table.to_markdown(index=False) if hasattr(table, "to_markdown") else str(table), ""]
+    atomic_write_text(out / "tables.md", "\n".join(md))
+    written.append(out / "tables.md")
+    for name, fig in figures.items():
+        written.append(save_figure(fig, out / f"{name}.png"))
+        plt.close(fig)
+    return written
+
+
+def mean_spread(frame, by: Sequence[str], value: str = "value"):
+    """Mean, standard deviation and count over seeds for each group (what every table shows)."""
+    g = frame.groupby(list(by), dropna=False)[value]
+    table = g.agg(mean="mean", std="std", n="count").reset_index()
+    table["std"] = table["std"].fillna(0.0)
+    return table
+
+
+def fmt_pm(mean: float, std: float, n: int, scale: float = 1.0, digits: int = 1) -> str:
+    if n <= 1:
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def _metric_rows(record: dict) -> list[tuple[str, str, float]]:
+    """(dataset, metric, value) from a run record: `top1` on the test split, `fewshot<k>` per probe."""
+    rows = []
+    for key, value in (record.get("metrics") or {}).items():
+        parts = key.split("/")
+        if parts[0] == "acc" and len(parts) == 3:
+            rows.append((parts[1], "top1" if parts[2] == "test" else f"top1_{parts[2]}", value))
+        elif parts[0] == "fewshot" and len(parts) == 3:
+            rows.append((parts[1], f"fewshot{parts[2].removesuffix('shot')}", value))
+    return rows
+
+
+def _family(model: str) -> str:
+    return "Hybrid" if "+" in model else ("ResNet" if model.startswith("BiT") else "ViT")
+
+
+def _arch(rec: dict, cfg: dict) -> dict:
+    """The architecture a run built: the record's resolved one (complete, inherited by fine-tunes),
+    else the configuration's options."""
+    arch = dict(((rec.get("resolved") or {}).get("arch")) or {})
+    for k in ("pool", "pos_embed", "pos_embed_at"):
+        if arch.get(k) is None and cfg.get(k) is not None:
+            arch[k] = cfg[k]
+    return arch
+
+
+def tidy(results: Sequence[tuple[Job, dict]], notebook: str, profile: str):
+    """Long-form frame (`SCHEMA`): one row per run, seed and metric, from the stored records. A
+    partial sweep (`run_jobs` with allow_partial) marks the frame: `frame.attrs["partial"]`."""
+    import pandas as pd
+
+    rows = []
+    by_job = {id(job): rec for job, rec in results}
+
+    def upstream_size(job):
+        """Upstream examples: the configured subset, else the size the pre-training run resolved."""
+        if job.upstream_examples is not None:
+            return job.upstream_examples
+        pre = job if job.parent is None else job.parent
+        if job.stage == "scratch":
+            return None
+        return ((by_job.get(id(pre)) or {}).get("resolved") or {}).get("train_size")
+
+    for job, rec in results:
+        if rec.get("status") != "ok":
+            continue
+        cfg = rec.get("config") or job.config
+        arch = _arch(rec, cfg)
+        for dataset, metric, value in _metric_rows(rec):
+            rows.append(dict(
+                notebook=notebook, profile=profile, run_id=rec["run_id"], stage=job.stage, model=cfg["model"],
+                family=_family(cfg["model"]), upstream=job.upstream, upstream_examples=upstream_size(job),
+                dataset=dataset, img_size=(rec.get("resolved") or {}).get("img_size", cfg.get("img_size")),
+                pos_embed=arch.get("pos_embed") or "1d", pos_embed_at=arch.get("pos_embed_at") or "stem",
+                pool=arch.get("pool") or "token", lr=cfg.get("lr"), seed=cfg.get("seed"), metric=metric,
+                value=value, train_flops=rec.get("train_flops"), params=rec.get("params"),
+                wall_s=rec.get("wall_time_s")))
+    frame = pd.DataFrame(rows, columns=SCHEMA)
+    partial = getattr(results, "partial", None)
+    if partial:
+        frame.attrs["partial"] = partial
+    return frame
+
+
+def collect(jobs: Sequence[Job], params: NotebookParams, notebook: str):
+    """Finished runs of a sweep, read back from the run store without training anything."""
+    from ..store import RunStore
+    from ..train import ConfigError, finished_record, run_id_of
+
+    store = RunStore(runs_dir(params))
+    records: dict[int, dict] = {}
+    results = []
+    for job in [j for j in jobs if j.parent is None] + [j for j in jobs if j.parent is not None]:
+        cfg = dict(job.config)
+        if job.parent is not None:
+            parent = records.get(id(job.parent))
+            if parent is None:
+                continue
+            cfg["init"] = finetune_from(job.parent, parent)
+        if params.device != "auto":
+            cfg["device"] = params.device
+        try:
+            rid = run_id_of(cfg)
+        except ConfigError as e:
+            print(f"[vitrepro] {job.stage} {cfg.get('model')}: {e}", file=sys.stderr)
+            continue
+        rec = finished_record(store, cfg["experiment"], rid)  # a damaged record or model is named, then skipped
+        if rec is not None:
+            records[id(job)] = rec
+            results.append((job, rec))
+    return tidy(results, notebook, params.profile)
+
+
+def _arch_chain(store, conf: dict, depth: int = 0) -> dict:
+    """Architecture of a stored run from its config: `_resolved.arch` (complete), else (runs stored
+    before it was recorded) the options inherited along its `init=run:...` chain plus its own."""
+    arch = dict((conf.get("_resolved") or {}).get("arch") or {})
+    if arch:
+        return arch
+    init = conf.get("init") or ""
+    if init.startswith("run:") and depth < 16:
+        from ..store import check_json_file
+
+        try:
+            arch = _arch_chain(store, check_json_file(store.resolve(init) / "config.json"), depth + 1)
+        except FileNotFoundError:
+            arch = {}
+    arch.update({k: conf[k] for k in ("pool", "pos_embed", "pos_embed_at", "head", "representation_size")
+                 if conf.get(k) is not None})
+    return arch
+
+
+def load_run_model(params: NotebookParams, run_ref: str):
+    """The final model of any stored run (`run:<experiment>/<run_id>`, `<experiment>/<run_id>` or a
+    bare run id of this store), pre-trained or fine-tuned, with the architecture it was trained with."""
+    import torch
+
+    from ..models import create_model
+    from ..store import RunStore, check_json_file, check_torch_file
+
+    store = RunStore(runs_dir(params))
+    exp, rid, d = store.find(run_ref)
+    conf = check_json_file(d / "config.json", f"{exp}/{rid}")
+    res = conf.get("_resolved", {})
+    arch = _arch_chain(store, conf)
+    opts = {k: arch[k] for k in ("pool", "pos_embed", "pos_embed_at", "head", "representation_size")
+            if arch.get(k) is not None}
+    model = create_model(conf["model"], img_size=res["img_size"], in_chans=res["in_chans"],
+                         num_classes=res["num_classes"], **opts)
+    head_reset = res.get("head_reset", bool(conf.get("init")) and conf.get("reset_head") is not False)
+    if head_reset:
+        model.reset_head(res["num_classes"])  # fine-tuned runs carry the zero-initialised linear head
+    if not (d / "model.pt").exists():
+        raise FileNotFoundError(f"{d / 'model.pt'} does not exist: run {exp}/{rid} has not finished")
+    check_torch_file(d / "model.pt", f"{exp}/{rid}")
+    state = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()

@@ -1,0 +1,391 @@
+"""Running a sweep (`run_jobs`): every job trained once through the run store, fine-tunes after their
+parent, in this process or a pool of workers that die with it; failures summarised loudly."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from .jobs import Job, finetune_from
+from .params import NotebookParams, runs_dir
+from .preflight import preflight
+
+
+class SweepError(RuntimeError):
+    """Some runs of a sweep failed or were skipped (and allow_partial is off), or none finished."""
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: ask the kernel to send SIGTERM to this process when its parent dies (PR_SET_PDEATHSIG),
+    so pool workers never outlive the notebook kernel or script that started them."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _worker_init(threads: int, parent_pid: int | None = None) -> None:
+    import signal
+
+    import torch
+
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
+    torch.set_num_threads(threads)
+
+
+def _failed(cfg: dict, error: str, run_id: str | None = None) -> dict:
+    return {"status": "failed", "error": error, "run_id": run_id, "experiment": cfg.get("experiment")}
+
+
+def _train_one(cfg: dict, root: str, force: bool) -> dict:
+    """Train one configuration (in this process or a pool worker); failures become records.
+
+    A damaged file of the run itself (truncated record, checkpoint or model) is repaired (the damaged
+    files are dropped, see `RunStore.repair`) and the run trained again, once."""
+    from .. import train
+    from ..store import DamagedRunError, RunStore
+    from .launch import torchrun_train
+
+    launched = torchrun_train(cfg, root, force)  # launcher='torchrun': trained by torchrun (else None)
+    if launched is not None:
+        return launched
+    store = RunStore(root)
+    rid = None
+    for attempt in (0, 1):
+        try:
+            rid = train.run_id_of(cfg)
+            return train.run(train.TrainConfig.from_dict(cfg), store=store, force=force, progress="log")
+        except DamagedRunError as e:
+            if attempt == 0 and e.ref is not None and rid is not None and e.ref.endswith("/" + rid):
+                print(f"[vitrepro] {e}\n[vitrepro] repairing {e.ref} and training it again", file=sys.stderr,
+                      flush=True)
+                for line in store.repair(e.ref):
+                    print(f"[vitrepro] {line}", file=sys.stderr, flush=True)
+                continue
+            return _failed(cfg, f"{type(e).__name__}: {e}", rid)
+        except Exception as e:  # noqa: BLE001 - diverged, crashed, impossible: recorded, the sweep goes on
+            return _failed(cfg, f"{type(e).__name__}: {e}", rid)
+    return _failed(cfg, "unreachable", rid)
+
+
+def default_workers(params: NotebookParams) -> int:
+    """Parallel runs: small CPU models use one core far better than two, so a 2-core machine trains
+    two runs at once with one thread each; on a GPU, one run at a time."""
+    import torch
+
+    if params.device.startswith("cuda") or (params.device == "auto" and torch.cuda.is_available()):
+        return 1
+    return max(1, min(int(os.environ.get("VITREPRO_WORKERS", os.cpu_count() or 1)), 8))
+
+
+LAST_SWEEP: dict[str, Any] = {}  # what the last run_jobs of this process reported (write_results reads "partial")
+
+
+class SweepResults(list):
+    """`run_jobs`' list of (job, record), with `partial`: None, or the summary of the runs left out."""
+
+    partial: str | None = None
+
+
+_VARIANT_KEYS = ("model", "dataset", "pos_embed", "pos_embed_at", "pool", "lr", "train_examples", "img_size",
+                 "optimizer", "steps", "epochs", "seed")
+
+
+def _variant_keys(jobs: Sequence[Job]) -> list[str]:
+    """The configuration keys whose values differ between the jobs of a sweep (what a progress line shows)."""
+    keys = []
+    for k in _VARIANT_KEYS:
+        vals = {repr(j.config.get(k)) for j in jobs}
+        if len(vals) > 1 or k == "model":
+            keys.append(k)
+    return keys
+
+
+def _fmt_s(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def _describe(job: Job, cfg: dict, keys: dict[str, list[str]]) -> str:
+    """`<stage> <model> k=v ...`: the values that differ between the runs of this stage, and for a
+    fine-tune, what differs in its pre-training run (e.g. `from train_examples=40`)."""
+    ks = keys.get(job.stage, ["model"])
+    parts = [job.stage, str(cfg.get("model"))] + [f"{k}={cfg.get(k)}" for k in ks
+                                                  if k != "model" and cfg.get(k) is not None]
+    if job.parent is not None:
+        pk = keys.get(job.parent.stage, [])
+        up = [f"{k}={job.parent.config.get(k)}" for k in pk if k not in ("model", "optimizer", "lr", "steps", "epochs")
+              and job.parent.config.get(k) is not None and job.parent.config.get(k) != cfg.get(k)]
+        if up:
+            parts.append("from " + " ".join(up))
+    return " ".join(parts)
+
+
+def _summary(failed: list[tuple[Job, dict]], total: int, keys: dict[str, list[str]]) -> str:
+    lines = [f"{len(failed)} of {total} runs did not finish:"]
+    for job, rec in failed:
+        ref = f" ({rec.get('experiment')}/{rec.get('run_id')})" if rec.get("run_id") else ""
+        lines.append(f"- {_describe(job, job.config, keys)}{ref}: {rec.get('status')}: {rec.get('error') or ''}".rstrip(": "))
+    return "\n".join(lines)
+
+
+def _stop_pool(pool) -> None:
+    """Terminate every worker of a ProcessPoolExecutor now (their runs stay resumable)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        try:
+            p.terminate()
+        except Exception:  # noqa: BLE001
+            pass
+    try:
+        pool.shutdown(wait=False, cancel_futures=True)
+    except Exception:  # noqa: BLE001
+        pass
+    for p in procs:
+        try:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(1)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class _StopOnSignals:
+    """While active (main thread only), SIGTERM/SIGHUP raise KeyboardInterrupt, so that the sweep
+    stops its workers first; the previous handlers come back afterwards and `run_jobs` then re-sends
+    the signal to itself, so that it has its usual effect (a SIGTERM'd kernel still exits)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.old, self.received = {}, None
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                self.received = signum
+                raise KeyboardInterrupt(f"signal {signum}")
+
+            for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+                if sig is not None:
+                    try:
+                        self.old[sig] = signal.signal(sig, handler)
+                    except (ValueError, OSError):
+                        pass
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+        return False
+
+
+def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], None] | None = None,
+             workers: int | None = None) -> SweepResults:
+    """Train (or reuse from the run store) every job; fine-tunes start once their parent finished.
+
+    Configurations are validated and `preflight` checks data, subset sizes, few-shot sets and
+    folders before anything trains. A job whose parent failed is skipped; a failed run (e.g.
+    diverged) is recorded by the trainer and the sweep carries on; at the end, any failed or skipped
+    run raises `SweepError` with a summary, unless `params.allow_partial` (then the results are
+    marked partial; a sweep where nothing finished always raises). With several workers (CPU), runs
+    go to a process pool, one torch thread each; the workers die with this process, and SIGINT /
+    SIGTERM stop them (runs stay resumable). One progress line per finished run names what differs
+    between the runs, with an estimate of the time left.
+    """
+    log = log or (lambda msg: print(msg, flush=True))
+    LAST_SWEEP.clear()
+    for job in jobs:  # fail fast on a bad configuration, before any compute
+        cfg = dict(job.config)
+        if params.device != "auto":
+            cfg["device"] = params.device
+        job.config = cfg
+    preflight(jobs, params)
+    sweep = _Sweep(jobs, params, log)
+    workers = workers or default_workers(params)
+    if workers <= 1:
+        sweep.run_here()
+    else:
+        sweep.run_in_pool(workers)
+    return sweep.conclude()
+
+
+class _Sweep:
+    """One `run_jobs` call: the jobs still to start, those waiting for their parent, the records so
+    far, and the progress lines (what differs between the runs, time so far, estimate of time left)."""
+
+    def __init__(self, jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], None]):
+        import time
+
+        from ..store import RunStore
+
+        self.jobs, self.params, self.log = jobs, params, log
+        self.root = str(runs_dir(params))
+        self.store = RunStore(self.root)
+        self.done: dict[int, dict] = {}  # id(job) -> its record
+        self.out = SweepResults()
+        self.pending = [j for j in jobs if j.parent is None]
+        self.waiting = [j for j in jobs if j.parent is not None]
+        self.t0 = time.time()
+        self.total = len(jobs)
+        self.keys = {st: _variant_keys([j for j in jobs if j.stage == st]) for st in {j.stage for j in jobs}}
+        self.n_trained, self.t_first_trained = 0, None
+
+    def describe(self, job: Job, cfg: dict) -> str:
+        return _describe(job, cfg, self.keys)
+
+    def ready_config(self, job: Job) -> dict:
+        cfg = dict(job.config)
+        if job.parent is not None:
+            cfg["init"] = finetune_from(job.parent, self.done[id(job.parent)])
+        return cfg
+
+    def eta(self) -> str:
+        import time
+
+        left = self.total - len(self.out)
+        if not left:
+            return "done"
+        if not self.n_trained or self.t_first_trained is None:
+            return "ETA ?"
+        seconds_per_run = (time.time() - self.t_first_trained) / self.n_trained
+        return f"ETA {_fmt_s(seconds_per_run * left)}"
+
+    def finish(self, job: Job, cfg: dict, record: dict, was_trained: bool) -> None:
+        import time
+
+        self.done[id(job)] = record
+        self.out.append((job, record))
+        if was_trained:
+            self.n_trained += 1
+        status = record.get("status")
+        extra = "" if status == "ok" else f": {record.get('error')}"
+        how = "" if was_trained else " (stored)"
+        ref = f" [{record.get('experiment')}/{record.get('run_id')}]" if record.get("run_id") else ""
+        self.log(f"[{len(self.out)}/{self.total} {_fmt_s(time.time() - self.t0)}, {self.eta()}] {status}{how} "
+                 f"{self.describe(job, cfg)}{ref}{extra}")
+        self.pending += self.release()
+
+    def release(self) -> list[Job]:
+        """The fine-tunes whose parent finished; those whose parent failed are skipped."""
+        ready, still = [], []
+        for j in self.waiting:
+            if id(j.parent) in self.done:
+                if self.done[id(j.parent)].get("status") == "ok":
+                    ready.append(j)
+                else:
+                    self.out.append((j, {"status": "skipped", "error": "its pre-training run failed"}))
+                    self.log(f"[{len(self.out)}/{self.total}] skip {self.describe(j, j.config)}: "
+                             "its pre-training run failed")
+            else:
+                still.append(j)
+        self.waiting = still
+        return ready
+
+    def stored(self, cfg: dict) -> dict | None:
+        """The record of a finished run, straight from the store (no pool needed); None when forced."""
+        from .. import train
+
+        if self.params.force:
+            return None
+        try:
+            rid = train.run_id_of(cfg)
+        except train.ConfigError:
+            return None  # _train_one records the error
+        return train.finished_record(self.store, cfg["experiment"], rid)  # a damaged record / model is named, then redone
+
+    def started(self) -> None:
+        import time
+
+        if self.t_first_trained is None:
+            self.t_first_trained = time.time()
+
+    def run_here(self) -> None:
+        """One run at a time in this process."""
+        while self.pending:
+            job = self.pending.pop(0)
+            cfg = self.ready_config(job)
+            rec = self.stored(cfg)
+            if rec is None:
+                self.started()
+            self.finish(job, cfg, rec or _train_one(cfg, self.root, self.params.force), rec is None)
+
+    def run_in_pool(self, workers: int) -> None:
+        """Runs in a spawned process pool, one torch thread per worker; stopped workers leave runs resumable."""
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.log(f"training with {workers} parallel workers, 1 thread each")
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                   initargs=(1, os.getpid()))
+        stopper = _StopOnSignals()
+        try:
+            with stopper:
+                self._schedule(pool)
+        except BaseException:
+            _stop_pool(pool)
+            if stopper.received is not None:  # the workers are stopped: now the signal's own effect
+                os.kill(os.getpid(), stopper.received)
+            raise
+        else:
+            pool.shutdown(wait=True)
+
+    def _schedule(self, pool) -> None:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        running = {}
+        while self.pending or running:
+            while self.pending:
+                job = self.pending.pop(0)
+                cfg = self.ready_config(job)
+                rec = self.stored(cfg)
+                if rec is not None:
+                    self.finish(job, cfg, rec, False)
+                    continue
+                self.started()
+                running[pool.submit(_train_one, cfg, self.root, self.params.force)] = (job, cfg)
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job, cfg = running.pop(fut)
+                try:
+                    rec = fut.result()
+                except Exception as e:  # noqa: BLE001 - a worker died (killed, out of memory)
+                    rec = _failed(cfg, f"{type(e).__name__}: {e}")
+                self.finish(job, cfg, rec, True)
+
+    def conclude(self) -> SweepResults:
+        """The results; `SweepError` where a run failed or was skipped (unless allow_partial) or none finished."""
+        import time
+
+        out, total = self.out, self.total
+        missing = [j for j in self.jobs if id(j) not in {id(jb) for jb, _ in out}]
+        for j in missing:  # cannot happen unless a parent never ran; say so rather than drop it
+            out.append((j, {"status": "skipped", "error": "never ran"}))
+        failed = [(j, r) for j, r in out if r.get("status") != "ok"]
+        if failed:
+            summary = _summary(failed, total, self.keys)
+            if total == len(failed):
+                raise SweepError(f"no run of the sweep finished. {summary}")
+            if not self.params.allow_partial:
+                raise SweepError(f"{summary}\nFix the cause and run again (finished runs are reused), or pass "
+                                 "allow_partial=True to write tables from the runs that finished (marked partial).")
+            out.partial = summary
+            LAST_SWEEP["partial"] = summary
+            self.log(f"partial results (allow_partial=True): {summary}")
+        self.log(f"sweep done: {total - len(failed)}/{total} runs ok, {self.n_trained} trained, "
+                 f"in {_fmt_s(time.time() - self.t0)}")
+        return out
