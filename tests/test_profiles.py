@@ -184,10 +184,10 @@ def test_dry_run(profile, monkeypatch):
     evaluators and resolution on stand-in data (the largest models swapped for tiny ones of their family),
     through each notebook's own cells. Catches whatever would fail on the cluster before the first step
     (streamed epochs, subsets, few-shot on streamed sets, resolution changes, parents of fine-tunes, tables)."""
-    from vitrepro.experiments import dryrun
+    from vitrepro.experiments import run_all
 
     monkeypatch.setenv("VITREPRO_WORKERS", "1")  # one run at a time: < 2 GB
-    out = dryrun.run_profile(profile, tiny=True)
+    out = run_all.run_profile(profile, tiny=True)
     assert set(out) == set(NOTEBOOKS)
     assert all(v["configurations"] > 0 for v in out.values())
 

@@ -220,7 +220,7 @@ def summary(jobs) -> dict:
 
 def notebook_cells(notebook: str) -> list[tuple[bool, str]]:
     """(is the parameters cell, source) of each code cell of ``notebooks/<notebook>.py`` (the jupytext twin)."""
-    from .common import REPO_ROOT
+    from .params import REPO_ROOT
 
     text = (REPO_ROOT / "notebooks" / f"{notebook}.py").read_text()
     cells = []
@@ -243,37 +243,3 @@ def run_notebook(notebook: str, parameters: dict) -> dict:
     return ns
 
 
-def run_profile(profile: str, *, notebooks: Sequence[str] | None = None, tiny: bool = False,
-                extra: dict | None = None) -> dict:
-    """The dry run of ``profile`` in this process: each notebook's own cells with ``dry_run=True`` (a fresh
-    temporary run store and results folder each). Returns {notebook: {"configurations", "steps" (of the
-    real profile), "seconds"}}; raises what a notebook would."""
-    import time
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from . import NOTEBOOKS, attention, position_embeddings, scaling, transfer
-
-    mods = {"scaling": scaling, "position_embeddings": position_embeddings, "transfer": transfer,
-            "attention": attention}
-    saved = {k: os.environ.get(k) for k in ("VITREPRO_DRY_RUN_MODELS", "VITREPRO_DATA", "VITREPRO_CACHE")}
-    if tiny:
-        os.environ["VITREPRO_DRY_RUN_MODELS"] = "tiny"
-    out = {}
-    try:
-        for nb in notebooks or NOTEBOOKS:
-            t0 = time.time()
-            real = summary(mods[nb].jobs(mods[nb].validate_params({"profile": profile, **(extra or {})})))
-            run_notebook(nb, {"profile": profile, "dry_run": True, **(extra or {})})
-            plt.close("all")
-            out[nb] = {**real, "seconds": round(time.time() - t0, 1)}
-    finally:  # activate() pointed this process at the stand-ins: undo it
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return out

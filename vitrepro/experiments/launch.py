@@ -17,18 +17,13 @@ a run store on a shared file system (README, "Profiles").
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shlex
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 
-from .common import NotebookParams, ParameterError
+from .params import NotebookParams, ParameterError
+from .torchrun import ENV  # "torchrun:<nproc>" while a sweep runs under torchrun (read by the job trainer)
 
 LAUNCHERS = ("local", "torchrun")
-ENV = "VITREPRO_LAUNCHER"  # "torchrun:<nproc>" while a sweep runs under torchrun (read by the job trainer)
 
 
 @dataclass
@@ -85,7 +80,7 @@ def _env(**values):
 def run_jobs(jobs, params, log=None):
     """`common.run_jobs`, shrunk to a dry run when asked, and under torchrun when asked (one configuration
     at a time: each torchrun uses the processes it is given)."""
-    from . import common
+    from . import sweep as common  # the scheduler (not experiments.common, which re-exports this module's users)
 
     if getattr(params, "dry_run", False):
         from . import dryrun
@@ -95,39 +90,3 @@ def run_jobs(jobs, params, log=None):
         return common.run_jobs(jobs, params, log=log)
     with _env(**{ENV: f"torchrun:{nproc(params)}", "VITREPRO_WORKERS": "1"}):
         return common.run_jobs(jobs, params, log=log)
-
-
-def torchrun_command(config_file: str, root: str, force: bool, n: int) -> list[str]:
-    where = shlex.split(os.environ.get("VITREPRO_TORCHRUN_ARGS", "")) or ["--standalone"]
-    return ([sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={n}", "-m", "vitrepro.train",
-             "--config", config_file, "--store", root, "--progress", "log"] + (["--force"] if force else []))
-
-
-def torchrun_train(cfg: dict, root: str, force: bool) -> dict | None:
-    """Train one configuration under torchrun when this sweep runs with launcher='torchrun' (else None):
-    the same run store, run id and record as a local run; a failure becomes a failed record."""
-    spec = os.environ.get(ENV, "")
-    if not spec.startswith("torchrun"):
-        return None
-    from .. import train
-    from ..store import RunStore
-
-    n = int(spec.split(":", 1)[1]) if ":" in spec else 1
-    rid = train.run_id_of(cfg)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(cfg, f)
-    env = {k: v for k, v in os.environ.items() if k != ENV}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        proc = subprocess.run(torchrun_command(f.name, root, force, n), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    finally:
-        os.unlink(f.name)
-    lines = (proc.stdout or "").strip().splitlines()
-    if lines:
-        print("\n".join(lines[-40:]), flush=True)
-    rec = RunStore(root).record(cfg["experiment"], rid)
-    if rec is not None and (rec.get("status") != "ok" or proc.returncode == 0):
-        return rec
-    return {"status": "failed", "run_id": rid, "experiment": cfg.get("experiment"),
-            "error": f"torchrun exited with {proc.returncode}: {' | '.join(lines[-3:])}"}

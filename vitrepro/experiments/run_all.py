@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from . import NOTEBOOKS
 from .common import REPO_ROOT, atomic_write_text, runs_dir, NotebookParams
@@ -181,6 +182,44 @@ def _run(args, pm, report) -> None:
     atomic_write_text(Path(args.results) / "REPORT.md", text)
     print(f"wrote {Path(args.results) / 'REPORT.md'}; notebook wall times (s): {timings}")
 
+
+
+
+def run_profile(profile: str, *, notebooks: Sequence[str] | None = None, tiny: bool = False,
+                extra: dict | None = None) -> dict:
+    """The dry run of ``profile`` in this process: each notebook's own cells with ``dry_run=True`` (a fresh
+    temporary run store and results folder each). Returns {notebook: {"configurations", "steps" (of the
+    real profile), "seconds"}}; raises what a notebook would."""
+    import time
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import NOTEBOOKS, attention, position_embeddings, scaling, transfer
+    from .dryrun import run_notebook, summary
+
+    mods = {"scaling": scaling, "position_embeddings": position_embeddings, "transfer": transfer,
+            "attention": attention}
+    saved = {k: os.environ.get(k) for k in ("VITREPRO_DRY_RUN_MODELS", "VITREPRO_DATA", "VITREPRO_CACHE")}
+    if tiny:
+        os.environ["VITREPRO_DRY_RUN_MODELS"] = "tiny"
+    out = {}
+    try:
+        for nb in notebooks or NOTEBOOKS:
+            t0 = time.time()
+            real = summary(mods[nb].jobs(mods[nb].validate_params({"profile": profile, **(extra or {})})))
+            run_notebook(nb, {"profile": profile, "dry_run": True, **(extra or {})})
+            plt.close("all")
+            out[nb] = {**real, "seconds": round(time.time() - t0, 1)}
+    finally:  # activate() pointed this process at the stand-ins: undo it
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return out
 
 if __name__ == "__main__":
     main()

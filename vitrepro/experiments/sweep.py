@@ -54,7 +54,7 @@ def _train_one(cfg: dict, root: str, force: bool) -> dict:
     files are dropped, see `RunStore.repair`) and the run trained again, once."""
     from .. import train
     from ..store import DamagedRunError, RunStore
-    from .launch import torchrun_train
+    from .torchrun import torchrun_train
 
     launched = torchrun_train(cfg, root, force)  # launcher='torchrun': trained by torchrun (else None)
     if launched is not None:
