@@ -117,5 +117,7 @@ def test_transfer_finetunes_released_weights_file(tmp_path):
     params = transfer.validate_params(dict(profile="smoke", pretrained=str(path), pretrained_model="ViT-Ti/16",
                                            runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res")))
     df = transfer.run(params)
-    assert set(df.stage) == {"finetune"} and set(df.metric) == {"top1"}
-    assert (df.img_size == 32).all() and df.value.between(0, 1).all()
+    models = df[df.stage != "baseline"]  # the pixel baseline of the downstream set comes along (stage baseline)
+    assert set(models.stage) == {"finetune"} and set(models.metric) == {"top1"}
+    assert set(df[df.stage == "baseline"].model) == {"pixels: logistic regression"}
+    assert (models.img_size == 32).all() and df.value.between(0, 1).all()

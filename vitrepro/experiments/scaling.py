@@ -246,7 +246,7 @@ def figures(df: pd.DataFrame) -> dict:
 
     figs = {}
     for metric, stage, name, ylabel in (("top1", "finetune", "fig3_finetune_vs_data", "fine-tuned top-1 on downstream"),
-                                        ("fewshot5", "pretrain", "fig4_fewshot_vs_data", "5-shot linear on downstream")):
+                                        ("fewshot5", "pretrain", "fig4_fewshot_vs_data", "5-shot linear (held-out images)")):
         d = df[(df.metric == metric) & (df.stage == stage)]
         if d.empty:
             continue
@@ -270,7 +270,7 @@ def figures(df: pd.DataFrame) -> dict:
         ax.set_xscale("log")
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
         ax.set_xlabel("pre-training compute (FLOPs)")
-        ax.set_ylabel("5-shot linear on downstream")
+        ax.set_ylabel("5-shot linear (held-out images)")
         ax.set_title("Fig. 5: accuracy vs pre-training compute")
         figs["fig5_accuracy_vs_compute"] = fig
     return figs
