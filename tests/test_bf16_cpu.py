@@ -13,19 +13,10 @@ import torch.nn.functional as F
 from vitrepro.models.bit import conv2d
 from vitrepro.train import _cpu_flags, run, run_id_of
 
-pytestmark = pytest.mark.skipif(not _cpu_flags() & {"avx512_bf16", "amx_bf16"},
-                                reason="CPU without avx512_bf16/amx_bf16: precision=auto is fp32 here")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(not _cpu_flags() & {"avx512_bf16", "amx_bf16"},
+                                reason="CPU without avx512_bf16/amx_bf16: precision=auto is fp32 here")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: seconds instead of tens of seconds when the 2 cores are shared (OpenMP
-    barriers spin); results are repeatable for a fixed thread count (1 vs 2 threads differ in the last
-    bits, in fp32 as in bf16, from the split of the reductions)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 SMOKE = dict(model="BiT-R14x0.25", dataset="digits", img_size=8, steps=6, batch_size=32, optimizer="adam",

@@ -27,13 +27,9 @@ from timm.models import resnetv2 as timm_resnetv2  # noqa: E402
 from timm.models import vision_transformer as timm_vit  # noqa: E402
 from timm.models.vision_transformer_hybrid import HybridEmbed  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 def _randomise(model, seed=0):

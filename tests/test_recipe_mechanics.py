@@ -28,14 +28,9 @@ from vitrepro.models.bit import BiTResNet
 from vitrepro.models.vit import VisionTransformer
 from vitrepro.train import TrainConfig, lr_at, run
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two shared cores: one intra-op thread is much faster than two under contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 # Deterministic, fp32, SGD (its first update is linear in the gradient), no decay / clipping / smoothing

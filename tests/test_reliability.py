@@ -15,18 +15,14 @@ from vitrepro import store as store_mod
 from vitrepro import train
 from vitrepro.store import DamagedRunError, NoSpaceError, RunStore
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"experiment": "r", "model": "ViT-Nano/4", "dataset": "digits", "batch_size": 32, "steps": 4,
         "warmup_steps": 1, "log_every": 2, "checkpoint_every": 2, "lr": 1e-3, "precision": "fp32",
         "evaluators": [{"type": "accuracy", "max_examples": 64}]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _env(**extra):

@@ -12,18 +12,13 @@ import torch
 from vitrepro.store import RunStore
 from vitrepro.train import ConfigError, DivergedError, TrainConfig, resolve_precision, run, run_many
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"experiment": "t", "model": "ViT-Nano/4", "dataset": "digits", "batch_size": 32, "lr": 3e-3,
         "warmup_steps": 10, "log_every": 10}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two shared cores: one intra-op thread is ~10x faster than two under contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _env(**extra):
