@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vitrepro.machine import _cxx_compiler
 from vitrepro.models.bit import conv2d
 from vitrepro.train import _cpu_flags, run, run_id_of
 
@@ -77,4 +78,15 @@ def test_bit_smoke_pretraining_8px_bf16_is_finite(run_store, seed):
     _dirty_heap()
     rec = run({**SMOKE, "seed": seed}, store=run_store, force=True, progress="none")
     assert rec["status"] == "ok"
+    assert math.isfinite(rec["metrics"]["train/loss"])
+
+
+@pytest.mark.skipif(_cxx_compiler() is None,
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_bit_smoke_pretraining_8px_bf16_compiled_is_finite(run_store):
+    """The oneDNN workaround (models/bit.py conv2d) is plain torch code, so torch.compile traces it too:
+    the compiled BiT at 8 px in bf16 must stay finite (compile='auto' compiles long BiT runs)."""
+    _dirty_heap()
+    rec = run({**SMOKE, "seed": 0, "compile": "on"}, store=run_store, force=True, progress="none")
+    assert rec["status"] == "ok" and rec["resolved"]["compile"] is True
     assert math.isfinite(rec["metrics"]["train/loss"])

@@ -3,6 +3,7 @@
     python -m vitrepro.bench                       # default models, fp32 + bf16, CPU (+ CUDA if present)
     python -m vitrepro.bench --quick               # a seconds-long check (what tests/test_bench.py runs)
     python -m vitrepro.bench --models ViT-Nano/7:28:1:128 --precisions fp32 --devices cpu
+    python -m vitrepro.bench --sweep               # sweep throughput per layout (vitrepro/bench_sweep.py)
 
 For every (device, model configuration, precision), in one process:
 
@@ -43,9 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -69,8 +67,6 @@ DEFAULT_MODELS = {
              "ViT-Mini/4:28:1:64", "ViT-S/4:32:3:512", "ViT-B/16:224:3:128"],
 }
 QUICK_MODELS = ["ViT-Nano/7:28:1:16"]
-CPU_FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile",
-                         "amx_bf16", "amx_int8", "avx_vnni")
 
 
 @dataclass(frozen=True)
@@ -104,99 +100,8 @@ def parse_model_spec(spec: str, batch_override: int | None = None) -> BenchConfi
 
 
 # ---------------------------------------------------------------------------------------------- machine
-
-def _cpuinfo() -> tuple[str | None, set[str]]:
-    name, flags = None, set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if name is None and line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                elif not flags and line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                if name and flags:
-                    break
-    except OSError:
-        pass
-    return name or platform.processor() or platform.machine(), flags
-
-
-def machine_info(device: torch.device) -> dict:
-    import timm
-    cpu_name, flags = _cpuinfo()
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    info = {
-        "device_kind": device.type,
-        "cpu": cpu_name,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "cpu_flags": {f: (f in flags) for f in CPU_FLAGS_OF_INTEREST} if flags else {},
-        "cpu_bf16_native": bool(flags & {"avx512_bf16", "amx_bf16"}),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "hostname": platform.node(),
-    }
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(gpu=torch.cuda.get_device_name(device), gpu_capability=f"{p.major}.{p.minor}",
-                    gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
-    return info
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best_time(fn, device: torch.device, min_time: float, repeats: int = 3, max_reps: int = 1000) -> float:
-    """Seconds per call of `fn`: the best of `repeats` loops of enough calls to last about `min_time`."""
-    _sync(device)
-    t = time.perf_counter()
-    fn()
-    _sync(device)
-    single = time.perf_counter() - t  # includes one-time setup; only used to size the loop
-    reps = max(1, min(max_reps, int(min_time / max(single, 1e-6))))
-    best = math.inf
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        _sync(device)
-        best = min(best, (time.perf_counter() - t) / reps)
-    return best
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=(128, 256, 512, 1024, 2048), min_time: float = 0.2,
-                max_single: float = 1.0) -> dict:
-    """Best dense (n x n) @ (n x n) rate over `sizes` and two entry points (``torch.mm`` and ``F.linear``,
-    i.e. addmm with a transposed weight, which is what nn.Linear runs), in FLOP/s (2 n^3 per product).
-    Larger sizes are skipped once one product takes longer than `max_single` seconds (bf16 on a CPU without
-    bf16 units, where the kernels get *slower* with size)."""
-    per_size, slow = {}, False
-    for n in sizes:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        rates = {}
-        for op, fn in (("mm", lambda: torch.mm(a, b)), ("linear", lambda: F.linear(a, b))):
-            best = _best_time(fn, device, min_time, max_reps=1000)
-            rates[op] = 2 * n**3 / best
-            slow = slow or best > max_single
-        per_size[n] = rates
-        if slow:
-            break
-    n, op = max(((n, op) for n in per_size for op in per_size[n]), key=lambda k: per_size[k[0]][k[1]])
-    return {"flops_per_s": per_size[n][op], "size": n, "op": op,
-            "per_size_gflops": {f"{k}/{o}": round(v / 1e9, 2) for k, r in per_size.items() for o, v in r.items()}}
+# The machine description and the matmul peak live in vitrepro/machine.py (the sweep benchmark uses them too).
+from .machine import CPU_FLAGS_OF_INTEREST, _best_time, _cpuinfo, _sync, machine_info, matmul_peak  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -724,6 +629,15 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "results" / "benchmarks"))
     p.add_argument("--quick", action="store_true", help="a seconds-long check: one tiny model, few steps")
     p.add_argument("--strict", action="store_true", help="raise on the first failing configuration")
+    g = p.add_argument_group("sweep benchmark (vitrepro/bench_sweep.py)")
+    g.add_argument("--sweep", action="store_true", help="aggregate sweep throughput per layout (process pool, "
+                   "one process, compiled, stacked) instead of the vitrepro-vs-timm table")
+    g.add_argument("--sweep-models", nargs="+", metavar="NAME", help="default: ViT-Nano/4 ViT-Nano/7 ViT-Micro/7")
+    g.add_argument("--jobs", type=int, default=6, help="runs (seeds) per model in the sweep")
+    g.add_argument("--sweep-steps", type=int, default=30, help="timed steps per run")
+    g.add_argument("--sweep-warmup", type=int, default=3, help="untimed steps per run (compiling included)")
+    g.add_argument("--sweep-workers", type=int, help="processes of the pool layouts (default: the cores)")
+    g.add_argument("--layouts", nargs="+", help="measure only these layouts (pool is always measured)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
@@ -744,6 +658,9 @@ def _tune_allocator() -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.sweep:
+        from . import bench_sweep
+        return bench_sweep.main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.malloc_tuned = _tune_allocator() if "cpu" in (args.devices or ["cpu"]) else False

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from . import __version__
 from .data import AUGMENTATIONS, Batches, DataError, StreamBatches, ImageArrays, load_arrays, resolve_source, \
     training_split
-from .machine import _cpu_flags, resolve_precision, tune_cpu_allocator  # noqa: F401 (_cpu_flags: tests)
+from .machine import _cpu_flags, resolve_compile, resolve_precision, tune_cpu_allocator  # noqa: F401 (_cpu_flags: tests)
 from .store import RunStore, atomic_torch_save, code_versions, run_id_for
 
 __all__ = ["TrainConfig", "ConfigError", "DivergedError", "run", "run_many", "run_id_of", "resolved_identity", "main",
@@ -100,6 +100,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     label_smoothing: float = 0.0
     precision: str = "auto"                 # auto | fp32 | bf16
+    compile: str = "auto"                   # auto | on | off: torch.compile the training step (machine.resolve_compile)
     seed: int = 0
     # fine-tuning
     init: str | None = None                 # None | run:<experiment>/<run_id> | a load_pretrained source
@@ -174,6 +175,7 @@ class TrainConfig:
         choice("optimizer", ("adam", "sgd"))
         choice("schedule", ("cosine", "linear", "constant"))
         choice("precision", ("auto", "fp32", "bf16"))
+        choice("compile", ("auto", "on", "off"))
         choice("augment", AUGMENTATIONS)
         if self.select_on not in (None, "val"):
             raise ConfigError(f"select_on={self.select_on!r}: use 'val' (the held-out part of train) or None; "
@@ -232,7 +234,7 @@ _TYPES.update({
     "augment": (str,), "batch_size": (int,), "accum_steps": (int,), "steps": (int, _NONE),
     "epochs": (float, _NONE), "optimizer": (str,), "lr": (float,), "weight_decay": (float,),
     "warmup_steps": (int,), "schedule": (str,), "grad_clip": (float, _NONE), "label_smoothing": (float,),
-    "precision": (str,), "seed": (int,), "init": (str, _NONE), "reset_head": (bool, _NONE),
+    "precision": (str,), "compile": (str,), "seed": (int,), "init": (str, _NONE), "reset_head": (bool, _NONE),
     "evaluators": (list,), "eval_every": (int, _NONE), "log_every": (int,),
     "select_on": (str, _NONE), "select_every": (int, _NONE), "snapshot_every": (int, _NONE),
     "checkpoint_every": (int, _NONE), "device": (str,),
@@ -561,7 +563,8 @@ def resolved_identity(cfg: TrainConfig | dict) -> dict:
     from .data import data_fingerprint
     cfg = TrainConfig.from_dict(cfg) if not isinstance(cfg, TrainConfig) else cfg
     device = _resolve_device(cfg.device, 0)
-    ident: dict[str, Any] = {"device_type": device.type, "precision": resolve_precision(cfg.precision, device)}
+    precision = resolve_precision(cfg.precision, device)
+    ident: dict[str, Any] = {"device_type": device.type, "precision": precision}
     data = {}
     for ds, split in data_used(cfg):
         try:
@@ -571,10 +574,34 @@ def resolved_identity(cfg: TrainConfig | dict) -> dict:
         except Exception as e:  # noqa: BLE001 - a corrupt file: name the dataset and the split
             raise ConfigError(f"dataset {ds!r}, split {split!r} cannot be read: {type(e).__name__}: {e}") from e
     ident["data"] = data
+    # compiled kernels round differently from eager ones: whether this run compiles is part of its identity
+    ident["compile"] = resolve_compile(cfg.compile, device, precision, _family(cfg.model),
+                                       _expected_steps(cfg, data.get(f"{cfg.dataset}:{cfg.train_split}")))
     if init_names_a_file(cfg.init) and Path(cfg.init).is_file():
         st = Path(cfg.init).stat()
         ident["init_file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     return ident
+
+
+def _family(model: str) -> str:
+    from . import models
+    try:
+        return models.parse_name(model).family
+    except ValueError:
+        return "unknown"
+
+
+def _expected_steps(cfg: TrainConfig, fingerprint: dict | None) -> int | None:
+    """The optimiser steps a configuration will take, from its data fingerprint (``_prepare``'s rule:
+    epochs x whole batches of the training part); None where the size is unknown (streamed)."""
+    if cfg.steps is not None:
+        return cfg.steps
+    n = (fingerprint or {}).get("n")
+    if n is None:
+        return None
+    # the stratified hold-out rounds per class, so this can be off by a few examples: enough for a threshold
+    n_train = cfg.train_examples or int(round(n * (1.0 - cfg.val_fraction)))
+    return int(round(cfg.epochs * (n_train // cfg.batch_size)))
 
 
 def run_id_of(config: TrainConfig | dict) -> str:
@@ -755,6 +782,7 @@ def _train(plan: TrainingPlan, store: RunStore, rid: str, device: torch.device, 
            progress: str, facts: dict) -> dict:
     """Build (or resume), run the training loop, evaluate and write the record (rank 0)."""
     t = _build(plan, store, rid, device, rank, world)
+    t.compiled = bool(facts.get("compile"))
     _resume(t)
     _loop(t, progress)
     t.best.restore(t.model)  # early stopping: evaluate (and store) the parameters chosen on validation
@@ -796,6 +824,7 @@ class _Training:
     loss_n: int = 0
     resumed_from: int | None = None
     train_time: float = 0.0         # seconds of training in all (this process and the ones it resumed)
+    compiled: bool = False          # train_model is torch.compile'd (resolved_identity's "compile")
 
     @property
     def cfg(self) -> TrainConfig:
@@ -865,6 +894,8 @@ def _resume(t: _Training) -> None:
     if t.world > 1:
         t.train_model = torch.nn.parallel.DistributedDataParallel(
             t.model, device_ids=[t.device.index] if t.device.type == "cuda" else None)
+    if t.compiled:  # the training step only: evaluation, selection and checkpoints use the eager t.model
+        t.train_model = torch.compile(t.train_model)
     t.model.train()
 
 

@@ -1,0 +1,118 @@
+"""Sweep throughput (issue 12): the trainer's torch.compile setting and the sweep benchmark's layouts.
+
+* a compiled run trains the same model as an eager one (fp32, a few steps, tolerance 1e-4) and has its own
+  run id (compiled kernels round differently);
+* ``compile='auto'`` compiles exactly the runs the measured rule names (CPU, bf16, ViT, long enough);
+* the benchmark's stacked layout computes S separate trainings (fp32, against each model trained alone
+  with torch's own clip_grad_norm_ and AdamW), so its throughput is that of a correct computation;
+* the sweep benchmark's aggregate numbers follow from its own fields.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from vitrepro import bench_sweep, machine, train
+from vitrepro.train import TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+BASE = {"experiment": "compile", "model": "ViT-Nano/7", "dataset": "digits", "img_size": 14, "batch_size": 32,
+        "steps": 4, "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.05, "precision": "fp32",
+        "checkpoint_every": None, "log_every": 2, "evaluators": [{"type": "accuracy"}]}
+
+
+def _params(store, rec):
+    state = torch.load(store.run_dir(rec["experiment"], rec["run_id"]) / "model.pt", weights_only=True)
+    return state
+
+
+@pytest.mark.skipif(machine._cxx_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_training_equals_eager(run_store):
+    eager = train.run({**BASE, "compile": "off"}, store=run_store, progress="none")
+    compiled = train.run({**BASE, "compile": "on"}, store=run_store, progress="none")
+    assert eager["run_id"] != compiled["run_id"]
+    assert compiled["resolved"]["compile"] is True and eager["resolved"]["compile"] is False
+    a, b = _params(run_store, eager), _params(run_store, compiled)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=k)
+    assert abs(eager["metrics"]["train/loss"] - compiled["metrics"]["train/loss"]) < 1e-4
+
+
+def test_compile_auto_follows_the_measured_rule(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(machine, "_cxx_compiler", lambda: "g++")
+    monkeypatch.delenv("VITREPRO_COMPILE", raising=False)
+    rule = machine.resolve_compile
+    long = machine.COMPILE_MIN_STEPS
+    assert rule("auto", cpu, "bf16", "vit", long)
+    assert not rule("auto", cpu, "bf16", "vit", long - 1)        # too short to pay back the compile
+    assert not rule("auto", cpu, "fp32", "vit", long)            # measured slower compiled in fp32
+    assert not rule("auto", cpu, "bf16", "hybrid", long)         # measured no faster
+    assert not rule("auto", torch.device("cuda"), "bf16", "vit", long)
+    assert rule("on", cpu, "fp32", "hybrid", 1) and not rule("off", cpu, "bf16", "vit", long)
+    monkeypatch.setenv("VITREPRO_COMPILE", "0")
+    assert not rule("auto", cpu, "bf16", "vit", long)
+    monkeypatch.setattr(machine, "_cxx_compiler", lambda: None)
+    monkeypatch.delenv("VITREPRO_COMPILE")
+    assert not rule("auto", cpu, "bf16", "vit", long)
+
+
+def test_identity_counts_epochs_into_steps_for_the_compile_rule(monkeypatch):
+    """'auto' decides from the steps the run will take: epochs x whole batches of the training part."""
+    seen = {}
+    monkeypatch.setattr(train, "resolve_compile", lambda s, d, p, f, steps: seen.setdefault("steps", steps) > 0)
+    cfg = TrainConfig.from_dict({**BASE, "steps": None, "epochs": 3.0, "val_fraction": 0.2})
+    ident = train.resolved_identity(cfg)
+    n = ident["data"]["digits:train"]["n"]
+    assert seen["steps"] == 3 * (round(n * 0.8) // 32)
+
+
+def test_stacked_step_equals_separate_training():
+    """The benchmark's stacked layout: S models in one vmapped step == each trained alone (fp32)."""
+    spec = bench_sweep.SweepSpec("ViT-Nano/7", img_size=14, batch=16, precision="fp32", dataset="digits",
+                                 augment="none")
+    from vitrepro.data import load_arrays
+    arrays = load_arrays("digits", "train")
+    parts = [bench_sweep._job(spec, seed, arrays) for seed in (0, 1)]
+    alone = [(copy.deepcopy(m), copy.deepcopy(b)) for m, _, b in parts]
+    stacked = bench_sweep._Stacked([m for m, _, _ in parts], spec, [b for _, _, b in parts])
+    for _ in range(3):
+        stacked.step(None)
+    for i, (model, batches) in enumerate(alone):
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls" not in n]
+        rest = [p for p in model.parameters() if all(p is not q for q in decay)]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+                                lr=spec.lr)
+        for _ in range(3):
+            bench_sweep._single_step(model, model, opt, batches, None)
+        for name, p in model.named_parameters():
+            got, want = stacked.params[name][i].detach(), p.detach()
+            if name.endswith("attn.qkv.bias"):
+                # the key bias has a zero gradient in exact arithmetic (softmax ignores a constant added to
+                # every score), so Adam turns rounding noise into lr-sized steps: compare it to 3 steps of lr
+                d = want.shape[0] // 3
+                torch.testing.assert_close(got[d:2 * d], want[d:2 * d], rtol=0, atol=3 * spec.lr, msg=name)
+                got, want = torch.cat([got[:d], got[2 * d:]]), torch.cat([want[:d], want[2 * d:]])
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sweep_benchmark_numbers_follow_from_its_fields():
+    spec = bench_sweep.SweepSpec("ViT-Nano/7", jobs=2, img_size=14, batch=16, precision="fp32", dataset="digits",
+                                 augment="crop_flip", steps=2, warmup=1)
+    chosen = [bench_sweep.Layout("pool", 2, 1, False, 1), bench_sweep.Layout("pool+stack", 1, 1, False, 2)]
+    result = bench_sweep.run_sweep([spec], chosen, log=lambda *_: None, peak_sizes=(64, 128))
+    rows = result["rows"]
+    assert [r["layout"]["name"] for r in rows] == ["pool", "pool+stack"]
+    for r in rows:
+        assert r["images"] == spec.jobs * spec.steps * spec.batch
+        assert r["images_per_s"] == pytest.approx(r["images"] / r["timed_s"], rel=1e-2)
+        assert r["ratio"] == pytest.approx(r["images_per_s"] / rows[0]["images_per_s"])
+        flops = bench_sweep._executed_flops(spec)
+        assert r["fraction_of_peak"] == pytest.approx(
+            3 * flops * r["images_per_s"] / result["peaks"]["fp32"]["flops_per_s"])
+    md = bench_sweep.sweep_markdown(result, "test")
+    assert "| ViT-Nano/7 | pool+stack | 1 x 1 | 2 |" in md
