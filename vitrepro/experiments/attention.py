@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from . import common, floors, launch, recipes
+from . import common, floors, launch, recipes, skeleton
 from .common import Job, ParameterError
 
 NOTEBOOK = "attention"
@@ -35,10 +35,7 @@ class Params(launch.ExperimentParams):
     num_images: int | None = None  # images averaged for attention distance (None = the profile's)
 
     def check(self):
-        from ..data import resolve_source
-
-        if self.dataset is not None:
-            resolve_source(self.dataset, check_hub=False)
+        skeleton.check_datasets(self.dataset)
         if self.model_run and self.pretrained:
             raise ParameterError("give model_run or pretrained, not both")
         if self.model_run and not self.model_run.startswith("run:"):
@@ -96,19 +93,9 @@ def paper() -> Profile:
                    train=recipes.paper_pretrain("imagenet-1k"))
 
 
-PROFILES = {"smoke": smoke, "cpu": cpu, "gpu": gpu, "paper": paper}
-
-
-def validate_params(values: dict) -> Params:
-    return launch.validated(common.validate_params(Params, values))
-
-
-def profile(params: Params) -> Profile:
-    p = PROFILES[params.profile]()
-    p.dataset = params.dataset or p.dataset
-    p.seeds = params.seeds or p.seeds
-    p.num_images = params.num_images or p.num_images
-    return p
+PROFILES = skeleton.profiles_by_name(smoke, cpu, gpu, paper)
+validate_params = skeleton.parameter_validator(Params)
+profile = skeleton.profile_chooser(PROFILES, "dataset", "seeds", "num_images")
 
 
 def jobs(params: Params) -> list[Job]:
@@ -198,18 +185,17 @@ def analyse(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     return dist_df, figs
 
 
-def run(params: Params, log=None) -> pd.DataFrame:
-    df = common.tidy(launch.run_jobs(jobs(params), params, log=log), NOTEBOOK, params.profile)
+def baseline_rows(params: Params, log=print) -> pd.DataFrame | None:
+    """Pixel logistic regression on the training set of the analysed runs; none for a stored run of
+    another notebook or released weights (this notebook trained nothing to set beside it)."""
     if params.model_run or params.pretrained:
-        return df
+        return None
     p = profile(params)
-    hold = recipes.FASHION_VAL if p.train is None else 0.0
-    return pd.concat([df, floors.rows(params, NOTEBOOK, trained_on=[(p.dataset, None, hold)])],
-                     ignore_index=True)
+    hold = skeleton.held_out_fraction(p.train is None)  # cpu: the shared upstream runs' hold-out
+    return floors.rows(params, NOTEBOOK, trained_on=[(p.dataset, None, hold)], log=log)
 
 
-def collect(params: Params) -> pd.DataFrame:
-    return common.collect(jobs(params), params, NOTEBOOK)
+run, collect = skeleton.run_and_collect(NOTEBOOK, jobs, baseline_rows)
 
 
 def tables(df: pd.DataFrame, analysed: pd.DataFrame) -> dict[str, pd.DataFrame]:

@@ -20,6 +20,9 @@ The code lives in focused modules, each importable on its own:
     preflight  preflight: every check before compute
     sweep      run_jobs and its scheduler (process pool, signals, progress lines, SweepError)
     results    SCHEMA, tidy, collect, write_results, mean_spread, fmt_pm, load_run_model
+
+The four experiment modules build their own `validate_params`, `profile`, `run` and `collect` from one
+skeleton (`skeleton.py`), which is not re-exported here: it is for those modules, not for the notebooks.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from . import common, floors, launch, recipes
+from . import common, floors, launch, recipes, skeleton
 from .common import Job
 
 NOTEBOOK = "position_embeddings"
@@ -35,11 +35,7 @@ class Params(launch.ExperimentParams):
     fewshot_dataset: str | None = None  # 5-shot linear probe set (None = the profile's)
 
     def check(self):
-        from ..data import resolve_source
-
-        for name in (self.dataset, self.fewshot_dataset):
-            if name is not None:
-                resolve_source(name, check_hub=False)
+        skeleton.check_datasets(self.dataset, self.fewshot_dataset)
 
 
 @dataclass
@@ -98,19 +94,9 @@ def paper() -> Profile:
                    train=recipes.paper_pretrain("imagenet-1k"), gap_lrs=(8e-4, 3e-3))
 
 
-PROFILES = {"smoke": smoke, "cpu": cpu, "gpu": gpu, "paper": paper}
-
-
-def validate_params(values: dict) -> Params:
-    return launch.validated(common.validate_params(Params, values))
-
-
-def profile(params: Params) -> Profile:
-    p = PROFILES[params.profile]()
-    p.dataset = params.dataset or p.dataset
-    p.fewshot_dataset = params.fewshot_dataset or p.fewshot_dataset
-    p.seeds = params.seeds or p.seeds
-    return p
+PROFILES = skeleton.profiles_by_name(smoke, cpu, gpu, paper)
+validate_params = skeleton.parameter_validator(Params)
+profile = skeleton.profile_chooser(PROFILES, "dataset", "fewshot_dataset", "seeds")
 
 
 def _config(params: Params, p: Profile, seed: int, **overrides) -> dict:
@@ -154,19 +140,12 @@ def jobs(params: Params) -> list[Job]:
 def baseline_rows(params: Params, log=print) -> pd.DataFrame:
     """Pixel logistic regression on the training set and the pixel 5-shot probe on the probe set."""
     p = profile(params)
-    cpu = p.train is None
-    hold = recipes.FASHION_VAL if cpu else 0.0
+    hold = skeleton.held_out_fraction(p.train is None)  # cpu: the shared upstream runs' hold-out
     return floors.rows(params, NOTEBOOK, trained_on=[(p.dataset, p.train_examples, hold)], fewshot=[p.fewshot_dataset],
-                       fewshot_val_fraction=recipes.FASHION_VAL if cpu else 0.0, log=log)
+                       fewshot_val_fraction=hold, log=log)
 
 
-def run(params: Params, log=None) -> pd.DataFrame:
-    df = common.tidy(launch.run_jobs(jobs(params), params, log=log), NOTEBOOK, params.profile)
-    return pd.concat([df, baseline_rows(params)], ignore_index=True)
-
-
-def collect(params: Params) -> pd.DataFrame:
-    return pd.concat([common.collect(jobs(params), params, NOTEBOOK), baseline_rows(params)], ignore_index=True)
+run, collect = skeleton.run_and_collect(NOTEBOOK, jobs, baseline_rows)
 
 
 def _label(kind: str) -> str:
@@ -193,24 +172,20 @@ def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         d = base[(base.metric == metric)]
         if d.empty:
             continue
-        t = common.mean_spread(d, ["pos_embed", "pos_embed_at"])
-        t["cell"] = [common.fmt_pm(m, s, n, 100, 2) for m, s, n in zip(t["mean"], t["std"], t["n"])]
-        w = t.pivot(index="pos_embed", columns="pos_embed_at", values="cell").reindex(
+        w = skeleton.percent_table(d, "pos_embed", "pos_embed_at", digits=2).reindex(
             columns=["stem", "every_layer", "every_layer_shared"]).fillna("N/A").reset_index()
         w["pos_embed"] = w["pos_embed"].map(_label)
         b = df[(df.stage == "baseline") & (df.metric == metric)]
         if len(b):  # the pixel baseline of the same split, as the last row
-            cell = common.fmt_pm(b.value.mean(), b.value.std(), len(b), 100, 2)
-            w.loc[len(w)] = [b.model.iloc[0]] + [cell] + ["" for _ in w.columns[2:]]
+            w.loc[len(w)] = [b.model.iloc[0]] + [skeleton.percent_cell(b.value, 2)] + ["" for _ in w.columns[2:]]
         out[title] = w
     d = df[(df.pos_embed == "1d") & (df.pos_embed_at == "stem") & (df.stage == "pretrain")]
     if d.pool.nunique() > 1:
         rows = []
         for (pool, lr), g in d.groupby(["pool", "lr"]):
             val, test = g[g.metric == "top1_val"].value, g[g.metric == "top1"].value
-            rows.append({"pool": pool, "lr": lr, "validation top-1 (%)": common.fmt_pm(val.mean(), val.std(), len(val), 100, 2),
-                         "test top-1 (%)": common.fmt_pm(test.mean(), test.std(), len(test), 100, 2),
-                         "_val": val.mean()})
+            rows.append({"pool": pool, "lr": lr, "validation top-1 (%)": skeleton.percent_cell(val, 2),
+                         "test top-1 (%)": skeleton.percent_cell(test, 2), "_val": val.mean()})
         t = pd.DataFrame(rows)
         t["chosen on validation"] = t.groupby("pool")["_val"].transform("max").eq(t["_val"]).map({True: "yes", False: ""})
         out["App. D.3: class token vs global average pooling (same head), learning rate chosen on validation"] = \

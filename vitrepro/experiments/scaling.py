@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ..models.registry import parse_name
-from . import common, floors, launch, recipes
+from . import common, floors, launch, recipes, skeleton
 from .common import Job
 
 NOTEBOOK = "scaling"
@@ -33,11 +33,7 @@ class Params(launch.ExperimentParams):
     downstream: str | None = None  # transfer dataset for few-shot and fine-tuning (None = the profile's)
 
     def check(self):
-        from ..data import resolve_source
-
-        for name in (self.upstream, self.downstream):
-            if name is not None:
-                resolve_source(name, check_hub=False)
+        skeleton.check_datasets(self.upstream, self.downstream)
 
 
 @dataclass
@@ -122,22 +118,9 @@ def paper() -> Profile:
         finetune_augment=recipes.finetune_augment("imagenet-1k"))
 
 
-PROFILES = {"smoke": smoke, "cpu": cpu, "gpu": gpu, "paper": paper}
-
-
-def validate_params(values: dict) -> Params:
-    return launch.validated(common.validate_params(Params, values))
-
-
-def profile(params: Params) -> Profile:
-    p = PROFILES[params.profile]()
-    if params.upstream:
-        p.upstream = params.upstream
-    if params.downstream:
-        p.downstream = params.downstream
-    if params.seeds:
-        p.seeds = params.seeds
-    return p
+PROFILES = skeleton.profiles_by_name(smoke, cpu, gpu, paper)
+validate_params = skeleton.parameter_validator(Params)
+profile = skeleton.profile_chooser(PROFILES, "upstream", "downstream", "seeds")
 
 
 def _pretrain_config(params: Params, p: Profile, model: str, n: int | None, seed: int) -> dict:
@@ -177,21 +160,13 @@ def baseline_rows(params: Params, log=print) -> pd.DataFrame:
     """Pixel baselines on the same splits: logistic regression per pre-training subset and on the
     downstream set; the pixel 5-shot probe with the models' protocol."""
     p = profile(params)
-    cpu = p.pretrain is None
-    hold = recipes.FASHION_VAL if cpu else 0.0
+    shared = p.pretrain is None  # cpu: the shared upstream runs, probed with shots from their held-out part
+    hold = skeleton.held_out_fraction(shared)
     return floors.rows(params, NOTEBOOK, trained_on=[(p.upstream, n, hold) for n in p.sizes] + [(p.downstream, None, 0.0)],
-                       fewshot=[p.upstream if cpu else p.downstream],
-                       fewshot_val_fraction=recipes.FASHION_VAL if cpu else 0.0, log=log)
+                       fewshot=[p.upstream if shared else p.downstream], fewshot_val_fraction=hold, log=log)
 
 
-def run(params: Params, log=None) -> pd.DataFrame:
-    results = launch.run_jobs(jobs(params), params, log=log)
-    return pd.concat([common.tidy(results, NOTEBOOK, params.profile), baseline_rows(params)], ignore_index=True)
-
-
-def collect(params: Params) -> pd.DataFrame:
-    """The results of finished runs only, read back from the run store (no training)."""
-    return pd.concat([common.collect(jobs(params), params, NOTEBOOK), baseline_rows(params)], ignore_index=True)
+run, collect = skeleton.run_and_collect(NOTEBOOK, jobs, baseline_rows)
 
 
 def _baseline_label(df: pd.DataFrame, metric: str, dataset: str) -> str:
@@ -203,7 +178,7 @@ def _baseline_cell(df: pd.DataFrame, metric: str, dataset: str, n) -> str:
     b = df[(df.stage == "baseline") & (df.metric == metric) & (df.dataset == dataset)]
     if n is not None:
         b = b[b.upstream_examples == n]
-    return common.fmt_pm(b.value.mean(), b.value.std(), len(b), 100) if len(b) else "-"
+    return skeleton.percent_cell(b.value) if len(b) else "-"
 
 
 def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -215,9 +190,7 @@ def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         d = df[(df.metric == metric) & (df.stage == stage)]
         if d.empty:
             continue
-        t = common.mean_spread(d, ["family", "model", "upstream_examples"])
-        t["cell"] = [common.fmt_pm(m, s, n, 100) for m, s, n in zip(t["mean"], t["std"], t["n"])]
-        w = t.pivot(index=["family", "model"], columns="upstream_examples", values="cell")
+        w = skeleton.percent_table(d, ["family", "model"], "upstream_examples")
         w.loc[("baseline", _baseline_label(df, metric, d.dataset.iloc[0])), :] = [
             _baseline_cell(df, metric, d.dataset.iloc[0], n if stage == "pretrain" and metric == "top1" else None)
             for n in w.columns]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from . import common, floors, launch, recipes
+from . import common, floors, launch, recipes, skeleton
 from .common import Job, ParameterError
 
 NOTEBOOK = "transfer"
@@ -45,12 +45,9 @@ class Params(launch.ExperimentParams):
     pretrained_model: str | None = None  # our model name for a local `pretrained` file, e.g. "ViT-B/16"
 
     def check(self):
-        from ..data import resolve_source
         from ..models import registry
 
-        for name in [self.upstream] + list(self.downstream or []):
-            if name is not None:
-                resolve_source(name, check_hub=False)
+        skeleton.check_datasets(self.upstream, *(self.downstream or []))
         if self.pretrained:
             model = pretrained_model_name(self.pretrained, self.pretrained_model)
             registry.parse_name(model)
@@ -146,20 +143,9 @@ def paper() -> Profile:
                    finetune=recipes.paper_finetune("cifar10", img_size=None), paper_recipe=True)
 
 
-PROFILES = {"smoke": smoke, "cpu": cpu, "gpu": gpu, "paper": paper}
-
-
-def validate_params(values: dict) -> Params:
-    return launch.validated(common.validate_params(Params, values))
-
-
-def profile(params: Params) -> Profile:
-    p = PROFILES[params.profile]()
-    p.upstream = params.upstream or p.upstream
-    if params.downstream:
-        p.downstream = tuple(params.downstream)
-    p.seeds = params.seeds or p.seeds
-    return p
+PROFILES = skeleton.profiles_by_name(smoke, cpu, gpu, paper)
+validate_params = skeleton.parameter_validator(Params)
+profile = skeleton.profile_chooser(PROFILES, "upstream", "downstream", "seeds")
 
 
 def pretrained_recipe(params: Params, p: Profile, model: str, dataset: str) -> dict:
@@ -263,18 +249,12 @@ def _cpu_jobs(params: Params, p: Profile) -> list[Job]:
 def baseline_rows(params: Params, log=print) -> pd.DataFrame:
     """Pixel logistic regression on every downstream set and on each upstream set (same splits)."""
     p = profile(params)
-    hold = recipes.FASHION_VAL if p.pretrain is None else 0.0
+    hold = skeleton.held_out_fraction(p.pretrain is None)  # cpu: the shared upstream runs' hold-out
     ups = [] if params.pretrained else [(p.upstream, n, hold) for n in p.upstream_sizes]
     return floors.rows(params, NOTEBOOK, trained_on=[(ds, None, 0.0) for ds in p.downstream] + ups, log=log)
 
 
-def run(params: Params, log=None) -> pd.DataFrame:
-    df = common.tidy(launch.run_jobs(jobs(params), params, log=log), NOTEBOOK, params.profile)
-    return pd.concat([df, baseline_rows(params)], ignore_index=True)
-
-
-def collect(params: Params) -> pd.DataFrame:
-    return pd.concat([common.collect(jobs(params), params, NOTEBOOK), baseline_rows(params)], ignore_index=True)
+run, collect = skeleton.run_and_collect(NOTEBOOK, jobs, baseline_rows)
 
 
 def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -284,9 +264,7 @@ def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     d["pre-training"] = [(f"from scratch, {u}" if s == "scratch" else
                           f"{u or 'released weights'}" + ("" if pd.isna(n) else f" ({int(n)})"))
                          for s, u, n in zip(d.stage, d.upstream, d.upstream_examples)]
-    t = common.mean_spread(d, ["model", "pre-training", "img_size", "dataset"])
-    t["cell"] = [common.fmt_pm(m, s, n, 100) for m, s, n in zip(t["mean"], t["std"], t["n"])]
-    w = t.pivot(index=["model", "pre-training", "img_size"], columns="dataset", values="cell").reset_index()
+    w = skeleton.percent_table(d, ["model", "pre-training", "img_size"], "dataset").reset_index()
     w.columns = [str(c) for c in w.columns]
     b = df[(df.stage == "baseline") & (df.metric == "top1")]
     base = {ds: common.fmt_pm(g.value.mean(), 0, 1, 100) for ds, g in b.groupby("dataset")}
@@ -295,10 +273,10 @@ def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
            "with the pixel baseline": w}
     up = df[(df.metric == "top1") & (df.stage == "pretrain")]
     if len(up):  # the upstream accuracy of the models compared above
-        u = common.mean_spread(up.assign(size=up.upstream_examples.fillna(-1)), ["model", "upstream", "size", "img_size"])
-        u["upstream top-1 (%)"] = [common.fmt_pm(m, s, n, 100) for m, s, n in zip(u["mean"], u["std"], u["n"])]
-        out["Upstream test top-1 (%) of the pre-trained models"] = u[["model", "upstream", "size", "img_size",
-                                                                     "upstream top-1 (%)"]]
+        by = ["model", "upstream", "size", "img_size"]
+        u = skeleton.percent_cells(up.assign(size=up.upstream_examples.fillna(-1)), by)
+        out["Upstream test top-1 (%) of the pre-trained models"] = u.rename(columns={"cell": "upstream top-1 (%)"})[
+            by + ["upstream top-1 (%)"]]
     return out
 
 
