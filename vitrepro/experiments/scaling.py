@@ -31,9 +31,12 @@ NOTEBOOK = "scaling"
 class Params(launch.ExperimentParams):
     upstream: str | None = None  # pre-training dataset (None = the profile's)
     downstream: str | None = None  # transfer dataset for few-shot and fine-tuning (None = the profile's)
+    sizes: list | None = None  # pre-training subset sizes, positive ints (None = the profile's)
 
     def check(self):
         from ..data import resolve_source
+
+        common.positive_ints("sizes", self.sizes)  # against the dataset's size: in preflight
 
         for name in (self.upstream, self.downstream):
             if name is not None:
@@ -137,6 +140,8 @@ def profile(params: Params) -> Profile:
         p.downstream = params.downstream
     if params.seeds:
         p.seeds = params.seeds
+    if params.sizes:
+        p.sizes = tuple(params.sizes)
     return p
 
 
