@@ -141,6 +141,45 @@ def test_run_id_changes_with_resolved_precision_data_and_numerics(tmp_path, monk
     assert train.run_id_of(TINY) != base
 
 
+def test_run_id_covers_the_cpu_thread_count(monkeypatch):
+    """1 and 2 intra-op threads give results that differ in the last bits: two CPU runs, two ids (the count
+    in force when the id is computed, or the one a scheduler passes for its workers). A CUDA run does not
+    depend on it. Catches a stored 2-thread run reused as if it were the 1-thread one."""
+    one = train.run_id_of(TINY)  # one_thread fixture
+    assert train.resolved_identity(TINY)["cpu_threads"] == 1
+    assert train.run_id_of(TINY, threads=2) != one and train.run_id_of(TINY, threads=1) == one
+    torch.set_num_threads(2)  # restored by the fixture
+    assert train.run_id_of(TINY) == train.run_id_of(TINY, threads=2) != one
+    assert train.resolved_identity(TINY)["cpu_threads"] == 2
+    monkeypatch.setattr(train, "_resolve_device", lambda spec, local_rank: torch.device("cuda", 0))
+    monkeypatch.setattr(train, "resolve_precision", lambda p, d: "bf16")
+    cuda = {**TINY, "device": "cuda"}
+    assert "cpu_threads" not in train.resolved_identity(cuda)
+    assert train.run_id_of(cuda, threads=1) == train.run_id_of(cuda, threads=2) == train.run_id_of(cuda)
+
+
+@pytest.mark.slow
+def test_sweep_finds_its_workers_runs_whatever_its_own_thread_count(tmp_path, monkeypatch):
+    """The scheduler computes run ids in the parent (to reuse finished runs) for runs its pool workers train
+    with one thread each: it must compute them with the workers' count, not its own (2 here). Catches a
+    parent that never finds the stored runs (everything retrained) or reads back nothing (`collect`)."""
+    from vitrepro.experiments import common, results, sweep
+
+    torch.set_num_threads(2)  # the notebook's process; restored by the fixture
+    params = _params(tmp_path)
+    jobs = lambda: [common.Job(dict(TINY, seed=s), "pretrain") for s in (0, 1)]  # noqa: E731
+    first = common.run_jobs(jobs(), params, log=lambda m: None, workers=2)
+    assert [r["resolved"]["cpu_threads"] for _, r in first] == [1, 1]
+    assert sweep.run_threads(params, workers=2) == 1 and sweep.run_threads(params, workers=1) is None
+    lines = []
+    again = common.run_jobs(jobs(), params, log=lines.append, workers=2)
+    assert all("(stored)" in m for m in lines if m.startswith("[")), lines
+    assert [r["run_id"] for _, r in again] == [r["run_id"] for _, r in first]
+    monkeypatch.setenv("VITREPRO_WORKERS", "2")  # what run_jobs would use: a pool
+    df = results.collect(jobs(), params, "x")  # the notebook's read-back: the pool's ids
+    assert set(df.run_id) == {r["run_id"] for _, r in first}
+
+
 def test_numerics_version_is_a_hash_of_the_numerics_sources(tmp_path):
     pkg = ROOT / "vitrepro"
     files = sorted(pkg.glob("models/*.py")) + [pkg / "data.py", pkg / "train.py", pkg / "evaluate.py"]
@@ -160,6 +199,7 @@ def test_record_keeps_resolved_values(run_store):
     rec = train.run({**TINY, "precision": "auto"}, run_store, progress="none")
     res = rec["resolved"]
     assert res["device_type"] == "cpu" and res["precision"] == rec["precision"] in ("fp32", "bf16")
+    assert res["cpu_threads"] == 1 == torch.get_num_threads()  # one_thread fixture
     assert res["numerics"] == store_mod.NUMERICS_VERSION
     assert res["data"]["digits:train"]["n"] == 1437 and res["data"]["digits:test"]["n"] == 360
     conf = json.loads((Path(rec["run_dir"]) / "config.json").read_text())

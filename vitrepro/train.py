@@ -553,15 +553,19 @@ def data_used(cfg: TrainConfig) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
-def resolved_identity(cfg: TrainConfig | dict) -> dict:
+def resolved_identity(cfg: TrainConfig | dict, threads: int | None = None) -> dict:
     """What a configuration resolves to on this machine, with this data: device type, precision
-    (``auto`` resolved as ``resolve_precision`` does), a fingerprint of every dataset split it reads
+    (``auto`` resolved as ``resolve_precision`` does), on CPU the intra-op thread count (``threads``, else
+    ``torch.get_num_threads()`` now: 1 and 2 threads split the reductions differently, so their results differ
+    in the last bits; a CUDA run does not depend on it), a fingerprint of every dataset split it reads
     (``data.data_fingerprint``: source, size, content hash; cached per process) and, for an ``init``
     file, its size and modification time. Part of the run id and kept in the record."""
     from .data import data_fingerprint
     cfg = TrainConfig.from_dict(cfg) if not isinstance(cfg, TrainConfig) else cfg
     device = _resolve_device(cfg.device, 0)
     ident: dict[str, Any] = {"device_type": device.type, "precision": resolve_precision(cfg.precision, device)}
+    if device.type == "cpu":
+        ident["cpu_threads"] = int(threads if threads is not None else torch.get_num_threads())
     data = {}
     for ds, split in data_used(cfg):
         try:
@@ -577,12 +581,14 @@ def resolved_identity(cfg: TrainConfig | dict) -> dict:
     return ident
 
 
-def run_id_of(config: TrainConfig | dict) -> str:
+def run_id_of(config: TrainConfig | dict, threads: int | None = None) -> str:
     """The store id of a configuration (normalised through ``from_dict``, so lr=1 and lr=1.0 agree):
     the configuration, the code's numerics version (``store.NUMERICS_VERSION``) and what it resolves to
-    here (``resolved_identity``). Cheap after the first call per dataset in a process."""
+    here (``resolved_identity``). Cheap after the first call per dataset in a process. ``threads``: the
+    intra-op thread count of the process that trains it (None: this process's), for a scheduler that
+    looks up the runs its workers train."""
     cfg = TrainConfig.from_dict(config) if not isinstance(config, TrainConfig) else config
-    return run_id_for(cfg.to_dict(), resolved=resolved_identity(cfg))
+    return run_id_for(cfg.to_dict(), resolved=resolved_identity(cfg, threads))
 
 
 def _arch_of(cfg: TrainConfig, init_config: dict | None) -> dict:
