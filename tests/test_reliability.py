@@ -90,6 +90,69 @@ def test_two_processes_of_one_config_train_once(tmp_path):
     assert steps == [2, 4, 6]  # one set of metric rows
 
 
+# the owner: a single-process run that takes the lock, writes its run folder, then waits for a go file
+_GATED = """
+import json, pathlib, sys, time
+from vitrepro import train
+from vitrepro.store import RunStore
+real = train._train
+def gated(*a, **k):
+    while not pathlib.Path(sys.argv[3]).exists():
+        time.sleep(0.05)
+    return real(*a, **k)
+train._train = gated
+r = train.run(json.loads(sys.argv[1]), RunStore(sys.argv[2]), progress="none")
+print("RECORD" + json.dumps(r, sort_keys=True))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_waits_for_a_locked_run_and_returns_its_record(tmp_path):
+    """A 2-process DDP run (torchrun, gloo) of a configuration that a single process is training: rank 0
+    waits for the lock while rank 1 waits for rank 0's decision (not at a barrier of a run that will never
+    start); when the owner finishes, both ranks return its record, nothing is trained again. Catches a lock
+    decision taken by rank 0 alone (rank 1 hangs or fails at a barrier, or trains)."""
+    cfg = {**TINY, "steps": 6}
+    st = RunStore(tmp_path / "runs")
+    rid = train.run_id_of(cfg)  # one thread here (fixture), OMP_NUM_THREADS=1 in both subprocesses
+    go = tmp_path / "go"
+    err = open(tmp_path / "owner.err", "w+")
+    owner = subprocess.Popen([sys.executable, "-c", _GATED, json.dumps(cfg), str(st.root), str(go)], env=_env(),
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+    ddp = None
+    try:
+        deadline = time.time() + 60
+        while not (st.run_dir("r", rid) / "config.json").exists():  # the owner holds the lock
+            assert owner.poll() is None and time.time() < deadline, (tmp_path / "owner.err").read_text()
+            time.sleep(0.05)
+        derr = open(tmp_path / "ddp.err", "w+")
+        cli = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in cfg.items()]
+        ddp = subprocess.Popen([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
+                                "-m", "vitrepro.train", *cli, "--store", str(st.root), "--progress", "none"],
+                               env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=derr, text=True)
+        while "is being trained by pid" not in (tmp_path / "ddp.err").read_text():  # rank 0 waits for the lock
+            assert ddp.poll() is None and time.time() < deadline, (tmp_path / "ddp.err").read_text()
+            time.sleep(0.1)
+        time.sleep(1.0)  # rank 1 had time to run ahead
+        assert ddp.poll() is None
+        go.touch()
+        out = owner.communicate(timeout=60)[0]
+        dout = ddp.communicate(timeout=60)[0]
+    finally:
+        go.touch()
+        for p in (owner, ddp):
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert owner.returncode == 0, (tmp_path / "owner.err").read_text()[-3000:]
+    assert ddp.returncode == 0, (tmp_path / "ddp.err").read_text()[-3000:]
+    rec = json.loads(out.split("RECORD", 1)[1])
+    returned = json.loads(dout[dout.index("{"):])
+    assert returned["run_id"] == rec["run_id"] == rid and returned["metrics"] == rec["metrics"]
+    assert [r["world_size"] for r in st.records("r")] == [1]  # the owner's record, not a DDP one
+    steps = [r["step"] for r in st.metrics("r", rid) if "loss" in r]
+    assert steps == [2, 4, 6]  # one set of metric rows
+
+
 def test_lock_is_released_when_its_owner_dies(tmp_path):
     st = RunStore(tmp_path / "runs")
     code = ("import sys, time; from vitrepro.store import RunStore; "
