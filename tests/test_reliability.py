@@ -237,7 +237,7 @@ def test_sweep_finds_its_workers_runs_whatever_its_own_thread_count(tmp_path, mo
     lines = []
     again = common.run_jobs(jobs(), params, log=lines.append, workers=2)
     assert all("(stored)" in m for m in lines if m.startswith("[")), lines
-    assert [r["run_id"] for _, r in again] == [r["run_id"] for _, r in first]
+    assert {r["run_id"] for _, r in again} == {r["run_id"] for _, r in first}  # (pool: in order of completion)
     monkeypatch.setenv("VITREPRO_WORKERS", "2")  # what run_jobs would use: a pool
     df = results.collect(jobs(), params, "x")  # the notebook's read-back: the pool's ids
     assert set(df.run_id) == {r["run_id"] for _, r in first}
