@@ -26,7 +26,7 @@
 
 # %% tags=["parameters"]
 profile: str = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST) | gpu | paper
-dataset: "Optional[str]" = None  # training dataset and source of sample images; None: from the profile
+dataset: "Optional[Union[str, dict]]" = None  # training dataset and source of sample images: a name, a local parquet folder or a dict choosing its columns, {"path": ..., "label_column": ..., "image_column": ...}; None: from the profile
 model_run: "Optional[str]" = None  # analyse a stored run instead: "run:<experiment>/<run_id>"
 pretrained: "Optional[str]" = None  # or released weights: "timm:vit_base_patch16_224.orig_in21k" or a local file
 pretrained_model: "Optional[str]" = None  # our model name for `pretrained`, e.g. "ViT-B/16"

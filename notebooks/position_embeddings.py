@@ -26,8 +26,8 @@
 
 # %% tags=["parameters"]
 profile: str = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST) | gpu | paper
-dataset: "Optional[str]" = None  # training dataset name or local parquet folder; None: from the profile
-fewshot_dataset: "Optional[str]" = None  # dataset of the 5-shot linear probe; None: from the profile
+dataset: "Optional[Union[str, dict]]" = None  # training dataset name or local parquet folder, or a dict choosing its columns: {"path": ..., "label_column": "fine_label", "image_column": ...} (also "train_split", "test_split"); None: from the profile
+fewshot_dataset: "Optional[Union[str, dict]]" = None  # dataset of the 5-shot linear probe (name, folder or dict as for dataset); None: from the profile
 seeds: "Optional[int]" = None  # seeds per variant; None: from the profile (cpu: 3)
 results_dir: "Optional[str]" = None  # where tables and figures go; None: <runs_dir>/results/position_embeddings/<profile>/ (not the committed results/)
 runs_dir: "Optional[str]" = None  # run store; None: $VITREPRO_RUNS or runs/

@@ -26,8 +26,9 @@
 
 # %% tags=["parameters"]
 profile: str = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST -> MNIST) | gpu | paper
-upstream: "Optional[str]" = None  # pre-training dataset name or local parquet folder; None: from the profile
-downstream: "Optional[str]" = None  # transfer dataset for the 5-shot probe and fine-tuning; None: from the profile
+upstream: "Optional[Union[str, dict]]" = None  # pre-training dataset name or local parquet folder, or a dict choosing its columns: {"path": ..., "label_column": "fine_label", "image_column": ...} (also "train_split", "test_split"); None: from the profile
+downstream: "Optional[Union[str, dict]]" = None  # transfer dataset for the 5-shot probe and fine-tuning (name, folder or dict as for upstream); None: from the profile
+sizes: "Optional[list]" = None  # pre-training subset sizes, positive ints, e.g. [1000, 3000, 10000] (checked against the upstream set before any run); None: from the profile
 seeds: "Optional[int]" = None  # seeds per point; None: from the profile (cpu: 3)
 results_dir: "Optional[str]" = None  # where tables and figures go; None: <runs_dir>/results/scaling/<profile>/ (not the committed results/)
 runs_dir: "Optional[str]" = None  # run store; None: $VITREPRO_RUNS or runs/

@@ -26,8 +26,8 @@
 
 # %% tags=["parameters"]
 profile: str = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST -> MNIST, digits) | gpu | paper
-upstream: "Optional[str]" = None  # pre-training dataset name or local parquet folder; None: from the profile
-downstream: "Optional[list]" = None  # list of downstream dataset names; None: from the profile
+upstream: "Optional[Union[str, dict]]" = None  # pre-training dataset name or local parquet folder, or a dict choosing its columns: {"path": ..., "label_column": "fine_label", "image_column": ...} (also "train_split", "test_split"); None: from the profile
+downstream: "Optional[list]" = None  # list of downstream datasets (names, folders or dicts as for upstream); None: from the profile
 pretrained: "Optional[str]" = None  # released weights to fine-tune instead, e.g. "timm:vit_base_patch16_224.orig_in21k" or a file
 pretrained_model: "Optional[str]" = None  # our model name for a local `pretrained` file, e.g. "ViT-B/16"
 seeds: "Optional[int]" = None  # seeds per cell; None: from the profile (cpu: 3)

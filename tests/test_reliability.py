@@ -90,6 +90,69 @@ def test_two_processes_of_one_config_train_once(tmp_path):
     assert steps == [2, 4, 6]  # one set of metric rows
 
 
+# the owner: a single-process run that takes the lock, writes its run folder, then waits for a go file
+_GATED = """
+import json, pathlib, sys, time
+from vitrepro import train
+from vitrepro.store import RunStore
+real = train._train
+def gated(*a, **k):
+    while not pathlib.Path(sys.argv[3]).exists():
+        time.sleep(0.05)
+    return real(*a, **k)
+train._train = gated
+r = train.run(json.loads(sys.argv[1]), RunStore(sys.argv[2]), progress="none")
+print("RECORD" + json.dumps(r, sort_keys=True))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_waits_for_a_locked_run_and_returns_its_record(tmp_path):
+    """A 2-process DDP run (torchrun, gloo) of a configuration that a single process is training: rank 0
+    waits for the lock while rank 1 waits for rank 0's decision (not at a barrier of a run that will never
+    start); when the owner finishes, both ranks return its record, nothing is trained again. Catches a lock
+    decision taken by rank 0 alone (rank 1 hangs or fails at a barrier, or trains)."""
+    cfg = {**TINY, "steps": 6}
+    st = RunStore(tmp_path / "runs")
+    rid = train.run_id_of(cfg)  # one thread here (fixture), OMP_NUM_THREADS=1 in both subprocesses
+    go = tmp_path / "go"
+    err = open(tmp_path / "owner.err", "w+")
+    owner = subprocess.Popen([sys.executable, "-c", _GATED, json.dumps(cfg), str(st.root), str(go)], env=_env(),
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+    ddp = None
+    try:
+        deadline = time.time() + 60
+        while not (st.run_dir("r", rid) / "config.json").exists():  # the owner holds the lock
+            assert owner.poll() is None and time.time() < deadline, (tmp_path / "owner.err").read_text()
+            time.sleep(0.05)
+        derr = open(tmp_path / "ddp.err", "w+")
+        cli = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in cfg.items()]
+        ddp = subprocess.Popen([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
+                                "-m", "vitrepro.train", *cli, "--store", str(st.root), "--progress", "none"],
+                               env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=derr, text=True)
+        while "is being trained by pid" not in (tmp_path / "ddp.err").read_text():  # rank 0 waits for the lock
+            assert ddp.poll() is None and time.time() < deadline, (tmp_path / "ddp.err").read_text()
+            time.sleep(0.1)
+        time.sleep(1.0)  # rank 1 had time to run ahead
+        assert ddp.poll() is None
+        go.touch()
+        out = owner.communicate(timeout=60)[0]
+        dout = ddp.communicate(timeout=60)[0]
+    finally:
+        go.touch()
+        for p in (owner, ddp):
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert owner.returncode == 0, (tmp_path / "owner.err").read_text()[-3000:]
+    assert ddp.returncode == 0, (tmp_path / "ddp.err").read_text()[-3000:]
+    rec = json.loads(out.split("RECORD", 1)[1])
+    returned = json.loads(dout[dout.index("{"):])
+    assert returned["run_id"] == rec["run_id"] == rid and returned["metrics"] == rec["metrics"]
+    assert [r["world_size"] for r in st.records("r")] == [1]  # the owner's record, not a DDP one
+    steps = [r["step"] for r in st.metrics("r", rid) if "loss" in r]
+    assert steps == [2, 4, 6]  # one set of metric rows
+
+
 def test_lock_is_released_when_its_owner_dies(tmp_path):
     st = RunStore(tmp_path / "runs")
     code = ("import sys, time; from vitrepro.store import RunStore; "
@@ -141,6 +204,45 @@ def test_run_id_changes_with_resolved_precision_data_and_numerics(tmp_path, monk
     assert train.run_id_of(TINY) != base
 
 
+def test_run_id_covers_the_cpu_thread_count(monkeypatch):
+    """1 and 2 intra-op threads give results that differ in the last bits: two CPU runs, two ids (the count
+    in force when the id is computed, or the one a scheduler passes for its workers). A CUDA run does not
+    depend on it. Catches a stored 2-thread run reused as if it were the 1-thread one."""
+    one = train.run_id_of(TINY)  # one_thread fixture
+    assert train.resolved_identity(TINY)["cpu_threads"] == 1
+    assert train.run_id_of(TINY, threads=2) != one and train.run_id_of(TINY, threads=1) == one
+    torch.set_num_threads(2)  # restored by the fixture
+    assert train.run_id_of(TINY) == train.run_id_of(TINY, threads=2) != one
+    assert train.resolved_identity(TINY)["cpu_threads"] == 2
+    monkeypatch.setattr(train, "_resolve_device", lambda spec, local_rank: torch.device("cuda", 0))
+    monkeypatch.setattr(train, "resolve_precision", lambda p, d: "bf16")
+    cuda = {**TINY, "device": "cuda"}
+    assert "cpu_threads" not in train.resolved_identity(cuda)
+    assert train.run_id_of(cuda, threads=1) == train.run_id_of(cuda, threads=2) == train.run_id_of(cuda)
+
+
+@pytest.mark.slow
+def test_sweep_finds_its_workers_runs_whatever_its_own_thread_count(tmp_path, monkeypatch):
+    """The scheduler computes run ids in the parent (to reuse finished runs) for runs its pool workers train
+    with one thread each: it must compute them with the workers' count, not its own (2 here). Catches a
+    parent that never finds the stored runs (everything retrained) or reads back nothing (`collect`)."""
+    from vitrepro.experiments import common, results, sweep
+
+    torch.set_num_threads(2)  # the notebook's process; restored by the fixture
+    params = _params(tmp_path)
+    jobs = lambda: [common.Job(dict(TINY, seed=s), "pretrain") for s in (0, 1)]  # noqa: E731
+    first = common.run_jobs(jobs(), params, log=lambda m: None, workers=2)
+    assert [r["resolved"]["cpu_threads"] for _, r in first] == [1, 1]
+    assert sweep.run_threads(params, workers=2) == 1 and sweep.run_threads(params, workers=1) is None
+    lines = []
+    again = common.run_jobs(jobs(), params, log=lines.append, workers=2)
+    assert all("(stored)" in m for m in lines if m.startswith("[")), lines
+    assert {r["run_id"] for _, r in again} == {r["run_id"] for _, r in first}  # (pool: in order of completion)
+    monkeypatch.setenv("VITREPRO_WORKERS", "2")  # what run_jobs would use: a pool
+    df = results.collect(jobs(), params, "x")  # the notebook's read-back: the pool's ids
+    assert set(df.run_id) == {r["run_id"] for _, r in first}
+
+
 def test_numerics_version_is_a_hash_of_the_numerics_sources(tmp_path):
     pkg = ROOT / "vitrepro"
     files = sorted(pkg.glob("models/*.py")) + [pkg / "data.py", pkg / "train.py", pkg / "evaluate.py"]
@@ -160,6 +262,7 @@ def test_record_keeps_resolved_values(run_store):
     rec = train.run({**TINY, "precision": "auto"}, run_store, progress="none")
     res = rec["resolved"]
     assert res["device_type"] == "cpu" and res["precision"] == rec["precision"] in ("fp32", "bf16")
+    assert res["cpu_threads"] == 1 == torch.get_num_threads()  # one_thread fixture
     assert res["numerics"] == store_mod.NUMERICS_VERSION
     assert res["data"]["digits:train"]["n"] == 1437 and res["data"]["digits:test"]["n"] == 360
     conf = json.loads((Path(rec["run_dir"]) / "config.json").read_text())

@@ -7,6 +7,12 @@ Where a dataset comes from (first match wins):
   3. the Hugging Face Hub, ``datasets.load_dataset(spec.hub_id)``, after one short reachability check.
 ``digits`` (scikit-learn's 8x8 digits) is embedded and needs neither.
 
+A dataset *reference* may choose columns and splits after the name or folder:
+``"<name or folder>[label_column=fine_label,image_column=img]"`` (keys ``REF_KEYS``; ``dataset_ref`` builds
+it, ``split_ref`` reads it). It is a plain string, so it travels wherever a dataset name does (training
+configs, evaluators, pixel baselines, data fingerprints, run ids); the notebooks build it from their dict
+form ``{"path": ..., "label_column": ...}`` (``experiments.params``).
+
 Decoded arrays are cached in memory per process and on disk under ``$VITREPRO_CACHE``
 (default ``~/.cache/vitrepro/arrays``; ``VITREPRO_CACHE=off`` disables), written atomically.
 
@@ -26,6 +32,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -39,7 +46,7 @@ import torch.nn.functional as F
 __all__ = [
     "DatasetSpec", "DATASETS", "ImageArrays", "DataError", "DatasetNotFoundError",
     "load_arrays", "resolve_source", "balanced_subset", "train_val_split", "preprocess",
-    "augment_batch", "Batches", "StreamBatches", "stream_batches", "open_stream", "class_quota", "stream_arrays", "AUGMENTATIONS", "training_split", "data_fingerprint",
+    "augment_batch", "Batches", "REF_KEYS", "dataset_ref", "split_ref", "StreamBatches", "stream_batches", "open_stream", "class_quota", "stream_arrays", "AUGMENTATIONS", "training_split", "data_fingerprint",
 ]
 
 
@@ -113,6 +120,31 @@ class ImageArrays:
 
 # --------------------------------------------------------------------------- sources
 
+REF_KEYS = ("image_column", "label_column", "train_split", "test_split")
+_REF = re.compile(r"^(?P<base>.+)\[(?P<opts>[a-z_]+=[^\[\],=/]+(?:,[a-z_]+=[^\[\],=/]+)*)\]$")
+
+
+def dataset_ref(path: str, **choices: str | None) -> str:
+    """``path`` with the chosen columns / splits (``REF_KEYS``) as one string: ``"<path>[k=v,...]"``."""
+    bad = [k for k in choices if k not in REF_KEYS]
+    if bad:
+        raise DataError(f"unknown dataset option(s) {bad}; valid: {list(REF_KEYS)}")
+    opts = ",".join(f"{k}={choices[k]}" for k in REF_KEYS if choices.get(k))
+    return f"{path}[{opts}]" if opts else str(path)
+
+
+def split_ref(name_or_path) -> tuple[str, dict[str, str]]:
+    """``"<path>[label_column=x]"`` -> (``"<path>"``, ``{"label_column": "x"}``); a plain name -> (name, {})."""
+    s = str(name_or_path)
+    m = _REF.match(s)
+    if not m:
+        return s, {}
+    opts = dict(kv.split("=", 1) for kv in m["opts"].split(","))
+    if not set(opts) <= set(REF_KEYS):
+        return s, {}
+    return m["base"], opts
+
+
 @dataclass(frozen=True)
 class Source:
     """Where a dataset will be read from: kind in {"digits", "local", "hub"}."""
@@ -129,7 +161,7 @@ def _offline() -> bool:
 
 def resolve_source(name_or_path: str, check_hub: bool = True) -> Source:
     """Find where a dataset lives, without reading it. Raises one DataError naming every place looked."""
-    s = str(name_or_path)
+    s = split_ref(name_or_path)[0]
     p = Path(s).expanduser()
     if s not in DATASETS and (os.sep in s or s.startswith(".") or p.is_dir()):
         if not p.is_dir():
@@ -192,16 +224,21 @@ def _pick_columns(features, image_column, label_column, where: str) -> tuple[str
         if len(imgs) != 1:
             raise DataError(f"{where}: {'no' if not imgs else 'several'} image columns "
                             f"(datasets.Image features: {imgs}; all columns: {list(features)}); "
-                            "say which with image_column=...")
+                            f"say which: as a notebook parameter, pass the dataset as a dict, e.g. "
+                            f"{{\"path\": \"{where}\", \"image_column\": \"{(imgs or list(features) or ['image'])[0]}\"}} "
+                            "(in Python: load_arrays(..., image_column=...))")
         image_column = imgs[0]
     if label_column is None:
         if len(labs) != 1:
             if not labs and "label" in features:
                 labs = ["label"]
             else:
+                example = labs[0] if labs else next(iter(features), "label")
                 raise DataError(f"{where}: {'no' if not labs else 'several'} label columns "
                                 f"(datasets.ClassLabel features: {labs}; all columns: {list(features)}); "
-                                "say which with label_column=...")
+                                f"say which: as a notebook parameter, pass the dataset as a dict, e.g. "
+                                f"{{\"path\": \"{where}\", \"label_column\": \"{example}\"}} (in Python: "
+                                "load_arrays(..., label_column=...))")
         label_column = labs[0]
     for c in (image_column, label_column):
         if c not in features:
@@ -299,7 +336,11 @@ def load_arrays(name_or_path: str, split: str = "train", *, image_column: str | 
     Images of mixed sizes are resized (bilinear, square) to ``size`` (default: the spec's
     ``array_size`` or 160), matching the plain-resize test pipeline of the ViT code.
     """
-    src = resolve_source(name_or_path)
+    base, opts = split_ref(name_or_path)  # "<folder>[label_column=...]": the columns / splits chosen
+    image_column = image_column or opts.get("image_column")
+    label_column = label_column or opts.get("label_column")
+    split = opts.get(f"{split}_split", split) if split in ("train", "test") else split
+    src = resolve_source(base)
     if src.spec is not None and src.spec.streaming:
         raise DataError(f"{src.name} is streamed (too large for arrays): use stream_batches()")
     if src.spec is not None:
@@ -349,6 +390,9 @@ def data_fingerprint(name_or_path: str, split: str = "train") -> dict:
     datasets are not read: their fingerprint is the source description only."""
     src = resolve_source(name_or_path)
     source = {"digits": "digits", "local": f"local:{src.name}", "hub": f"hub:{src.location}"}[src.kind]
+    opts = split_ref(name_or_path)[1]
+    if opts:  # the columns / splits a reference chose
+        source += "[" + ",".join(f"{k}={v}" for k, v in sorted(opts.items())) + "]"
     if src.spec is not None and src.spec.streaming:
         return {"source": source, "split": split, "streamed": _fingerprint(src, split, None, None, None)}
     arr = load_arrays(name_or_path, split)
@@ -604,7 +648,8 @@ def open_stream(name: str, split: str):
     import datasets
     src = resolve_source(name)
     spec = src.spec or DatasetSpec(None)
-    split = {"train": spec.train_split, "test": spec.test_split}.get(split, split)
+    opts = split_ref(name)[1]
+    split = opts.get(f"{split}_split") or {"train": spec.train_split, "test": spec.test_split}.get(split, split)
     if src.kind == "local":
         ds = datasets.load_dataset(src.location, split=split, streaming=True)
     else:
@@ -612,8 +657,9 @@ def open_stream(name: str, split: str):
             ds = datasets.load_dataset(src.location, spec.config, split=split, streaming=True)
         except Exception as e:  # noqa: BLE001 - turned into one clear error
             raise _hub_error(src, e) from e
-    icol, lcol = _pick_columns(ds.features, spec.image_column if src.spec else None,
-                               spec.label_column if src.spec else None, src.location or name)
+    icol, lcol = _pick_columns(ds.features, opts.get("image_column") or (spec.image_column if src.spec else None),
+                               opts.get("label_column") or (spec.label_column if src.spec else None),
+                               src.location or name)
     return ds, icol, lcol, split
 
 

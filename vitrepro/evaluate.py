@@ -146,8 +146,8 @@ class Accuracy(Evaluator):
 
 
 def _is_streamed(dataset: str) -> bool:
-    from .data import DATASETS
-    spec = DATASETS.get(str(dataset))
+    from .data import DATASETS, split_ref
+    spec = DATASETS.get(split_ref(dataset)[0])
     return bool(spec is not None and spec.streaming)
 
 

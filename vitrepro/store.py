@@ -3,7 +3,7 @@
 Layout: ``root/<experiment>/<run_id>/{config.json, metrics.jsonl, record.json, checkpoint.pt, model.pt, .lock}``.
 ``run_id`` is a short sha256 of the canonical JSON of the full configuration, the code-relevant
 versions (vitrepro version, torch major.minor, ``NUMERICS_VERSION``) and what the trainer resolved
-for this machine and data (``train.run_id_of``: device type, precision, data fingerprints).
+for this machine and data (``train.run_id_of``: device type, precision, CPU thread count, data fingerprints).
 ``NUMERICS_VERSION`` is a hash of the source files that define the numbers (``NUMERICS_FILES``:
 models, data, trainer, evaluators), so any edit there gives new run ids instead of reusing records
 computed by other code. ``record.json`` is written last and marks a finished run (``status`` "ok")
@@ -168,7 +168,7 @@ def canonical_json(o: Any) -> str:
 def run_id_for(config: dict, versions: dict | None = None, resolved: dict | None = None) -> str:
     """Short hash of the configuration, the code versions (with ``NUMERICS_VERSION``) and, where given,
     what the configuration resolves to on this machine (``train.run_id_of`` passes device type,
-    precision and data fingerprints)."""
+    precision, the CPU thread count and data fingerprints)."""
     payload = {"config": config, "versions": versions or code_versions()}
     if resolved is not None:
         payload["resolved"] = resolved

@@ -555,9 +555,11 @@ def data_used(cfg: TrainConfig) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
-def resolved_identity(cfg: TrainConfig | dict) -> dict:
+def resolved_identity(cfg: TrainConfig | dict, threads: int | None = None) -> dict:
     """What a configuration resolves to on this machine, with this data: device type, precision
-    (``auto`` resolved as ``resolve_precision`` does), a fingerprint of every dataset split it reads
+    (``auto`` resolved as ``resolve_precision`` does), on CPU the intra-op thread count (``threads``, else
+    ``torch.get_num_threads()`` now: 1 and 2 threads split the reductions differently, so their results differ
+    in the last bits; a CUDA run does not depend on it), a fingerprint of every dataset split it reads
     (``data.data_fingerprint``: source, size, content hash; cached per process) and, for an ``init``
     file, its size and modification time. Part of the run id and kept in the record."""
     from .data import data_fingerprint
@@ -565,6 +567,8 @@ def resolved_identity(cfg: TrainConfig | dict) -> dict:
     device = _resolve_device(cfg.device, 0)
     precision = resolve_precision(cfg.precision, device)
     ident: dict[str, Any] = {"device_type": device.type, "precision": precision}
+    if device.type == "cpu":
+        ident["cpu_threads"] = int(threads if threads is not None else torch.get_num_threads())
     data = {}
     for ds, split in data_used(cfg):
         try:
@@ -604,12 +608,14 @@ def _expected_steps(cfg: TrainConfig, fingerprint: dict | None) -> int | None:
     return int(round(cfg.epochs * (n_train // cfg.batch_size)))
 
 
-def run_id_of(config: TrainConfig | dict) -> str:
+def run_id_of(config: TrainConfig | dict, threads: int | None = None) -> str:
     """The store id of a configuration (normalised through ``from_dict``, so lr=1 and lr=1.0 agree):
     the configuration, the code's numerics version (``store.NUMERICS_VERSION``) and what it resolves to
-    here (``resolved_identity``). Cheap after the first call per dataset in a process."""
+    here (``resolved_identity``). Cheap after the first call per dataset in a process. ``threads``: the
+    intra-op thread count of the process that trains it (None: this process's), for a scheduler that
+    looks up the runs its workers train."""
     cfg = TrainConfig.from_dict(config) if not isinstance(config, TrainConfig) else config
-    return run_id_for(cfg.to_dict(), resolved=resolved_identity(cfg))
+    return run_id_for(cfg.to_dict(), resolved=resolved_identity(cfg, threads))
 
 
 def _arch_of(cfg: TrainConfig, init_config: dict | None) -> dict:
@@ -683,32 +689,35 @@ def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool =
 
     The run folder is owned by one process at a time (``RunStore.lock``, an OS lock released when
     the owner dies): a second process of the same configuration waits for the first and then returns
-    its record (or resumes the run, if the owner died)."""
+    its record (or resumes the run, if the owner died). Under torchrun (DDP) rank 0 takes the lock and
+    decides, for every rank (`_agree`): return the finished record, or train."""
     cfg = TrainConfig.from_dict(config) if not isinstance(config, TrainConfig) else config
     cfg.check()
     store = store if store is not None else RunStore()
     identity = resolved_identity(cfg)
     rid = run_id_for(cfg.to_dict(), resolved=identity)
     rank, world, local_rank = _dist_env()
+    device = _resolve_device(cfg.device, local_rank)
+    _start_distributed(world, device)  # from here on, every rank follows rank 0's decisions
     if not force:
-        rec = finished_record(store, cfg.experiment, rid)
+        rec = _agree(finished_record(store, cfg.experiment, rid) if rank == 0 else None, world)
         if rec is not None:
             return rec
     _check_init_run(cfg, store)
     plan = _prepare(cfg, store)
-    device = _resolve_device(cfg.device, local_rank)
     if cfg.batch_size % (world * cfg.accum_steps):
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by world_size*accum_steps "
                           f"= {world}*{cfg.accum_steps}")
-    _start_distributed(world, device)
     lock = store.lock(cfg.experiment, rid) if rank == 0 else None
     if lock is not None:
         lock.acquire(on_wait=lambda owner: _say(f"run {cfg.experiment}/{rid} is being trained by {owner}; waiting"))
     try:
+        rec = None
         if lock is not None and (lock.waited or not force):
             rec = finished_record(store, cfg.experiment, rid, quiet=not lock.waited)  # finished by the owner we waited for
-            if rec is not None:
-                return rec
+        rec = _agree(rec, world)  # the other ranks wait here while rank 0 waits for the lock
+        if rec is not None:
+            return rec
         facts = _resolved_facts(plan, identity)
         if rank == 0:
             _open_run_folder(store, cfg, rid, facts, force)
@@ -723,6 +732,16 @@ def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool =
     finally:
         if lock is not None:
             lock.release()
+
+
+def _agree(record: dict | None, world: int) -> dict | None:
+    """Rank 0's decision, made collective: the finished record every rank returns, or None (every rank
+    trains). A collective call: every rank must reach it (under DDP)."""
+    if world <= 1:
+        return record
+    box = [record]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _start_distributed(world: int, device: torch.device) -> None:

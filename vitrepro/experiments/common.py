@@ -15,7 +15,8 @@ worker (they also die with their parent), leaving each run resumable.
 
 The code lives in focused modules, each importable on its own:
 
-    params     NotebookParams, validate_params, results_dir, runs_dir (and the parameter errors)
+    params     NotebookParams, validate_params, results_dir, runs_dir (and the parameter errors);
+               dataset_param (a dataset name, folder or {"path": ..., "label_column": ...}), positive_ints
     jobs       Job, finetune_from, train_config
     preflight  preflight: every check before compute
     sweep      run_jobs and its scheduler (process pool, signals, progress lines, SweepError)
@@ -27,14 +28,14 @@ skeleton (`skeleton.py`), which is not re-exported here: it is for those modules
 from __future__ import annotations
 
 from .jobs import Job, finetune_from, train_config
-from .params import (NOTEBOOK_VARIABLES, PROFILES, REPO_ROOT, NotebookParams, ParameterError, PreflightError,
-                     results_dir, runs_dir, validate_params)
+from .params import (DATASET_PARAMS, NOTEBOOK_VARIABLES, PROFILES, REPO_ROOT, NotebookParams, ParameterError,
+                     PreflightError, dataset_param, positive_ints, results_dir, runs_dir, validate_params)
 from .preflight import preflight
 from .results import (SCHEMA, atomic_write_text, collect, fmt_pm, load_run_model, mean_spread, save_figure, tidy,
                       write_results)
 from .sweep import LAST_SWEEP, SweepError, SweepResults, default_workers, run_jobs
 
-__all__ = ["Job", "finetune_from", "train_config", "NOTEBOOK_VARIABLES", "PROFILES", "REPO_ROOT", "NotebookParams",
+__all__ = ["Job", "finetune_from", "train_config", "DATASET_PARAMS", "dataset_param", "positive_ints", "NOTEBOOK_VARIABLES", "PROFILES", "REPO_ROOT", "NotebookParams",
            "ParameterError", "PreflightError", "results_dir", "runs_dir", "validate_params", "preflight", "SCHEMA",
            "atomic_write_text", "collect", "fmt_pm", "load_run_model", "mean_spread", "save_figure", "tidy",
            "write_results", "LAST_SWEEP", "SweepError", "SweepResults", "default_workers", "run_jobs"]

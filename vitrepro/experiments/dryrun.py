@@ -104,8 +104,9 @@ def standin_root(names: Sequence[str] | None = None) -> Path:
 
 def available(dataset: str, val_fraction: float = 0.0) -> int | None:
     """Training examples the stand-in of ``dataset`` holds (after a stratified hold-out), None: not a stand-in."""
-    from ..data import DATASETS
+    from ..data import DATASETS, split_ref
 
+    dataset = split_ref(dataset)[0]  # "cifar100[label_column=coarse_label]": the stand-in of cifar100
     if dataset not in SCHEMAS:
         return None
     _, _, k, splits, *_ = SCHEMAS[dataset]

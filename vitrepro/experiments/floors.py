@@ -11,7 +11,7 @@ from typing import Sequence
 import pandas as pd
 
 from .. import baselines
-from ..data import DATASETS
+from ..data import DATASETS, split_ref
 from .params import NotebookParams, runs_dir
 from .results import SCHEMA
 
@@ -20,7 +20,7 @@ FEWSHOT = "pixels: 5-shot linear"
 
 
 def _streamed(dataset: str) -> bool:
-    spec = DATASETS.get(dataset)
+    spec = DATASETS.get(split_ref(dataset)[0])  # a "<folder>[label_column=...]" reference: its folder
     return bool(spec is not None and spec.streaming)
 
 

@@ -35,6 +35,62 @@ class NotebookParams:
     allow_partial: bool = False  # write tables from the finished runs when some failed (marked partial)
 
 
+# Notebook parameters that name a dataset: each takes a name, a local parquet folder, or a dict choosing the
+# columns / splits of one (`dataset_param`); a list parameter (transfer's `downstream`) takes a list of those.
+DATASET_PARAMS = ("upstream", "downstream", "dataset", "fewshot_dataset")
+DATASET_KEYS = ("path", "image_column", "label_column", "train_split", "test_split")
+_EXAMPLE = '{"path": "/data/my_set", "label_column": "fine_label"}'
+
+
+def dataset_param(name: str, value: Any) -> Any:
+    """A dataset parameter -> what the training configs carry: a name or folder stays as it is; a dict
+    ``{"path": ..., "label_column": ..., "image_column": ..., "train_split": ..., "test_split": ...}`` (or its
+    JSON text, for ``papermill -p``) becomes the reference ``"<path>[label_column=...]"`` of `data.dataset_ref`,
+    which every config, evaluator, baseline and run id then carries. Checked strictly: unknown keys, a
+    missing path and empty or odd values are `ParameterError`s (whether the columns exist: `preflight`)."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        import json
+
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ParameterError(f"{name}={value!r} is neither a dataset name nor a JSON dict like {_EXAMPLE}: {e}") from e
+    if isinstance(value, (list, tuple)):
+        return [dataset_param(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    if not isinstance(value, dict):
+        return value
+    unknown = [k for k in value if k not in DATASET_KEYS]
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(str(k), DATASET_KEYS, n=1))
+                             else "") for k in unknown]
+        raise ParameterError(f"{name}: unknown key(s) {', '.join(hints)} in the dataset dict; valid keys: "
+                             f"{', '.join(DATASET_KEYS)} (e.g. {name}={_EXAMPLE})")
+    if "path" not in value:
+        raise ParameterError(f"{name}: the dataset dict has no 'path' (a dataset name or a parquet folder); "
+                             f"e.g. {name}={_EXAMPLE}")
+    for k, v in value.items():
+        if not isinstance(v, str) or not v.strip():
+            raise ParameterError(f"{name}: {k!r} must be a non-empty string, got {v!r}")
+        if k != "path" and any(c in v for c in ",[]=/"):
+            raise ParameterError(f"{name}: {k}={v!r} contains one of , [ ] = / (not supported in a column or split name)")
+    from ..data import dataset_ref
+
+    return dataset_ref(value["path"], **{k: v for k, v in value.items() if k != "path"})
+
+
+def positive_ints(name: str, value: Any) -> None:
+    """A list parameter of positive integers (e.g. scaling's `sizes`), or None."""
+    if value is None:
+        return
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ParameterError(f"{name} must be a non-empty list of positive integers, got {value!r}")
+    bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad:
+        raise ParameterError(f"{name} must be a list of positive integers; not one: {', '.join(map(repr, bad))}")
+    if len(set(value)) != len(value):
+        raise ParameterError(f"{name} has repeated values: {list(value)!r}")
+
+
 # Variables the notebooks themselves define after validation (so re-running that cell still works).
 NOTEBOOK_VARIABLES = {"params", "df", "tables", "figures", "written", "analysed", "sim_figures"}
 
@@ -69,6 +125,7 @@ def validate_params(cls: type, values: dict[str, Any], *, strict_globals: bool =
             hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise ParameterError(
             f"unknown notebook parameter(s) {', '.join(hints)}; valid parameters: {', '.join(fields)}")
+    kwargs = {k: dataset_param(k, v) if k in DATASET_PARAMS else v for k, v in kwargs.items()}
     params = cls(**kwargs)
     for f in dataclasses.fields(cls):
         value = getattr(params, f.name)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .jobs import Job
-from .params import NotebookParams, PreflightError, runs_dir
+from .params import DATASET_KEYS, DATASET_PARAMS, NotebookParams, PreflightError, runs_dir
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -44,11 +44,19 @@ def _check_writable(path: Path, what: str, param: str, need_bytes: int) -> None:
                              "on a larger disk>")
 
 
-def _param_hint(params: NotebookParams, dataset: str) -> str:
-    """Which notebook parameter chooses this dataset (or the ones that could)."""
+def _param_hint(params: NotebookParams, dataset: str, columns: bool = False) -> str:
+    """Which notebook parameter chooses this dataset (or the ones that could); with `columns`, how to choose
+    the columns of it (the dict form of the parameter)."""
     base = {f.name for f in dataclasses.fields(NotebookParams)}
     own = [f.name for f in dataclasses.fields(params) if f.name not in base]
-    named = [n for n in own if getattr(params, n) == dataset]
+    named = [n for n in own if getattr(params, n) == dataset
+             or (isinstance(getattr(params, n), list) and dataset in getattr(params, n))]
+    if columns:
+        from ..data import split_ref
+
+        name = named[0] if named else next((n for n in own if n in DATASET_PARAMS), "the dataset parameter")
+        return (f"choose the columns with {name}={{\"path\": \"{split_ref(dataset)[0]}\", \"label_column\": ..., "
+                "\"image_column\": ...}} (valid keys: " + ", ".join(DATASET_KEYS) + ")")
     if named:
         return f"pass another with {named[0]}=..."
     cands = [n for n in own if any(w in n for w in ("dataset", "upstream", "downstream", "data"))]
@@ -119,8 +127,9 @@ def _open_splits(cfgs: list, params: NotebookParams) -> dict[tuple[str, str], An
                     continue
                 sizes[(ds, split)] = load_arrays(ds, split)
             except Exception as e:  # noqa: BLE001 - DataError, a corrupt parquet, ...
+                hint = _param_hint(params, ds, columns="column" in str(e))  # a column missing or ambiguous
                 raise PreflightError(f"dataset {ds!r} (split {split!r}, used by the {job.stage} runs) cannot be "
-                                     f"read: {type(e).__name__}: {e}; {_param_hint(params, ds)}") from e
+                                     f"read: {type(e).__name__}: {e}; {hint}") from e
     return sizes
 
 
@@ -135,7 +144,8 @@ def _check_job(job: Job, c, sizes: dict, params: NotebookParams) -> None:
             raise PreflightError(
                 f"the {job.stage} runs of {c.model} use train_examples={c.train_examples} of {c.dataset!r}, "
                 f"which has only {avail} training examples{' after the validation hold-out' if c.val_fraction else ''}; "
-                f"{_param_hint(params, c.dataset)} (a larger dataset, or a profile with smaller subsets)")
+                f"{_param_hint(params, c.dataset)} (a larger dataset, "
+                + ("smaller sizes=[...], " if hasattr(params, "sizes") else "") + "or a profile with smaller subsets)")
         n = min(avail, c.train_examples or avail)
         if c.batch_size > n:
             raise PreflightError(f"the {job.stage} runs of {c.model} on {c.dataset!r} use batch_size={c.batch_size} "

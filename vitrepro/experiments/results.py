@@ -146,7 +146,10 @@ def collect(jobs: Sequence[Job], params: NotebookParams, notebook: str):
     from ..store import RunStore
     from ..train import ConfigError, finished_record, run_id_of
 
+    from .sweep import run_threads
+
     store = RunStore(runs_dir(params))
+    threads = run_threads(params)  # the thread count `run_jobs` would train with: the same run ids
     records: dict[int, dict] = {}
     results = []
     for job in [j for j in jobs if j.parent is None] + [j for j in jobs if j.parent is not None]:
@@ -159,7 +162,7 @@ def collect(jobs: Sequence[Job], params: NotebookParams, notebook: str):
         if params.device != "auto":
             cfg["device"] = params.device
         try:
-            rid = run_id_of(cfg)
+            rid = run_id_of(cfg, threads=threads)
         except ConfigError as e:
             print(f"[vitrepro] {job.stage} {cfg.get('model')}: {e}", file=sys.stderr)
             continue

@@ -31,8 +31,10 @@ NOTEBOOK = "scaling"
 class Params(launch.ExperimentParams):
     upstream: str | None = None  # pre-training dataset (None = the profile's)
     downstream: str | None = None  # transfer dataset for few-shot and fine-tuning (None = the profile's)
+    sizes: list | None = None  # pre-training subset sizes, positive ints (None = the profile's)
 
     def check(self):
+        common.positive_ints("sizes", self.sizes)  # against the dataset's size: in preflight
         skeleton.check_datasets(self.upstream, self.downstream)
 
 
@@ -120,7 +122,7 @@ def paper() -> Profile:
 
 PROFILES = skeleton.profiles_by_name(smoke, cpu, gpu, paper)
 validate_params = skeleton.parameter_validator(Params)
-profile = skeleton.profile_chooser(PROFILES, "upstream", "downstream", "seeds")
+profile = skeleton.profile_chooser(PROFILES, "upstream", "downstream", "seeds", "sizes")
 
 
 def _pretrain_config(params: Params, p: Profile, model: str, n: int | None, seed: int) -> dict:

@@ -78,6 +78,25 @@ def _train_one(cfg: dict, root: str, force: bool) -> dict:
     return _failed(cfg, "unreachable", rid)
 
 
+POOL_THREADS = 1  # intra-op threads of a pool worker (set by `_worker_init` before it computes any run id)
+
+
+def run_threads(params: NotebookParams, workers: int | None = None) -> int | None:
+    """The intra-op thread count the runs of a sweep train with, part of a CPU run's id: a torchrun process's
+    ($OMP_NUM_THREADS, 1 by default), a pool worker's (`POOL_THREADS`) or, None, this process's own. The
+    scheduler and `results.collect` compute run ids with it, so they find the runs the workers wrote."""
+    from .torchrun import omp_threads, worker_threads
+
+    t = worker_threads()
+    if t is None and getattr(params, "launcher", "local") == "torchrun":
+        t = omp_threads(os.environ)
+    if t is not None:
+        return t
+    if getattr(params, "launcher", "local") == "local" and (workers or default_workers(params)) > 1:
+        return POOL_THREADS
+    return None
+
+
 def default_workers(params: NotebookParams) -> int:
     """Parallel runs: small CPU models use one core far better than two, so a 2-core machine trains
     two runs at once with one thread each; on a GPU, one run at a time."""
@@ -215,6 +234,7 @@ def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], N
     preflight(jobs, params)
     sweep = _Sweep(jobs, params, log)
     workers = workers or default_workers(params)
+    sweep.threads = run_threads(params, workers)  # the workers' thread count: the ids they will compute
     if workers <= 1:
         sweep.run_here()
     else:
@@ -242,6 +262,7 @@ class _Sweep:
         self.total = len(jobs)
         self.keys = {st: _variant_keys([j for j in jobs if j.stage == st]) for st in {j.stage for j in jobs}}
         self.n_trained, self.t_first_trained = 0, None
+        self.threads: int | None = None  # intra-op threads of the processes that train (None: this one's)
 
     def describe(self, job: Job, cfg: dict) -> str:
         return _describe(job, cfg, self.keys)
@@ -301,7 +322,7 @@ class _Sweep:
         if self.params.force:
             return None
         try:
-            rid = train.run_id_of(cfg)
+            rid = train.run_id_of(cfg, threads=self.threads)  # the id the worker will compute
         except train.ConfigError:
             return None  # _train_one records the error
         return train.finished_record(self.store, cfg["experiment"], rid)  # a damaged record / model is named, then redone
@@ -329,7 +350,7 @@ class _Sweep:
 
         self.log(f"training with {workers} parallel workers, 1 thread each")
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                   initargs=(1, os.getpid()))
+                                   initargs=(POOL_THREADS, os.getpid()))
         stopper = _StopOnSignals()
         try:
             with stopper:

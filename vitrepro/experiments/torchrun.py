@@ -12,6 +12,22 @@ import tempfile
 ENV = "VITREPRO_LAUNCHER"  # "torchrun:<nproc>" while a sweep runs under torchrun (read by the job trainer)
 
 
+def worker_threads(env: dict | None = None) -> int | None:
+    """The intra-op threads of a torchrun process of this sweep ($OMP_NUM_THREADS, 1 where unset: what
+    `torchrun_train` gives them), or None when the sweep does not run under torchrun (``env``: default os.environ)."""
+    env = os.environ if env is None else env
+    if not env.get(ENV, "").startswith("torchrun"):
+        return None
+    return omp_threads(env)
+
+
+def omp_threads(env: dict) -> int:
+    try:
+        return max(1, int(env.get("OMP_NUM_THREADS") or 1))
+    except ValueError:  # e.g. a nested "4,2": torch takes the first
+        return max(1, int(str(env["OMP_NUM_THREADS"]).split(",")[0] or 1))
+
+
 def torchrun_command(config_file: str, root: str, force: bool, n: int) -> list[str]:
     where = shlex.split(os.environ.get("VITREPRO_TORCHRUN_ARGS", "")) or ["--standalone"]
     return ([sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={n}", "-m", "vitrepro.train",
@@ -28,11 +44,11 @@ def torchrun_train(cfg: dict, root: str, force: bool) -> dict | None:
     from ..store import RunStore
 
     n = int(spec.split(":", 1)[1]) if ":" in spec else 1
-    rid = train.run_id_of(cfg)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(cfg, f)
     env = {k: v for k, v in os.environ.items() if k != ENV}
     env.setdefault("OMP_NUM_THREADS", "1")
+    rid = train.run_id_of(cfg, threads=omp_threads(env))  # the id the torchrun processes compute
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(cfg, f)
     try:
         proc = subprocess.run(torchrun_command(f.name, root, force, n), env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
