@@ -155,7 +155,17 @@ def _kernel() -> str:
     papermill's --log-output (env/kernel/kernel.json.in); python3 where it is not installed."""
     from jupyter_client.kernelspec import KernelSpecManager
 
-    return "vitrepro" if "vitrepro" in KernelSpecManager().find_kernel_specs() else "python3"
+    try:
+        spec = KernelSpecManager().get_kernel_spec("vitrepro")
+    except Exception:  # noqa: BLE001 - not installed (jupyter_client raises NoSuchKernel)
+        return "python3"
+    # a kernel installed by another clone whose interpreter is gone would fail to start: use python3
+    python = spec.argv[0] if spec.argv else ""
+    if os.path.isabs(python) and not os.path.exists(python):
+        print(f"[run_all] the 'vitrepro' kernel's interpreter {python} does not exist (installed by another "
+              "clone?); using the python3 kernel. `make kernel` reinstalls it for this clone.", flush=True)
+        return "python3"
+    return "vitrepro"
 
 
 def _run(args, pm, report) -> None:

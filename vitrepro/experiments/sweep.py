@@ -99,7 +99,10 @@ def run_threads(params: NotebookParams, workers: int | None = None) -> int | Non
 
 def default_workers(params: NotebookParams) -> int:
     """Parallel runs: small CPU models use one core far better than two, so a 2-core machine trains
-    two runs at once with one thread each; on a GPU, one run at a time."""
+    two runs at once with one thread each (`python -m vitrepro.bench --sweep`, results/benchmarks/sweep_cpu.md:
+    one process with two threads trains the cpu-profile ViTs at 0.68-0.79x the pool's aggregate rate, and
+    stacking 3 runs per process at 0.63-0.76x); each run compiles itself where that pays (TrainConfig.compile).
+    On a GPU, one run at a time."""
     import torch
 
     if params.device.startswith("cuda") or (params.device == "auto" and torch.cuda.is_available()):
