@@ -203,7 +203,7 @@ def measure_layout(spec: SweepSpec, layout: Layout) -> dict:
                 p.terminate()
     images = sum(r["images"] for r in reports)
     wall = max(r["timed_s"] for r in reports)
-    return {"layout": asdict(layout), "images": images, "timed_s": round(wall, 3),
+    return {"layout": asdict(layout), "images": images, "timed_s": wall,
             "images_per_s": images / wall, "warmup_s": round(max(r["warmup_s"][0] for r in reports), 1)}
 
 
