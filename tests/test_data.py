@@ -120,7 +120,7 @@ def _arrays(n=40):
                        torch.arange(n) % 4, list("abcd"), "toy")
 
 
-@pytest.mark.parametrize("augment", ["none", "crop_flip", "rrc_flip"])
+@pytest.mark.parametrize("augment", ["none", "crop", "crop_flip", "rrc_flip"])
 def test_batches_deterministic_sharded_resumable(augment):
     a = _arrays()
     one = Batches(a, 8, 8, 1, augment=augment, seed=3)
@@ -143,6 +143,24 @@ def test_batches_deterministic_sharded_resumable(augment):
     if augment != "none":
         assert seq[0][0].shape == (8, 1, 8, 8)
         assert not torch.equal(seq[0][0], preprocess(a.images[:8], 8, 1))
+
+
+def test_crop_translates_without_mirroring():
+    """``crop`` (for digits) is ``crop_flip``'s translation without its flip: with the same draws each image
+    of crop_flip is the crop's image or its mirror, and some are mirrors; a crop keeps the digit's pixels."""
+    from vitrepro.data import augment_batch
+
+    x = torch.randn(64, 1, 16, 16)
+    crop = augment_batch(x, "crop", torch.Generator().manual_seed(5))
+    both = augment_batch(x, "crop_flip", torch.Generator().manual_seed(5))
+    same = [torch.equal(c, b) for c, b in zip(crop, both)]
+    mirrored = [torch.equal(c.flip(-1), b) for c, b in zip(crop, both)]
+    assert all(s or m for s, m in zip(same, mirrored)) and 0 < sum(mirrored) < 64
+    # a translation by at most 16/8 = 2 px: the centre 12x12 of the input appears unmirrored in the crop
+    centre = x[:, :, 2:14, 2:14]
+    found = [any(torch.equal(centre[i], crop[i, :, dy:dy + 12, dx:dx + 12]) for dy in range(5) for dx in range(5))
+             for i in range(64)]
+    assert all(found)
 
 
 def test_batches_errors():

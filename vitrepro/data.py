@@ -20,7 +20,8 @@ Pixels: ``preprocess`` maps uint8 to float in [-1, 1] via (x - 127.5) / 127.5, t
 released ViT weights expect, after bilinear (antialiased) resizing and channel conversion.
 
 Augmentation (``augment``): ``"crop_flip"`` = pad by img_size/8 (edge replicate) and random crop
-back to img_size + horizontal flip (the usual small-image recipe); ``"rrc_flip"`` = random resized
+back to img_size + horizontal flip (the usual small-image recipe); ``"crop"`` = the same pad and crop
+without the flip (random translation by up to img_size/8, for digits, which a mirror does not preserve); ``"rrc_flip"`` = random resized
 crop, area 5%-100% and aspect 3/4-4/3 (the Inception-style crop used by the ViT fine-tuning
 pipeline) + flip; ``"flip"``; ``"none"``; ``"auto"`` = crop_flip for img_size <= 64 else rrc_flip.
 All are batched tensor ops; the random parameters are drawn for the whole *global* batch from a
@@ -486,7 +487,7 @@ def train_val_split(labels, val_fraction: float, seed: int = 0) -> tuple[torch.T
 
 # --------------------------------------------------------------------------- preprocessing
 
-AUGMENTATIONS = ("none", "flip", "crop_flip", "rrc_flip", "auto")
+AUGMENTATIONS = ("none", "flip", "crop", "crop_flip", "rrc_flip", "auto")
 
 
 def training_split(arrays: ImageArrays, val_fraction: float, train_examples: int | None,
@@ -541,7 +542,7 @@ def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tenso
         kind = "crop_flip" if max(h, w) <= 64 else "rrc_flip"
     if kind not in AUGMENTATIONS:
         raise DataError(f"unknown augmentation {kind!r}; one of {AUGMENTATIONS}")
-    if kind == "crop_flip":
+    if kind in ("crop", "crop_flip"):
         p = max(1, h // 8)
         oy = _to_device(torch.randint(0, 2 * p + 1, (b,), generator=g), x.device)
         ox = _to_device(torch.randint(0, 2 * p + 1, (b,), generator=g), x.device)
@@ -562,6 +563,8 @@ def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tenso
         theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sw, cx, sh, cy
         grid = F.affine_grid(_to_device(theta, x.device).to(x.dtype), (b, c, h, w), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if kind == "crop":
+        return x
     flip = _to_device(torch.rand(b, generator=g) < 0.5, x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 

@@ -86,7 +86,7 @@ class TrainConfig:
     eval_split: str = "test"                # "test" or "val" (the held-out part of train)
     img_size: int | None = None             # None: the dataset's image size
     in_chans: int | None = None             # None: the dataset's channels (3 when fine-tuning a 3-channel init)
-    augment: str = "none"                   # none | flip | crop_flip | rrc_flip | auto
+    augment: str = "none"                   # none | flip | crop | crop_flip | rrc_flip | auto
     # optimisation
     batch_size: int = 64                    # global batch
     accum_steps: int = 1

@@ -106,7 +106,7 @@ def cpu() -> Profile:
       downsampled to 16 px (4x4 patches), fine-tuned on MNIST at 16 px and at its native 28 px (7x7,
       position embeddings interpolated bilinearly as in [VT]); beside it the upsampled variant 28 -> 44 px (11x11 patches),
       which adds tokens but no information;
-    * from scratch with the fine-tuning budget (500 steps) and with the budget of the 5.5k pre-training plus
+    * from scratch with the fine-tuning budget (1,000 steps on MNIST, 500 on digits) and with the budget of the 5.5k pre-training plus
       fine-tuning, the pre-training recipe on the downstream set.
 
     Expected (paper, qualitatively): the 55k rows above the 5.5k rows; 28 px (from 16) above 16 px;
@@ -158,7 +158,7 @@ def pretrained_recipe(params: Params, p: Profile, model: str, dataset: str) -> d
     if p.pretrained_finetune is not None:
         return dict(p.pretrained_finetune)
     spec = parse_name(model)
-    return dict(recipes.CPU_FINETUNE, img_size=4 * getattr(spec, "patch", 16))
+    return dict(recipes.CPU_FINETUNE, steps=recipes.cpu_finetune_steps(dataset), img_size=4 * getattr(spec, "patch", 16))
 
 
 def _finetune_recipe(p: Profile, dataset: str) -> dict:
@@ -226,12 +226,13 @@ def _cpu_jobs(params: Params, p: Profile) -> list[Job]:
                     for size in (sizes if ds == p.downstream[0] else [p.img_size]):
                         out.append(Job(recipes.finetune_config(prof, model, ds, seed, size), stage="finetune",
                                        upstream=p.upstream, upstream_examples=n, parent=pre))
-            steps = p.finetune["steps"]
             for ds in p.downstream:  # from scratch with the fine-tuning budget
+                steps = recipes.cpu_finetune_steps(ds)
                 out.append(Job(recipes.scratch_config(prof, model, ds, seed, steps), stage="scratch",
                                upstream=f"none ({steps} steps, the fine-tuning budget)"))
             if model != first:
                 continue
+            steps = recipes.cpu_finetune_steps(p.downstream[0])
             small = recipes.pretrain_steps(p.upstream_sizes[0]) + steps  # ... and with pre-training's budget too
             out.append(Job(recipes.scratch_config(prof, model, p.downstream[0], seed, small), stage="scratch",
                            upstream=f"none ({small} steps, {p.upstream_sizes[0]} pre-training + fine-tuning)"))
