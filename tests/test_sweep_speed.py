@@ -116,3 +116,29 @@ def test_sweep_benchmark_numbers_follow_from_its_fields():
             3 * flops * r["images_per_s"] / result["peaks"]["fp32"]["flops_per_s"])
     md = bench_sweep.sweep_markdown(result, "test")
     assert "| ViT-Nano/7 | pool+stack | 1 x 1 | 2 |" in md
+
+
+def test_sweep_eta_weighs_runs_by_their_work(tmp_path, monkeypatch):
+    """The ETA scales the time so far by work left / work done (steps x batch x pixels), not by runs: after a
+    422-step run took 10 s, two 3,438-step runs of the same shape are 163 s away (not 20 s), plus an average
+    run's share for a run of unknown length."""
+    import time
+
+    from vitrepro.experiments import scaling, sweep
+    from vitrepro.experiments.jobs import Job
+
+    params = scaling.validate_params({"profile": "smoke", "runs_dir": str(tmp_path)})
+    cfg = dict(model="ViT-Nano/4", dataset="digits", img_size=8, batch_size=32)
+    short, longs = Job(dict(cfg, steps=422), "pretrain"), [Job(dict(cfg, steps=3438, seed=s), "pretrain") for s in (0, 1)]
+    unknown = Job(dict(cfg, epochs=2), "pretrain")  # no steps: counted as the average known run
+    sw = sweep._Sweep([short, *longs, unknown], params, log=lambda *_: None)
+    assert sw.eta() == "ETA ?"
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now)
+    sw.t_first_trained = now - 10.0
+    sw.finish(short, short.config, {"status": "ok", "run_id": "a", "experiment": "e"}, was_trained=True)
+    mean = (422 + 2 * 3438) / 3
+    assert sw.eta() == f"ETA {sweep._fmt_s(10.0 * (2 * 3438 + mean) / 422)}"
+    for job in (*longs, unknown):
+        sw.finish(job, job.config, {"status": "ok", "run_id": "b", "experiment": "e"}, was_trained=False)
+    assert sw.eta() == "done"
