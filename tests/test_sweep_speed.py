@@ -142,3 +142,18 @@ def test_sweep_eta_weighs_runs_by_their_work(tmp_path, monkeypatch):
     for job in (*longs, unknown):
         sw.finish(job, job.config, {"status": "ok", "run_id": "b", "experiment": "e"}, was_trained=False)
     assert sw.eta() == "done"
+
+
+@pytest.mark.skipif(machine._cxx_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler")
+def test_each_run_in_a_worker_is_compiled(run_store, monkeypatch):
+    """A sweep worker trains many models in one process. Without a dynamo reset per run, every new model is a
+    recompile of the same frame, and past dynamo's recompile limit (8; 1 here) a run silently trains eagerly
+    while its record says compile=on: the cpu profile's position-embedding sweep did, from its 9th run on."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    train.run({**BASE, "compile": "on"}, store=run_store, progress="none")
+    counters.clear()
+    other = train.run({**BASE, "compile": "on", "pos_embed": "2d", "pool": "gap"}, store=run_store, progress="none")
+    assert other["resolved"]["compile"] is True
+    assert counters["frames"]["ok"] > 0, dict(counters["frames"])  # its frames were compiled, not run eagerly

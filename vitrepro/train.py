@@ -914,6 +914,10 @@ def _resume(t: _Training) -> None:
         t.train_model = torch.nn.parallel.DistributedDataParallel(
             t.model, device_ids=[t.device.index] if t.device.type == "cuda" else None)
     if t.compiled:  # the training step only: evaluation, selection and checkpoints use the eager t.model
+        # a sweep worker trains many models in one process: without a reset each new model counts as a
+        # recompile of the same frame, and after dynamo's recompile limit (8) later runs train eagerly while
+        # their record says compile=on. Compiled kernels stay cached on disk (inductor), so this costs seconds.
+        torch._dynamo.reset()
         t.train_model = torch.compile(t.train_model)
     t.model.train()
 
