@@ -273,6 +273,9 @@ class _Sweep:
         self.total = len(jobs)
         self.keys = {st: _variant_keys([j for j in jobs if j.stage == st]) for st in {j.stage for j in jobs}}
         self.n_trained, self.t_first_trained, self.work_trained = 0, None, 0.0
+        known = [w for w in map(job_work, jobs) if w]
+        mean = sum(known) / len(known) if known else 1.0
+        self.work = {id(j): job_work(j) or mean for j in jobs}  # for the ETA; unknown length: the average known
         self.threads: int | None = None  # intra-op threads of the processes that train (None: this one's)
 
     def describe(self, job: Job, cfg: dict) -> str:
@@ -295,9 +298,7 @@ class _Sweep:
             return "done"
         if not self.n_trained or self.t_first_trained is None or not self.work_trained:
             return "ETA ?"
-        known = [w for w in map(job_work, self.jobs) if w]
-        mean = sum(known) / len(known) if known else 1.0
-        work_left = sum(job_work(j) or mean for j in left)
+        work_left = sum(self.work[id(j)] for j in left)
         return f"ETA {_fmt_s((time.time() - self.t_first_trained) * work_left / self.work_trained)}"
 
     def finish(self, job: Job, cfg: dict, record: dict, was_trained: bool) -> None:
@@ -307,8 +308,7 @@ class _Sweep:
         self.out.append((job, record))
         if was_trained:
             self.n_trained += 1
-            known = [w for w in map(job_work, self.jobs) if w]
-            self.work_trained += job_work(job) or (sum(known) / len(known) if known else 1.0)
+            self.work_trained += self.work[id(job)]
         status = record.get("status")
         extra = "" if status == "ok" else f": {record.get('error')}"
         how = "" if was_trained else " (stored)"
