@@ -32,6 +32,21 @@ def test_selection_averages_seeds_before_choosing():
     assert select.best(rows, "top1_val", ["lr"]) == {"lr": 2}
 
 
+def test_a_winner_at_the_edge_of_its_grid_is_flagged(tmp_path):
+    grid = {"lr": [1e-3, 3e-3, 1e-2], "augment": ["none", "crop", "crop_flip"], "steps": [500, 1000]}
+    assert select.at_grid_edge(grid, {"lr": 1e-2, "augment": "crop_flip", "steps": 1000}) == {"lr": "highest"}
+    assert select.at_grid_edge(grid, {"lr": 1e-3, "augment": "none", "steps": 500}) == {"lr": "lowest"}
+    assert select.at_grid_edge(grid, {"lr": 3e-3, "augment": "none", "steps": 500}) == {}
+    # the written selection says so beside the chosen value
+    search = select.Search(base={}, grid={"lr": grid["lr"]})
+    rows = [dict(lr=lr, seed=0, metric="acc/mnist/val", val=v) for lr, v in zip(grid["lr"], (0.5, 0.6, 0.7))]
+    assert select.write_search("edge", search, rows, tmp_path) == {"lr": 1e-2}
+    assert "the highest value of its grid" in (tmp_path / "edge.md").read_text()
+    rows[1]["val"] = 0.9
+    select.write_search("inside", search, rows, tmp_path)
+    assert "of its grid" not in (tmp_path / "inside.md").read_text()
+
+
 def test_d3_pooling_verdict_chooses_lr_on_validation_not_test():
     """Token at lr 1e-3 is best on test, but 2e-3 is best on validation: the verdict must use 2e-3."""
     rows = []

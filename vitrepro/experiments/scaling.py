@@ -72,7 +72,7 @@ def cpu() -> Profile:
     """Fashion-MNIST subsets of 1.8k, 5.5k, 18k and 55k images (30x), 3 seeds; Fig. 3/4/5 at CPU scale.
 
     Models: ViT-Nano/4 (0.21 M parameters, 7x7 patches) and BiT-R14x0.25 (0.51 M), each pre-trained with
-    the cpu recipe of `recipes.py` (AdamW at batch 128, lr 2e-3 for the ViT and 3e-3 for the ResNet, both
+    the cpu recipe of `recipes.py` (AdamW at batch 128, lr 2e-3 for the ViT and 1e-2 for the ResNet, both
     chosen on validation; no augmentation, also chosen on validation) for one
     long schedule (8 epochs of the 55k set, a subset capped at 30 passes) and early-stopped on the 5k
     held-out training images ([P] §4.3). Measured by the 5-shot linear probe on held-out Fashion-MNIST

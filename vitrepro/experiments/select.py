@@ -49,6 +49,22 @@ def best(rows: Sequence[dict], metric: str, keys: Sequence[str]) -> dict:
     return dict(zip(keys, point))
 
 
+def at_grid_edge(grid: dict, chosen: dict) -> dict:
+    """The chosen values that sit at the low or high end of a numeric grid axis of 3 or more values.
+
+    Such a winner is not a selection: the optimum may lie beyond the grid, which should be extended
+    in that direction. (Axes of 1-2 values, or non-numeric ones, are choices between options.)"""
+    edges = {}
+    for key, values in grid.items():
+        numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(numeric) < 3 or len(numeric) != len(values):
+            continue
+        lo, hi = min(numeric), max(numeric)
+        if chosen.get(key) in (lo, hi):
+            edges[key] = "highest" if chosen[key] == hi else "lowest"
+    return edges
+
+
 @dataclass
 class Search:
     """A base configuration, a grid over some of its keys, and the seeds each point trains."""
@@ -97,9 +113,14 @@ def write_search(name: str, search: Search, rows: list[dict], out: Path) -> dict
     chosen = best([{**r, r["metric"]: r["val"]} for r in rows], rows[0]["metric"], list(search.grid))
     frame = pd.DataFrame(rows)
     text = frame.to_csv(index=False)
+    edges = at_grid_edge(search.grid, chosen)
+    warning = "".join(f"\n\n**{k} = {chosen[k]} is the {side} value of its grid**: the optimum may lie beyond it; "
+                      f"extend the grid." for k, side in edges.items())
     atomic_write_text(out / f"{name}.csv", text)
     atomic_write_text(out / f"{name}.md", f"# Selection `{name}`\n\n{search.note}\n\n"
-                      f"Chosen on validation accuracy: {chosen}\n\n{frame.to_markdown(index=False)}\n")
+                      f"Chosen on validation accuracy: {chosen}{warning}\n\n{frame.to_markdown(index=False)}\n")
+    if edges:
+        print(f"[select {name}] WARNING: chosen at the edge of the grid: {edges}; extend the grid", flush=True)
     return chosen
 
 
