@@ -197,3 +197,21 @@ def test_preflight_checks_finetune_shapes_before_any_run(tmp_path):
     with pytest.raises(common.PreflightError, match="not divisible by the patch size"):
         common.preflight(jobs, params)
     assert not (tmp_path / "runs").exists()
+
+
+def test_recipes_use_what_their_committed_searches_chose():
+    """Each search's table in results/recipes/ was made with the search's current grid, its winner has a
+    loser on each side of every numeric axis, and the recipe holds the value that won on validation."""
+    used = {"vit_pretrain": {"lr": recipes.CPU_LR["vit"]}, "bit_pretrain": {"lr": recipes.CPU_LR["bit"]},
+            "finetune": {"lr": recipes.CPU_FINETUNE["lr"]},
+            "finetune_budget": {"steps": recipes.CPU_FINETUNE["steps"], "augment": recipes.CPU_FINETUNE_AUGMENT}}
+    assert set(used) == set(recipes.SEARCHES)
+    tables = EXPERIMENTS.parents[1] / "results" / "recipes"
+    for name, values in used.items():
+        search = recipes.SEARCHES[name]()
+        rows = pd.read_csv(tables / f"{name}.csv").to_dict("records")
+        for key, grid in search.grid.items():
+            assert sorted({r[key] for r in rows}, key=str) == sorted(set(grid), key=str), (name, key)
+        chosen = select.best([{**r, r["metric"]: r["val"]} for r in rows], rows[0]["metric"], list(search.grid))
+        assert chosen == values, name
+        assert select.at_grid_edge(search.grid, chosen) == {}, name
