@@ -122,8 +122,9 @@ CPU_MAX_SUBSET_EPOCHS = 30   # a subset trains the same schedule, capped at this
 # (held-out MNIST, seed 0: 500 steps 92.5% / with random translation 89.6%; 1,000 steps 94.4% / 94.7%):
 # 1,000 steps (16 passes over MNIST's 8k training images) with `crop` (random translation by up to 3 px; no
 # flip, digits are not mirror-symmetric). Not yet adopted: the same search extended to 2,000 steps (1 thread,
-# seed 0) scored 97.9% with translation (1,000: 95.0%; 2,000 without: 94.4%), but doubling fine-tuning adds
-# ~18 min to the cpu profile (68 -> ~86 of its 90 min on the 2-core machine). The 1,437 scikit-learn digits
+# seed 0) scored 97.9% with translation (1,000: 95.0%; 2,000 without: 94.4%), but doubling the MNIST
+# fine-tuning and scratch runs (2,880 of the profile's 7,659 process-seconds) would take the cpu profile from
+# 68 to ~93 min on the 2-core machine, over its 90-min budget. The 1,437 scikit-learn digits
 # keep 500 steps (45 passes; not searched), as [P] Table 4 gives each dataset its own number of steps.
 CPU_FINETUNE = dict(optimizer="sgd", batch_size=CPU_BATCH, weight_decay=0.0, schedule="cosine", grad_clip=1.0,
                     lr=0.3, steps=1000, warmup_steps=20)
