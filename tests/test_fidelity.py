@@ -212,6 +212,6 @@ def test_recipes_use_what_their_committed_searches_chose():
         rows = pd.read_csv(tables / f"{name}.csv").to_dict("records")
         for key, grid in search.grid.items():
             assert sorted({r[key] for r in rows}, key=str) == sorted(set(grid), key=str), (name, key)
-        chosen = select.best([{**r, r["metric"]: r["val"]} for r in rows], rows[0]["metric"], list(search.grid))
+        chosen = select.chosen_point(search, rows)
         assert chosen == values, name
         assert select.at_grid_edge(search.grid, chosen) == {}, name

@@ -107,10 +107,15 @@ def run_search(name: str, search: Search, store=None) -> list[dict]:
     return rows
 
 
+def chosen_point(search: Search, rows: list[dict]) -> dict:
+    """The grid point that ``rows`` (from `run_search` or a search's CSV) choose on their validation metric."""
+    return best([{**r, r["metric"]: r["val"]} for r in rows], rows[0]["metric"], list(search.grid))
+
+
 def write_search(name: str, search: Search, rows: list[dict], out: Path) -> dict:
     import pandas as pd
 
-    chosen = best([{**r, r["metric"]: r["val"]} for r in rows], rows[0]["metric"], list(search.grid))
+    chosen = chosen_point(search, rows)
     frame = pd.DataFrame(rows)
     text = frame.to_csv(index=False)
     edges = at_grid_edge(search.grid, chosen)
