@@ -296,7 +296,7 @@ class _Sweep:
         left = [j for j in self.jobs if id(j) not in self.done]
         if not left:
             return "done"
-        if not self.n_trained or self.t_first_trained is None or not self.work_trained:
+        if self.t_first_trained is None or not self.work_trained:
             return "ETA ?"
         work_left = sum(self.work[id(j)] for j in left)
         return f"ETA {_fmt_s((time.time() - self.t_first_trained) * work_left / self.work_trained)}"
