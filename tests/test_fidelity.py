@@ -32,6 +32,21 @@ def test_selection_averages_seeds_before_choosing():
     assert select.best(rows, "top1_val", ["lr"]) == {"lr": 2}
 
 
+def test_a_budget_search_takes_the_cheapest_point_within_one_standard_error():
+    def rows(vals, n=800):
+        return [{"steps": s, "augment": "crop", "acc/mnist/val": v, "val_n": n} for s, v in zip((500, 1000, 2000), vals)]
+
+    keys = ["steps", "augment"]
+    # best 0.98 on 800 images: se = sqrt(.98 * .02 / 800) = 0.0049; 0.976 is within it, 0.97 is not
+    assert select.cheapest_within_one_se(rows((0.90, 0.976, 0.98)), "acc/mnist/val", keys, "steps")["steps"] == 1000
+    assert select.cheapest_within_one_se(rows((0.90, 0.970, 0.98)), "acc/mnist/val", keys, "steps")["steps"] == 2000
+    # more validation images, a smaller se: the same 0.4 pp now decides
+    assert select.cheapest_within_one_se(rows((0.90, 0.976, 0.98), n=8000), "acc/mnist/val", keys,
+                                         "steps")["steps"] == 2000
+    with pytest.raises(select.SelectionError, match="not a validation"):
+        select.cheapest_within_one_se(rows((0.9, 0.9, 0.9)), "top1", keys, "steps")
+
+
 def test_a_winner_at_the_edge_of_its_grid_is_flagged(tmp_path):
     grid = {"lr": [1e-3, 3e-3, 1e-2], "augment": ["none", "crop", "crop_flip"], "steps": [500, 1000]}
     assert select.at_grid_edge(grid, {"lr": 1e-2, "augment": "crop_flip", "steps": 1000}) == {"lr": "highest"}

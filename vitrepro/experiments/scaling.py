@@ -77,7 +77,7 @@ def cpu() -> Profile:
     long schedule (8 epochs of the 55k set, a subset capped at 30 passes) and early-stopped on the 5k
     held-out training images ([P] §4.3). Measured by the 5-shot linear probe on held-out Fashion-MNIST
     images (Fig. 4; shots from the validation part, never trained on) and by fine-tuning on MNIST
-    (Fig. 3; its whole 8k training split, SGD momentum, 1,000 steps with random translation; lr, steps and
+    (Fig. 3; its whole 8k training split, SGD momentum, 2,000 steps with random translation; lr, steps and
     augmentation chosen on validation).
     The 55k ViT run is the shared upstream model of transfer and attention (one run, many uses).
 

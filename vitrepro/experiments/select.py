@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -49,6 +50,29 @@ def best(rows: Sequence[dict], metric: str, keys: Sequence[str]) -> dict:
     return dict(zip(keys, point))
 
 
+def cheapest_within_one_se(rows: Sequence[dict], metric: str, keys: Sequence[str], cost: str) -> dict:
+    """The grid point with the smallest ``cost`` value (e.g. steps) whose mean ``metric`` lies within one
+    standard error of the best point's: the one-standard-error rule (Hastie, Tibshirani & Friedman, ESL
+    §7.10), so a difference the validation set cannot resolve does not buy a longer budget.
+
+    The standard error is the best point's binomial one, sqrt(p (1 - p) / n), n = its rows' ``val_n``
+    (validation images); among equally cheap points the more accurate wins."""
+    validation_metric(metric)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get(metric) is not None:
+            groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    if not groups:
+        raise SelectionError(f"no row holds {metric!r}: nothing to select from")
+    mean = {g: sum(float(r[metric]) for r in rs) / len(rs) for g, rs in groups.items()}
+    top = max(mean, key=mean.get)
+    n = sum(int(r["val_n"]) for r in groups[top])  # all the validation predictions behind the best mean
+    se = math.sqrt(mean[top] * (1 - mean[top]) / n)
+    near = [g for g in mean if mean[g] >= mean[top] - se]
+    i = list(keys).index(cost)
+    return dict(zip(keys, min(near, key=lambda g: (g[i], -mean[g]))))
+
+
 def at_grid_edge(grid: dict, chosen: dict) -> dict:
     """The chosen values that sit at the low or high end of a numeric grid axis of 3 or more values.
 
@@ -74,6 +98,7 @@ class Search:
     seeds: Sequence[int] = (0,)
     note: str = ""
     parent: dict | None = field(default=None)  # for fine-tuning searches: the pre-training config
+    cost: str | None = None  # a grid key whose smaller values cost less: `cheapest_within_one_se` chooses
 
     def configs(self) -> list[dict]:
         keys = list(self.grid)
@@ -101,15 +126,27 @@ def run_search(name: str, search: Search, store=None) -> list[dict]:
         metric = sel.get("on") or f"acc/{cfg['dataset']}/val"
         row = {k: cfg[k] for k in search.grid}
         row.update(seed=cfg["seed"], metric=metric, val=rec["metrics"][validation_metric(metric)],
-                   best_step=sel.get("best_step"), steps=rec["steps"], run_id=rec["run_id"])
+                   val_n=validation_size(rec), best_step=sel.get("best_step"), steps=rec["steps"],
+                   run_id=rec["run_id"])
         rows.append(row)
         print(f"[select {name}] {row}", flush=True)
     return rows
 
 
+def validation_size(record: dict) -> int:
+    """How many held-out images a run's validation accuracy was measured on (its dataset's examples
+    minus those it trained on)."""
+    res = record["resolved"]
+    return sum(d["n"] for d in res["data"].values() if d.get("split") == "train") - res["train_size"]
+
+
 def chosen_point(search: Search, rows: list[dict]) -> dict:
-    """The grid point that ``rows`` (from `run_search` or a search's CSV) choose on their validation metric."""
-    return best([{**r, r["metric"]: r["val"]} for r in rows], rows[0]["metric"], list(search.grid))
+    """The grid point that ``rows`` (from `run_search` or a search's CSV) choose on their validation metric:
+    the best one, or with a ``cost`` key the cheapest within one standard error of the best."""
+    rows = [{**r, r["metric"]: r["val"]} for r in rows]
+    if search.cost:
+        return cheapest_within_one_se(rows, rows[0]["metric"], list(search.grid), search.cost)
+    return best(rows, rows[0]["metric"], list(search.grid))
 
 
 def write_search(name: str, search: Search, rows: list[dict], out: Path) -> dict:
@@ -122,8 +159,10 @@ def write_search(name: str, search: Search, rows: list[dict], out: Path) -> dict
     warning = "".join(f"\n\n**{k} = {chosen[k]} is the {side} value of its grid**: the optimum may lie beyond it; "
                       f"extend the grid." for k, side in edges.items())
     atomic_write_text(out / f"{name}.csv", text)
+    rule = (f" (the one-standard-error rule on `{search.cost}`: the cheapest point within one binomial standard "
+            f"error of the best)" if search.cost else "")
     atomic_write_text(out / f"{name}.md", f"# Selection `{name}`\n\n{search.note}\n\n"
-                      f"Chosen on validation accuracy: {chosen}{warning}\n\n{frame.to_markdown(index=False)}\n")
+                      f"Chosen on validation accuracy{rule}: {chosen}{warning}\n\n{frame.to_markdown(index=False)}\n")
     if edges:
         print(f"[select {name}] WARNING: chosen at the edge of the grid: {edges}; extend the grid", flush=True)
     return chosen

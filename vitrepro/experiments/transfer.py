@@ -104,9 +104,9 @@ def cpu() -> Profile:
     Designs that can test each claim at this scale:
     * higher-resolution fine-tuning with real extra pixels: ViT-Nano/4 pre-trained on Fashion-MNIST
       downsampled to 16 px (4x4 patches), fine-tuned on MNIST at 16 px and at its native 28 px (7x7,
-      position embeddings interpolated bilinearly as in [VT]); beside it the upsampled variant 28 -> 44 px (11x11 patches),
+      position embeddings interpolated bilinearly as in [VT]); beside it the upsampled variant 28 -> 36 px (9x9 patches),
       which adds tokens but no information;
-    * from scratch with the fine-tuning budget (1,000 steps on MNIST, 500 on digits) and with the budget of the 5.5k pre-training plus
+    * from scratch with the fine-tuning budget (2,000 steps on MNIST, 500 on digits) and with the budget of the 5.5k pre-training plus
       fine-tuning, the pre-training recipe on the downstream set.
 
     Expected (paper, qualitatively): the 55k rows above the 5.5k rows; 28 px (from 16) above 16 px;
@@ -116,7 +116,7 @@ def cpu() -> Profile:
     return Profile(upstream="fashion_mnist", upstream_sizes=(5500, None), downstream=("mnist", "digits"),
                    models=("ViT-Nano/4", "BiT-R14x0.25"), img_size=28, finetune_sizes=(28,), seeds=3,
                    pretrain=None, finetune=dict(recipes.CPU_FINETUNE), finetune_augment=False,
-                   resolution_pretrain=16, resolution_finetune=(16, 28), upsampled_finetune=44)
+                   resolution_pretrain=16, resolution_finetune=(16, 28), upsampled_finetune=36)
 
 
 def gpu() -> Profile:
