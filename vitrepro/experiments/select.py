@@ -34,20 +34,29 @@ def validation_metric(name: str) -> str:
     return name
 
 
+def _points(rows: Sequence[dict], metric: str, keys: Sequence[str]) -> dict[tuple, list[dict]]:
+    """The rows holding ``metric`` (a validation accuracy, else SelectionError), by grid point (values of ``keys``)."""
+    validation_metric(metric)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get(metric) is not None:
+            groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    if not groups:
+        raise SelectionError(f"no row holds {metric!r}: nothing to select from")
+    return groups
+
+
+def _mean(rows: list[dict], metric: str) -> float:
+    return sum(float(r[metric]) for r in rows) / len(rows)
+
+
 def best(rows: Sequence[dict], metric: str, keys: Sequence[str]) -> dict:
     """The grid point (values of ``keys``) with the highest mean ``metric`` over its rows (seeds).
 
     ``rows`` are dicts holding the grid keys and the metric, e.g. one per finished run. Raises
     SelectionError when ``metric`` is not a validation accuracy."""
-    validation_metric(metric)
-    groups: dict[tuple, list[float]] = {}
-    for r in rows:
-        if metric in r and r[metric] is not None:
-            groups.setdefault(tuple(r[k] for k in keys), []).append(float(r[metric]))
-    if not groups:
-        raise SelectionError(f"no row holds {metric!r}: nothing to select from")
-    point = max(groups, key=lambda g: sum(groups[g]) / len(groups[g]))
-    return dict(zip(keys, point))
+    groups = _points(rows, metric, keys)
+    return dict(zip(keys, max(groups, key=lambda g: _mean(groups[g], metric))))
 
 
 def cheapest_within_one_se(rows: Sequence[dict], metric: str, keys: Sequence[str], cost: str) -> dict:
@@ -57,14 +66,8 @@ def cheapest_within_one_se(rows: Sequence[dict], metric: str, keys: Sequence[str
 
     The standard error is the best point's binomial one, sqrt(p (1 - p) / n), n = its rows' ``val_n``
     (validation images); among equally cheap points the more accurate wins."""
-    validation_metric(metric)
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r.get(metric) is not None:
-            groups.setdefault(tuple(r[k] for k in keys), []).append(r)
-    if not groups:
-        raise SelectionError(f"no row holds {metric!r}: nothing to select from")
-    mean = {g: sum(float(r[metric]) for r in rs) / len(rs) for g, rs in groups.items()}
+    groups = _points(rows, metric, keys)
+    mean = {g: _mean(rs, metric) for g, rs in groups.items()}
     top = max(mean, key=mean.get)
     n = sum(int(r["val_n"]) for r in groups[top])  # all the validation predictions behind the best mean
     se = math.sqrt(mean[top] * (1 - mean[top]) / n)
