@@ -189,6 +189,29 @@ def test_cpu_notebooks_share_their_pretraining_runs():
     assert len({key(c) for c in configs(position_embeddings)} & sc) == 3
 
 
+def test_cpu_profile_trains_its_shared_runs_once_in_one_sweep():
+    """run_all trains the union of the four notebooks' sweeps (jobs.unique): every shared run once, each
+    fine-tune pointing at the kept parent; the scaling sweep fine-tunes 1.8k, 5.5k and 55k models only
+    (Fig. 3's three sets), all of them when sizes are given."""
+    from vitrepro import train
+    from vitrepro.experiments import NOTEBOOKS, module, scaling
+    from vitrepro.experiments.jobs import unique
+
+    every = [j for nb in NOTEBOOKS for j in module(nb).jobs(module(nb).validate_params({"profile": "cpu"}))]
+    union = unique(every)
+    key = lambda j: (repr(sorted(j.config.items())), key(j.parent) if j.parent else None)  # noqa: E731
+    assert len({key(j) for j in every}) == len(union) < len(every)
+    kept = {id(j) for j in union}
+    assert all(j.parent is None or id(j.parent) in kept for j in union)
+    ids = [train.run_id_of(j.config, threads=1) for j in union if j.parent is None]
+    assert len(ids) == len(set(ids))  # no two pre-training jobs are one run
+    tuned = {j.upstream_examples for j in scaling.jobs(scaling.validate_params({"profile": "cpu"}))
+             if j.stage == "finetune"}
+    assert tuned == {1800, 5500, None}
+    given = scaling.validate_params({"profile": "cpu", "sizes": [1800, 18000]})
+    assert {j.upstream_examples for j in scaling.jobs(given) if j.stage == "finetune"} == {1800, 18000}
+
+
 def test_cpu_profiles_use_three_seeds_and_validation_selection():
     from vitrepro.experiments import attention, position_embeddings, scaling, transfer
 

@@ -29,6 +29,26 @@ def _params(store, rec):
     return state
 
 
+def test_sweep_starts_the_longest_chain_of_work_first(tmp_path):
+    """List scheduling by critical path: a free worker takes the pending job heading the most work (its own
+    plus the longest chain waiting on it), so a pre-training run whose fine-tunes wait starts before a longer
+    run nothing waits for, and a released fine-tune competes by its own work."""
+    from vitrepro.experiments import scaling, sweep
+    from vitrepro.experiments.jobs import Job
+
+    params = scaling.validate_params({"profile": "smoke", "runs_dir": str(tmp_path)})
+    cfg = dict(model="ViT-Nano/4", dataset="digits", img_size=8, batch_size=32)
+    lone = Job(dict(cfg, steps=300), "pretrain")
+    parent = Job(dict(cfg, steps=200, seed=1), "pretrain")
+    tune = Job(dict(cfg, steps=150, seed=2), "finetune", parent=parent)
+    short = Job(dict(cfg, steps=100, seed=3), "pretrain")
+    sw = sweep._Sweep([lone, short, parent, tune], params, log=lambda *_: None)
+    assert sw.priority[id(parent)] == sw.work[id(parent)] + sw.work[id(tune)]
+    assert [sw.next_job() for _ in range(2)] == [parent, lone]  # 350 steps of chain before 300
+    sw.finish(parent, parent.config, {"status": "ok", "run_id": "p", "experiment": "e"}, was_trained=False)
+    assert sw.next_job() is tune and sw.next_job() is short and not sw.pending
+
+
 @pytest.mark.skipif(machine._cxx_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_training_equals_eager(run_store):
     eager = train.run({**BASE, "compile": "off"}, store=run_store, progress="none")

@@ -35,3 +35,26 @@ def train_config(*, fewshot_dataset: str | None = None, fewshot_shots: Sequence[
     cfg["augment"] = {True: "crop_flip", False: "none"}.get(augment, augment)
     cfg.setdefault("log_every", 50)
     return cfg
+
+
+def unique(jobs: Sequence[Job]) -> list[Job]:
+    """``jobs`` with each training run once: two jobs are the same run when their configurations and their
+    parents' (recursively) are equal, as in the run store. A duplicate fine-tune's parent becomes the kept
+    job, so the union of several notebooks' sweeps is one sweep (`run_all` trains a profile that way)."""
+    import json
+
+    kept: dict[str, Job] = {}
+
+    def key(j: Job) -> str:
+        return json.dumps([j.config, key(j.parent) if j.parent is not None else None], sort_keys=True, default=str)
+
+    def keep(j: Job) -> Job:
+        k = key(j)
+        if k not in kept:
+            parent = keep(j.parent) if j.parent is not None else None
+            kept[k] = j if parent is j.parent else Job(j.config, j.stage, j.upstream, j.upstream_examples, parent)
+        return kept[k]
+
+    for j in jobs:
+        keep(j)
+    return list(kept.values())

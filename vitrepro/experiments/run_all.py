@@ -5,8 +5,10 @@
     python -m vitrepro.experiments.run_all --profile paper --dry-run [--tiny]   (stand-in data, experiments/dryrun.py)
     python -m vitrepro.experiments.run_all --profile gpu --launcher torchrun --nproc-per-node 8
 
+Every run the notebooks need is trained first, in one sweep over all of them (`train_all`: one pool,
+longest chains first, one ETA); each notebook then finds its runs in the store and builds its tables.
 Executed notebooks (with outputs) go to `runs/executed/` (kept out of git); the committed notebooks
-stay clean. Each notebook's wall time is written to `results/timings_<profile>.json`. This is the one
+stay clean. The sweep's and each notebook's wall time are written to `results/timings_<profile>.json`. This is the one
 command that writes the committed `results/<notebook>/` (it passes `results_dir` explicitly); a
 notebook run on its own writes under `runs/results/`.
 
@@ -168,11 +170,38 @@ def _kernel() -> str:
     return "vitrepro"
 
 
+SWEEP_KEY = "training"  # timings_<profile>.json: the one sweep that trains every notebook's runs (train_all)
+
+
+def train_all(profile: str, notebooks: Sequence[str], parameters: dict) -> None:
+    """Train every run the ``notebooks`` need, as one sweep, before they execute (they then find their runs
+    in the store). One pool for the whole profile: no notebook waits for another's last run while a core
+    idles, the longest chains of work start first (`sweep.chain_work`), a run two notebooks share is
+    trained once (`jobs.unique`), and the progress lines give one ETA for the whole profile."""
+    from . import module
+    from .jobs import unique
+    from .launch import run_jobs
+
+    jobs, params = [], None
+    for nb in notebooks:
+        mod = module(nb)
+        nb_params = mod.validate_params({"profile": profile, **parameters})
+        params = params or nb_params
+        jobs += mod.jobs(nb_params)
+    print(f"=== training the runs of {', '.join(notebooks)} (profile {profile}) in one sweep", flush=True)
+    run_jobs(unique(jobs), params)
+
+
 def _run(args, pm, report) -> None:
     out_dir = runs_dir(NotebookParams()) / "executed"
     out_dir.mkdir(parents=True, exist_ok=True)
     timings_file = Path(args.results) / f"timings_{args.profile}.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    if not args.dry_run:  # a dry run's notebooks each switch to stand-in data: they train their own
+        t0 = time.time()
+        train_all(args.profile, args.only or NOTEBOOKS, {k: _value(v) for k, v in args.parameter})
+        timings[SWEEP_KEY] = round(time.time() - t0, 1)
+        atomic_write_text(timings_file, json.dumps(timings, indent=1))
     for nb in args.only or NOTEBOOKS:
         t0 = time.time()
         print(f"=== {nb} (profile {args.profile})", flush=True)

@@ -245,6 +245,23 @@ def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], N
     return sweep.conclude()
 
 
+def chain_work(jobs: Sequence[Job], work: dict[int, float]) -> dict[int, float]:
+    """For each job (by id), its own work plus the longest chain of work that waits on it (its fine-tunes,
+    theirs, ...): the critical-path priority of list scheduling, longest chain first (Graham 1969; Hu 1961)."""
+    children: dict[int, list[Job]] = {}
+    for j in jobs:
+        if j.parent is not None:
+            children.setdefault(id(j.parent), []).append(j)
+    memo: dict[int, float] = {}
+
+    def chain(j: Job) -> float:
+        if id(j) not in memo:
+            memo[id(j)] = work[id(j)] + max((chain(c) for c in children.get(id(j), [])), default=0.0)
+        return memo[id(j)]
+
+    return {id(j): chain(j) for j in jobs}
+
+
 def job_work(job: Job) -> float | None:
     """The training work of ``job`` for the ETA: steps x batch x image pixels (None when it has no steps)."""
     c = job.config
@@ -276,10 +293,18 @@ class _Sweep:
         known = [w for w in map(job_work, jobs) if w]
         mean = sum(known) / len(known) if known else 1.0
         self.work = {id(j): job_work(j) or mean for j in jobs}  # for the ETA; unknown length: the average known
+        self.priority = chain_work(jobs, self.work)
         self.threads: int | None = None  # intra-op threads of the processes that train (None: this one's)
 
     def describe(self, job: Job, cfg: dict) -> str:
         return _describe(job, cfg, self.keys)
+
+    def next_job(self) -> Job:
+        """The pending job that heads the longest chain of work (`chain_work`): a long pre-training run with
+        fine-tunes waiting on it starts before a short run nothing waits for, so the workers end together."""
+        job = max(self.pending, key=lambda j: self.priority[id(j)])
+        self.pending.remove(job)
+        return job
 
     def ready_config(self, job: Job) -> dict:
         cfg = dict(job.config)
@@ -354,7 +379,7 @@ class _Sweep:
     def run_here(self) -> None:
         """One run at a time in this process."""
         while self.pending:
-            job = self.pending.pop(0)
+            job = self.next_job()
             cfg = self.ready_config(job)
             rec = self.stored(cfg)
             if rec is None:
@@ -372,7 +397,7 @@ class _Sweep:
         stopper = _StopOnSignals()
         try:
             with stopper:
-                self._schedule(pool)
+                self._schedule(pool, workers)
         except BaseException:
             _stop_pool(pool)
             if stopper.received is not None:  # the workers are stopped: now the signal's own effect
@@ -381,13 +406,15 @@ class _Sweep:
         else:
             pool.shutdown(wait=True)
 
-    def _schedule(self, pool) -> None:
+    def _schedule(self, pool, workers: int) -> None:
+        """At most ``workers`` runs in the pool at once, so that each free worker takes the job that is
+        most urgent *then* (`next_job`), fine-tunes released meanwhile included."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
         running = {}
         while self.pending or running:
-            while self.pending:
-                job = self.pending.pop(0)
+            while self.pending and len(running) < workers:
+                job = self.next_job()
                 cfg = self.ready_config(job)
                 rec = self.stored(cfg)
                 if rec is not None:
