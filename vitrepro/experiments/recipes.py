@@ -168,9 +168,9 @@ def upstream_config(profile: str, model: str, seed: int, *, n: int | None = None
     is the same and the run store trains it once. A ViT on the whole set also stores 8 evenly spaced
     copies of itself during training (the attention notebook follows its structure over training)."""
     steps = pretrain_steps(FASHION_TRAIN if n is None else n, epochs)
-    # 4 validation checks per run (5k images each, plus the last step): a check costs as much as ~15 training
-    # steps, so 8 made a 1.8k run ~10 % slower, and under the cosine decay the best check is one of the last
-    # (a 1.8k ViT: 70.88 % at step 364 of 422, 70.82 % at the end)
+    # 4 validation checks per run (5k images each, plus the last step): a check costs ~20 training steps, so
+    # 8 checks took ~20 % of a 1.8k run (cProfile: 9.5 of ~50 s), and under the cosine decay the best check is
+    # one of the last (a 1.8k ViT: 70.88 % at step 364 of 422, 70.82 % at the end)
     select_every = max(1, steps // 4)
     cfg = dict(CPU_PRETRAIN, experiment=f"upstream-{profile}", model=model, dataset=dataset, img_size=img_size,
                train_examples=n, val_fraction=FASHION_VAL, data_seed=0, seed=seed, steps=steps,
