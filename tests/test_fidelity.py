@@ -156,6 +156,27 @@ def _scaling_frame(vit_small, res_small, base=0.5):
     return pd.DataFrame(rows)
 
 
+def _resolution_frame(upsampled: bool) -> pd.DataFrame:
+    """Fine-tunes of a 16 px parent at 16 and 28 px (real extra pixels), and where asked the 28 px model's
+    28 and 36 px fine-tunes (upsampled); 3 seeds, the larger size 2 pp better; a pixel baseline far below."""
+    designs = [("fashion_mnist at 16 px", 55000, (16, 28))] + ([("fashion_mnist", 55000, (28, 36))] if upsampled else [])
+    rows = [dict(stage="finetune", model="ViT-Nano/4", family="ViT", upstream=up, upstream_examples=n, img_size=size,
+                 seed=seed, dataset="mnist", metric="top1", value=0.95 + 0.02 * (size == hi) + 0.001 * seed)
+            for up, n, (lo, hi) in designs for size in (lo, hi) for seed in range(3)]
+    rows.append(dict(stage="baseline", model="pixels", family="baseline", dataset="mnist", metric="top1", value=0.9))
+    return pd.DataFrame(rows)
+
+
+def test_a_resolution_design_the_profile_does_not_run_is_named_not_run():
+    """The cpu profile runs the real-extra-pixels design only: the report says the upsampled control was
+    not run and what it would cost, rather than dropping the claim; with both designs, both are judged."""
+    only_real = {v.claim: v.verdict for v in verdicts.transfer_verdicts(_resolution_frame(upsampled=False))}
+    assert only_real == {"Fine-tuning at a higher resolution than pre-training helps (real extra pixels)": "reproduced",
+                         f"Fine-tuning at a higher resolution than pre-training helps ({verdicts.UPSAMPLED})": "not run"}
+    both = {v.claim: v.verdict for v in verdicts.transfer_verdicts(_resolution_frame(upsampled=True))}
+    assert set(both.values()) == {"reproduced"} and len(both) == 2
+
+
 def test_verdict_is_invalid_when_a_model_is_below_the_pixel_baseline():
     df = _scaling_frame([0.60, 0.61, 0.62], [0.70, 0.71, 0.72], base=0.65)
     v = verdicts.scaling_verdicts(df)[0]
