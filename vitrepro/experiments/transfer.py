@@ -83,7 +83,6 @@ class Profile:
     paper_recipe: bool = False  # fine-tune each downstream set with [P] Table 4's recipe (recipes.paper_finetune)
     resolution_pretrain: int | None = None  # cpu: a ViT pre-trained at this lower resolution ...
     resolution_finetune: tuple[int, ...] = ()  # ... fine-tuned at these (real extra pixels)
-    upsampled_finetune: int | None = None  # cpu: the img_size model also fine-tuned at this upsampled size
 
 
 def smoke() -> Profile:
@@ -223,12 +222,9 @@ def _cpu_jobs(params: Params, p: Profile) -> list[Job]:
                 pre = Job(recipes.upstream_config(prof, model, seed, n=n, dataset=p.upstream, img_size=p.img_size),
                           stage="pretrain", upstream=p.upstream, upstream_examples=n)
                 out.append(pre)
-                upsampled = p.upsampled_finetune and model == first and n is None
-                sizes = [p.img_size] + ([p.upsampled_finetune] if upsampled else [])
                 for ds in p.downstream:
-                    for size in (sizes if ds == p.downstream[0] else [p.img_size]):
-                        out.append(Job(recipes.finetune_config(prof, model, ds, seed, size), stage="finetune",
-                                       upstream=p.upstream, upstream_examples=n, parent=pre))
+                    out.append(Job(recipes.finetune_config(prof, model, ds, seed, p.img_size), stage="finetune",
+                                   upstream=p.upstream, upstream_examples=n, parent=pre))
             for ds in p.downstream:  # from scratch with the fine-tuning budget
                 steps = recipes.cpu_finetune_steps(ds)
                 out.append(Job(recipes.scratch_config(prof, model, ds, seed, steps), stage="scratch",
