@@ -114,7 +114,8 @@ def _summary(results: Path, frames: dict[str, pd.DataFrame]) -> list[str]:
     for f in sorted(results.glob("timings_*.json")):
         t = json.loads(f.read_text())
         total = sum(t.values())
-        times = ", ".join(f"{nb} {t[nb]:,.0f} s" for nb in [*(k for k in t if k not in NOTEBOOKS), *NOTEBOOKS] if nb in t)
+        steps = [k for k in t if k not in NOTEBOOKS] + [nb for nb in NOTEBOOKS if nb in t]  # the sweep, then each notebook
+        times = ", ".join(f"{k} {t[k]:,.0f} s" for k in steps)
         lines += [f"Wall times, profile `{f.stem.removeprefix('timings_')}` (`{f.name}`, written by "
                   f"`python -m vitrepro.experiments.run_all`): {times}; {total / 60:.1f} min in all.", ""]
     return lines

@@ -254,8 +254,11 @@ def transfer_verdicts(df: pd.DataFrame) -> list[Verdict]:
     return out
 
 
+REAL_PIXELS, UPSAMPLED = "real extra pixels", "upsampled images: more tokens, no new information"
+
+
 def _resolution_verdicts(df: pd.DataFrame, d: pd.DataFrame) -> list[Verdict]:
-    out = []
+    out, kinds = [], set()
     src = "[P] §3.2, App. B.1.1 (Touvron et al. 2019)"
     for (upstream, model), g in d.groupby(["upstream", "model"]):
         sizes = sorted(g.img_size.dropna().unique())
@@ -268,21 +271,19 @@ def _resolution_verdicts(df: pd.DataFrame, d: pd.DataFrame) -> list[Verdict]:
             a, b = seeds(h, img_size=hi), seeds(h, img_size=lo)
             if not (a.size and b.size):
                 continue
-            kind = "real extra pixels" if low_pre else UPSAMPLED
+            kind = REAL_PIXELS if low_pre else UPSAMPLED
+            kinds.add(kind)
             verdict, ev = _judge({f"{int(hi)} px - {int(lo)} px": stats.beats(a, b)},
                                  {f"{int(lo)} px": (b, floor(df, "top1", ds))})
             out.append(Verdict(f"Fine-tuning at a higher resolution than pre-training helps ({kind})", src, verdict,
                                f"{model} pre-trained on {upstream}" + ("" if low_pre else f" ({int(sub.upstream_examples.max())})") +
                                f", fine-tuned on {ds}: {int(lo)} px {pct(b)} -> {int(hi)} px {pct(a)}; {ev}"))
-    if out and all("real extra pixels" in v.claim for v in out):  # the cpu profile: no upsampled control
+    if kinds == {REAL_PIXELS}:  # the cpu profile: no upsampled control
         out.append(Verdict(f"Fine-tuning at a higher resolution than pre-training helps ({UPSAMPLED})", src, "not run",
                            "the cpu profile fine-tunes at a higher resolution only with real extra pixels; the control "
                            "(the 28 px ViT fine-tuned at 36 px: 3 runs, ~7 min more on 2 cores) is the gpu profile's "
                            "design (32 -> 64 px)"))
     return out
-
-
-UPSAMPLED = "upsampled images: more tokens, no new information"
 
 
 def _scratch_verdicts(df: pd.DataFrame, d: pd.DataFrame) -> list[Verdict]:
