@@ -76,6 +76,37 @@ def test_d3_pooling_verdict_chooses_lr_on_validation_not_test():
     assert "70.1" in v.evidence  # the test accuracy at the validation-chosen rate
 
 
+def test_table8_and_d3_at_different_sizes_keep_their_own_runs_and_baselines():
+    """cpu: Table 8 pre-trains on 5.5k images, D.3 on 1.8k; both have a (1-D, stem, token) run at lr 2e-3.
+    Each table and verdict must read its own size's runs and the pixel baseline trained on that size."""
+    from vitrepro.experiments import position_embeddings as pe
+
+    rows = [dict(stage="baseline", metric="top1", value=v, upstream_examples=n, dataset="fashion_mnist",
+                 model="pixels: logistic regression", pool=None, pos_embed=None, pos_embed_at=None, lr=None,
+                 seed=None, run_id=f"b{n}") for n, v in ((1800, 0.81), (5500, 0.84))]
+    grid = [(k, a, "token", 2e-3) for k, a in pe.VARIANTS]
+    d3 = [("1d", "stem", pool, lr) for pool in ("token", "gap") for lr in (1e-3, 2e-3)]
+    for n, cells, acc in ((5500, grid, 0.86), (1800, d3, 0.70)):
+        for kind, at, pool, lr in cells:
+            for seed in range(3):
+                base = dict(stage="pretrain", pos_embed=kind, pos_embed_at=at, pool=pool, lr=lr, seed=seed,
+                            dataset="fashion_mnist", upstream_examples=n, model="ViT-Nano/4",
+                            run_id=f"{n}-{kind}-{at}-{pool}-{lr}-{seed}")
+                rows += [dict(base, metric=m, value=acc + 0.01 * seed) for m in ("top1", "top1_val", "fewshot5")]
+    df = pd.DataFrame(rows)
+    assert set(pe.table8_runs(df).upstream_examples) == {5500} and len(pe.table8_runs(df).run_id.unique()) == 24
+    assert set(pe.pooling_runs(df).upstream_examples) == {1800} and len(pe.pooling_runs(df).run_id.unique()) == 12
+    tables = pe.tables(df)
+    top1 = tables["Top-1 on the training set's test split (%), pre-trained on 5,500 images"]
+    assert top1.iloc[-1]["stem"].startswith("84.00")  # the 5.5k logistic regression, not the mean of both
+    assert "App. D.3: class token vs global average pooling (same head), learning rate chosen on validation, " \
+           "pre-trained on 1,800 images" in tables
+    texts = {v.claim: (v.verdict, v.evidence) for v in verdicts.position_embedding_verdicts(df)}
+    assert texts["No position embedding is worse than 1-D, 2-D and relative (top-1)"][0] != verdicts.INVALID
+    pool_top1 = texts["Class token and GAP work alike within ±1 pp, each at its own learning rate (top-1)"]
+    assert pool_top1[0] == verdicts.INVALID and "pixels 81.0%" in pool_top1[1]
+
+
 def test_no_experiment_selects_on_a_test_metric():
     """Every call of select.best / verdicts' selection in the library names a validation metric."""
     root = EXPERIMENTS.parent
@@ -196,18 +227,19 @@ def test_pretrain_budget_is_one_schedule_capped_per_subset():
 
 def test_cpu_notebooks_share_their_pretraining_runs():
     """One run, many uses: the upstream ViT of scaling is transfer's and attention's; Table 8's
-    (1-D, stem, token) cell is scaling's smallest ViT run."""
+    (1-D, stem, token) cell is scaling's 5.5k ViT run, D.3's token run at the grid's rate its 1.8k one."""
     from vitrepro.experiments import attention, position_embeddings, scaling, transfer
 
     def configs(mod):
         return [j.config for j in mod.jobs(mod.validate_params({"profile": "cpu"})) if j.parent is None]
 
     key = lambda c: (c["experiment"], c["model"], c.get("train_examples"), c["img_size"], c["seed"],  # noqa: E731
-                     c.get("pos_embed"), c.get("pool"), c["lr"], c["steps"])
+                     c.get("pos_embed"), c.get("pos_embed_at"), c.get("pool"), c["lr"], c["steps"])
     sc = {key(c) for c in configs(scaling)}
     assert {key(c) for c in configs(attention)} <= sc
     assert len({key(c) for c in configs(transfer)} & sc) == 12
-    assert len({key(c) for c in configs(position_embeddings)} & sc) == 3
+    shared = [c for c in configs(position_embeddings) if key(c) in sc]
+    assert sorted(c["train_examples"] for c in shared) == [1800] * 3 + [5500] * 3
 
 
 def test_cpu_profile_trains_its_shared_runs_once_in_one_sweep():

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .experiments.position_embeddings import table8_runs
+from .experiments.position_embeddings import pooling_runs, table8_runs
 
 INVALID = "invalid: model below the pixel baseline"
 
@@ -203,7 +203,7 @@ def _pooling_verdict(df: pd.DataFrame) -> list[Verdict]:
     accuracy, then compared on the 5-shot probe and on test top-1."""
     from .experiments.select import best
 
-    d = select(df, stage="pretrain", pos_embed="1d", pos_embed_at="stem")
+    d = pooling_runs(df) if "pool" in df else df.iloc[:0]
     if "pool" not in d or d.pool.nunique() < 2:
         return []
     chosen = {}
