@@ -238,11 +238,16 @@ def figures(df: pd.DataFrame, store_records: list | None = None) -> dict:
     d = table8_runs(df)
     d = d[d.metric == "fewshot5"]
     if not d.empty:
-        fig, ax = plt.subplots(figsize=(6, 3.8))
+        fig, ax = plt.subplots(figsize=(7.5, 3.8))
         sns.barplot(data=d.assign(kind=d.pos_embed.map(_label)), x="kind", y="value", hue="pos_embed_at",
                     errorbar="sd", ax=ax, order=["None", "1-D", "2-D", "Relative"])
         lo = d["value"].min()
+        pixels = df[(df.stage == "baseline") & (df.metric == "fewshot5")].value
+        if len(pixels):  # the floor a representation has to beat
+            ax.axhline(pixels.mean(), color="grey", ls="--", lw=1, label="pixels: 5-shot linear")
+            lo = min(lo, pixels.mean())
         ax.set_ylim(max(0, lo - 0.1), min(1, d["value"].max() + 0.05))
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
         ax.set_ylabel("5-shot linear accuracy")
         ax.set_xlabel("position embedding")
         ax.set_title("Table 8: position embeddings")
