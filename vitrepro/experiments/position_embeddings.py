@@ -67,8 +67,8 @@ def cpu() -> Profile:
     Fashion-MNIST, the scaling notebook's second size, so the (1-D, stem, token) row is shared. Recipe
     `recipes.CPU_PRETRAIN` (validation-selected lr, 30 passes, early-stopped on the 5k held-out images),
     3 seeds per cell; 5-shot probe with shots from held-out training images. At 1.8k images (the smallest
-    size, used until stop 20) the models were data-starved: `none` scored 60.5 % 5-shot, below the pixel
-    probe (60.8 %), so it could not test the claim; 5.5k costs ~9 min more on 2 cores.
+    size, used before) the models were data-starved: `none` scored 60.5 % 5-shot, below the pixel probe
+    (60.8 %), so it could not test the claim; 5.5k costs ~8 min more on 2 cores (85.5 min in all).
 
     App. D.3: class token and GAP with everything else equal (same head), each at learning rates
     {1e-3, 2e-3}, pre-trained on the 1.8k subset (the cheapest size; its token run at 2e-3 is scaling's);
@@ -77,7 +77,7 @@ def cpu() -> Profile:
     Expected (paper): `none` below the others (Table 8: 61.4 vs 64.0-64.2); 1-D/2-D/relative and the
     three placements within 1 point of each other (equivalence margin 1 pp); token ~ GAP.
     At 5.5k (and 1.8k for D.3) upstream top-1 is still below pixel logistic regression on the same
-    images (81 vs 84 %): Table 8 at 18k (~1 h more on 2 cores) would be above it (see REPORT.md).
+    images (81 vs 84 %): Table 8 at 18k (~25 min more on 2 cores) would be above it (see REPORT.md).
     Command: papermill notebooks/position_embeddings.ipynb out.ipynb -p profile cpu
     """
     return Profile(dataset="fashion_mnist", fewshot_dataset="fashion_mnist", model="ViT-Nano/4", img_size=28,
