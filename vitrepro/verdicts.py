@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
+from .experiments.floors import trained_on
 from .experiments.position_embeddings import pooling_runs, table8_runs
 
 INVALID = "invalid: model below the pixel baseline"
@@ -59,9 +60,7 @@ def pct(v: Sequence[float]) -> str:
 def floor(df: pd.DataFrame, metric: str, dataset: str, n=None) -> float:
     """The pixel baseline's mean for ``metric`` on ``dataset``: the one trained on ``n`` examples where
     the baselines differ by training-set size (logistic regression), else the only one (few-shot)."""
-    d = select(df, stage="baseline", metric=metric, dataset=dataset)
-    if n is not None and "upstream_examples" in d and (d.upstream_examples == n).any():
-        d = d[d.upstream_examples == n]
+    d = trained_on(select(df, stage="baseline", metric=metric, dataset=dataset), n)
     return float(d["value"].mean()) if len(d) else math.nan
 
 
@@ -203,8 +202,8 @@ def _pooling_verdict(df: pd.DataFrame) -> list[Verdict]:
     accuracy, then compared on the 5-shot probe and on test top-1."""
     from .experiments.select import best
 
-    d = pooling_runs(df) if "pool" in df else df.iloc[:0]
-    if "pool" not in d or d.pool.nunique() < 2:
+    d = pooling_runs(df) if "pool" in df else None
+    if d is None or d.pool.nunique() < 2:
         return []
     chosen = {}
     for pool, g in d.groupby("pool"):

@@ -19,6 +19,14 @@ LOGREG = "pixels: logistic regression"
 FEWSHOT = "pixels: 5-shot linear"
 
 
+def trained_on(baselines: pd.DataFrame, n) -> pd.DataFrame:
+    """The baseline rows trained on ``n`` examples where the baselines differ by training-set size (logistic
+    regression), else all of them (few-shot, or no baseline of that size)."""
+    if n is not None and "upstream_examples" in baselines and (baselines.upstream_examples == n).any():
+        return baselines[baselines.upstream_examples == n]
+    return baselines
+
+
 def _streamed(dataset: str) -> bool:
     spec = DATASETS.get(split_ref(dataset)[0])  # a "<folder>[label_column=...]" reference: its folder
     return bool(spec is not None and spec.streaming)

@@ -210,8 +210,8 @@ def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         w["pos_embed"] = w["pos_embed"].map(_label)
         b = df[(df.stage == "baseline") & (df.metric == metric)]
         n = d.upstream_examples.dropna()
-        if metric == "top1" and len(n) and (b.upstream_examples == n.iloc[0]).any():
-            b = b[b.upstream_examples == n.iloc[0]]  # pixel logistic regression on as many images as the grid
+        if metric == "top1" and len(n):  # pixel logistic regression on as many images as the grid
+            b = floors.trained_on(b, n.iloc[0])
         if len(b):  # the pixel baseline of the same split, as the last row
             w.loc[len(w)] = [b.model.iloc[0]] + [skeleton.percent_cell(b.value, 2)] + ["" for _ in w.columns[2:]]
         out[title] = w
