@@ -25,7 +25,7 @@
 #     papermill notebooks/transfer.ipynb out.ipynb -p profile cpu
 
 # %% tags=["parameters"]
-profile: str = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST -> MNIST, digits) | gpu | paper
+profile: str = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST -> MNIST, MNIST-1k) | gpu | paper
 upstream: "Optional[Union[str, dict]]" = None  # pre-training dataset name or local parquet folder, or a dict choosing its columns: {"path": ..., "label_column": "fine_label", "image_column": ...} (also "train_split", "test_split"); None: from the profile
 downstream: "Optional[list]" = None  # list of downstream datasets (names, folders or dicts as for upstream); None: from the profile
 pretrained: "Optional[str]" = None  # released weights to fine-tune instead, e.g. "timm:vit_base_patch16_224.orig_in21k" or a file

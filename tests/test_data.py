@@ -168,3 +168,30 @@ def test_batches_errors():
         Batches(_arrays(), 6, 8, 1, world_size=4)
     with pytest.raises(DataError):
         Batches(_arrays(), 8, 8, 1, augment="bogus")
+
+
+def test_train_examples_reference_is_one_fixed_balanced_training_subset(tmp_path):
+    """``digits[train_examples=100]``: the training split is 100 class-balanced images of digits' own (10 per
+    class), the same for every call and every run seed (a fixed low-data task, as VTAB-1k), the test split
+    untouched; the trainer and the pixel baseline read those images; a bad or too large N is named."""
+    from vitrepro import baselines, train
+    from vitrepro.store import RunStore
+
+    full, sub = load_arrays("digits", "train"), load_arrays("digits[train_examples=100]", "train")
+    assert len(sub) == 100 and torch.bincount(sub.labels, minlength=10).tolist() == [10] * 10
+    rows = {tuple(r) for r in full.images.flatten(1).tolist()}
+    assert all(tuple(r) in rows for r in sub.images.flatten(1).tolist())  # images of digits' own training split
+    assert load_arrays("digits[train_examples=100]", "train") is sub
+    assert torch.equal(load_arrays("digits[train_examples=100]", "test").labels, load_arrays("digits", "test").labels)
+    assert data.ref_train_examples("digits[train_examples=100]") == 100 and data.ref_train_examples("digits") is None
+    assert data.dataset_ref("digits", train_examples=100) == "digits[train_examples=100]"
+    with pytest.raises(DataError, match="must be a positive integer"):
+        load_arrays("digits[train_examples=ten]", "train")
+    with pytest.raises(DataError, match=r"train_examples=5000 but its training split holds only 1437"):
+        load_arrays("digits[train_examples=5000]", "train")
+    base = baselines.pixel_logistic_regression("digits[train_examples=100]", cache=tmp_path)
+    assert base["train_size"] == 100
+    recs = [train.run(dict(model="ViT-Nano/4", dataset="digits[train_examples=100]", img_size=8, steps=2, batch_size=16,
+                           seed=seed, log_every=1), RunStore(tmp_path / "runs"), progress="none") for seed in (0, 1)]
+    assert [r["resolved"]["train_size"] for r in recs] == [100, 100]
+    assert {k.split("/")[1] for k in recs[0]["metrics"] if k.startswith("acc/")} == {"digits[train_examples=100]"}

@@ -293,7 +293,8 @@ def test_recipes_use_what_their_committed_searches_chose():
     loser on each side of every numeric axis, and the recipe holds the value that won on validation."""
     used = {"vit_pretrain": {"lr": recipes.CPU_LR["vit"]}, "bit_pretrain": {"lr": recipes.CPU_LR["bit"]},
             "finetune": {"lr": recipes.CPU_FINETUNE["lr"]},
-            "finetune_budget": {"steps": recipes.CPU_FINETUNE["steps"], "augment": recipes.CPU_FINETUNE_AUGMENT}}
+            "finetune_budget": {"steps": recipes.CPU_FINETUNE["steps"], "augment": recipes.CPU_FINETUNE_AUGMENT},
+            "finetune_1k": {"steps": recipes.cpu_finetune_steps(recipes.MNIST_1K), "augment": recipes.CPU_FINETUNE_AUGMENT}}
     assert set(used) == set(recipes.SEARCHES)
     tables = EXPERIMENTS.parents[1] / "results" / "recipes"
     for name, values in used.items():
@@ -304,3 +305,52 @@ def test_recipes_use_what_their_committed_searches_chose():
         chosen = select.chosen_point(search, rows)
         assert chosen == values, name
         assert select.at_grid_edge(search.grid, chosen) == {}, name
+
+
+def test_transfer_is_judged_per_downstream_set_against_its_own_pixel_baseline():
+    """Two downstream sets, one at its ceiling (no difference) and a low-data one where the larger upstream set
+    and pre-training help: one verdict per set, each against the logistic regression trained on that set."""
+    low = "mnist[train_examples=1000]"
+    rows = []
+    for ds, gain, base in (("mnist", 0.0, 0.90), (low, 0.03, 0.85)):
+        for model in ("ViT-Nano/4", "BiT-R14x0.25"):
+            for seed in range(3):
+                noise = 0.002 * (seed - 1)
+                for n, value in ((5500, 0.95), (55000, 0.95 + gain)):
+                    rows.append(dict(stage="finetune", model=model, upstream="fashion_mnist", upstream_examples=n,
+                                     img_size=28, seed=seed, dataset=ds, metric="top1", value=value + noise))
+                rows.append(dict(stage="scratch", model=model, upstream="none (500 steps)", upstream_examples=None,
+                                 img_size=28, seed=seed, dataset=ds, metric="top1", value=0.95 - gain + noise))
+        rows.append(dict(stage="baseline", model="pixels", dataset=ds, metric="top1", value=base))
+    got = {v.claim: v.verdict for v in verdicts.transfer_verdicts(pd.DataFrame(rows))}
+    larger = "Pre-training on the larger upstream set transfers better (ImageNet -> ImageNet-21k rows; downstream {})"
+    scratch = "Pre-training (on the larger upstream set) beats training from scratch (downstream {})"
+    assert got == {larger.format("mnist"): "inconclusive", larger.format(low): "reproduced",
+                   scratch.format("mnist"): "inconclusive", scratch.format(low): "reproduced"}
+    rows[-1]["value"] = 0.97  # the low-data set's own baseline above its 5.5k fine-tunes
+    got = {v.claim: v.verdict for v in verdicts.transfer_verdicts(pd.DataFrame(rows))}
+    assert got[larger.format(low)] == verdicts.INVALID and got[larger.format("mnist")] == "inconclusive"
+
+
+def test_validation_size_counts_the_held_out_images_not_the_unused_ones():
+    """A search run on a training subset (MNIST-1k: 1,000 of the 7,200 images left after an 800-image hold-out)
+    is validated on the hold-out, not on the 6,200 images it left unused (which would shrink the standard error
+    the one-standard-error rule uses by 3x)."""
+    data = {"mnist:train": {"n": 8000, "split": "train"}}
+    whole = {"resolved": {"data": data, "train_size": 7201}, "config": {"val_fraction": 0.1}}
+    subset = {"resolved": {"data": data, "train_size": 1000}, "config": {"val_fraction": 0.1, "train_examples": 1000}}
+    assert select.validation_size(whole) == 799 and select.validation_size(subset) == 800
+
+
+def test_a_search_with_a_budget_chooses_among_the_affordable_points_and_says_what_it_gave_up(tmp_path):
+    """`max_cost`: the one-standard-error rule runs over the points the profile affords; the written table
+    names that budget and the point the rule would have chosen without it."""
+    search = select.Search(base={}, grid={"steps": [250, 500, 1000, 2000]}, cost="steps", max_cost=1000)
+    rows = [dict(steps=s, seed=0, metric="acc/x/val", val=v, val_n=800)
+            for s, v in ((250, 0.75), (500, 0.89), (1000, 0.949), (2000, 0.959))]
+    assert select.chosen_point(search, rows) == {"steps": 1000}
+    import dataclasses
+    assert select.chosen_point(dataclasses.replace(search, max_cost=None), rows) == {"steps": 2000}
+    select.write_search("budget", search, rows, tmp_path)
+    text = (tmp_path / "budget.md").read_text()
+    assert "steps <= 1000" in text and "Without that budget the rule would choose {'steps': 2000} (steps the highest" in text

@@ -91,15 +91,17 @@ def test_identity_counts_epochs_into_steps_for_the_compile_rule(monkeypatch):
     assert seen["steps"] == 3 * (round(n * 0.8) // 32)
 
 
-def test_stacked_step_equals_separate_training():
-    """The benchmark's stacked layout: S models in one vmapped step == each trained alone (fp32)."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_stacked_step_equals_separate_training(compiled):
+    """The benchmark's stacked layouts (vmapped, and vmapped through torch.compile): S models in one step ==
+    each trained alone (fp32)."""
     spec = bench_sweep.SweepSpec("ViT-Nano/7", img_size=14, batch=16, precision="fp32", dataset="digits",
                                  augment="none")
     from vitrepro.data import load_arrays
     arrays = load_arrays("digits", "train")
     parts = [bench_sweep._job(spec, seed, arrays) for seed in (0, 1)]
     alone = [(copy.deepcopy(m), copy.deepcopy(b)) for m, _, b in parts]
-    stacked = bench_sweep._Stacked([m for m, _, _ in parts], spec, [b for _, _, b in parts])
+    stacked = bench_sweep._Stacked([m for m, _, _ in parts], spec, [b for _, _, b in parts], compile=compiled)
     for _ in range(3):
         stacked.step(None)
     for i, (model, batches) in enumerate(alone):
@@ -117,7 +119,10 @@ def test_stacked_step_equals_separate_training():
                 d = want.shape[0] // 3
                 torch.testing.assert_close(got[d:2 * d], want[d:2 * d], rtol=0, atol=3 * spec.lr, msg=name)
                 got, want = torch.cat([got[:d], got[2 * d:]]), torch.cat([want[:d], want[2 * d:]])
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+            # compiled: inductor reorders the sums, and Adam turns the rounding of a near-zero gradient into a
+            # step of up to ~lr: 5% of lr for single elements (eager runs the same kernels as one model alone)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=0.05 * spec.lr if compiled else 1e-5,
+                                       msg=lambda m: f"{name}: {m}")
 
 
 def test_sweep_benchmark_numbers_follow_from_its_fields():

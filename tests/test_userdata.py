@@ -125,3 +125,14 @@ def test_smoke_scaling_on_a_users_folder_with_chosen_column_and_sizes(tmp_path, 
     df = common.collect(jobs, params, "scaling")  # read back from the store: the same run ids, nothing trained
     assert len(df[df.stage == "pretrain"].run_id.unique()) == len(pre)
     assert set(df[df.stage == "pretrain"].upstream_examples) == {40, 80}
+
+
+def test_dataset_dict_takes_a_training_subset_size(tmp_path):
+    """``{"path": ..., "train_examples": 1000}`` (a low-data task such as VTAB-1k) becomes the reference
+    ``<path>[train_examples=1000]``; a size that is not a positive integer fails at parameter validation."""
+    from vitrepro.experiments.common import ParameterError
+
+    assert _params(tmp_path, upstream={"path": "digits", "train_examples": 300}).upstream == "digits[train_examples=300]"
+    for bad in (0, -5, "300", 2.5, True):
+        with pytest.raises(ParameterError, match="'train_examples' must be a positive integer"):
+            _params(tmp_path, upstream={"path": "digits", "train_examples": bad})

@@ -15,7 +15,8 @@ norm 1 -- in each *layout*:
 * ``one+compile``   the same, compiled;
 * ``pool+stack``    each worker trains its jobs *stacked*: parameters stacked (``torch.func.stack_module_state``)
                     and the model vmapped, so every kernel call serves all of them at once; per-model gradient
-                    clipping by hand, one AdamW over the stacked tensors.
+                    clipping by hand, one AdamW over the stacked tensors;
+* ``pool+stack+compile``  the same with the vmapped forward and backward through ``torch.compile``.
 
 Each worker prepares its next job (and runs ``--sweep-warmup`` untimed steps, which include compiling),
 waits at a barrier for the others, then all time ``--sweep-steps`` steps together: the aggregate images/s
@@ -58,7 +59,7 @@ def layouts(cores: int, jobs: int) -> list[Layout]:
     per_worker = max(1, jobs // cores)
     return [Layout("pool", cores, 1, False, 1), Layout("pool+compile", cores, 1, True, 1),
             Layout("one", 1, cores, False, 1), Layout("one+compile", 1, cores, True, 1),
-            Layout("pool+stack", cores, 1, False, per_worker)]
+            Layout("pool+stack", cores, 1, False, per_worker), Layout("pool+stack+compile", cores, 1, True, per_worker)]
 
 
 LAYOUTS = layouts(os.cpu_count() or 1, 6)
@@ -109,12 +110,14 @@ class _Stacked:
     clipping at global norm 1 (``clip_grad_norm_``'s formula per member) and one AdamW over the stacks
     (Adam is elementwise, so this is S separate AdamWs). Measurement only (see the module docstring)."""
 
-    def __init__(self, models, spec: SweepSpec, batches):
+    def __init__(self, models, spec: SweepSpec, batches, compile: bool = False):
         from torch.func import functional_call, stack_module_state
 
         self.params, self.buffers = stack_module_state(models)
         base = copy.deepcopy(models[0]).to("meta")
         self.forward = torch.vmap(lambda p, b, x: functional_call(base, (p, b), (x,)))
+        if compile:  # the vmapped forward (and its backward) through inductor, as `pool+compile` does one model
+            self.forward = torch.compile(self.forward)
         decay = [p for n, p in self.params.items() if p.ndim > 2 and "pos_embed" not in n and "cls_token" not in n]
         rest = [p for p in self.params.values() if all(p is not q for q in decay)]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
@@ -142,7 +145,7 @@ def _make_step(spec: SweepSpec, layout: Layout, seeds: list[int], arrays):
     amp = torch.bfloat16 if spec.precision == "bf16" else None
     if layout.stack > 1:
         parts = [_job(spec, s, arrays) for s in seeds]
-        stacked = _Stacked([m for m, _, _ in parts], spec, [b for _, _, b in parts])
+        stacked = _Stacked([m for m, _, _ in parts], spec, [b for _, _, b in parts], compile=layout.compile)
         return lambda: stacked.step(amp)
     model, opt, batches = _job(spec, seeds[0], arrays)
     train_model = torch.compile(model) if layout.compile else model

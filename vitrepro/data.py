@@ -11,7 +11,10 @@ A dataset *reference* may choose columns and splits after the name or folder:
 ``"<name or folder>[label_column=fine_label,image_column=img]"`` (keys ``REF_KEYS``; ``dataset_ref`` builds
 it, ``split_ref`` reads it). It is a plain string, so it travels wherever a dataset name does (training
 configs, evaluators, pixel baselines, data fingerprints, run ids); the notebooks build it from their dict
-form ``{"path": ..., "label_column": ...}`` (``experiments.params``).
+form ``{"path": ..., "label_column": ...}`` (``experiments.params``). ``train_examples=N`` makes the
+training split a fixed class-balanced subset of N images (``balanced_subset`` with seed 0, drawn before any
+validation hold-out): a low-data task such as VTAB-1k's 1,000 training images, the same images for every run
+and pixel baseline that names the reference; the test split is untouched.
 
 Decoded arrays are cached in memory per process and on disk under ``$VITREPRO_CACHE``
 (default ``~/.cache/vitrepro/arrays``; ``VITREPRO_CACHE=off`` disables), written atomically.
@@ -47,7 +50,7 @@ import torch.nn.functional as F
 __all__ = [
     "DatasetSpec", "DATASETS", "ImageArrays", "DataError", "DatasetNotFoundError",
     "load_arrays", "resolve_source", "balanced_subset", "train_val_split", "preprocess",
-    "augment_batch", "Batches", "REF_KEYS", "dataset_ref", "split_ref", "StreamBatches", "stream_batches", "open_stream", "class_quota", "stream_arrays", "AUGMENTATIONS", "training_split", "data_fingerprint",
+    "augment_batch", "Batches", "REF_KEYS", "dataset_ref", "split_ref", "ref_train_examples", "StreamBatches", "stream_batches", "open_stream", "class_quota", "stream_arrays", "AUGMENTATIONS", "training_split", "data_fingerprint",
 ]
 
 
@@ -121,7 +124,7 @@ class ImageArrays:
 
 # --------------------------------------------------------------------------- sources
 
-REF_KEYS = ("image_column", "label_column", "train_split", "test_split")
+REF_KEYS = ("image_column", "label_column", "train_split", "test_split", "train_examples")
 _REF = re.compile(r"^(?P<base>.+)\[(?P<opts>[a-z_]+=[^\[\],=/]+(?:,[a-z_]+=[^\[\],=/]+)*)\]$")
 
 
@@ -132,6 +135,17 @@ def dataset_ref(path: str, **choices: str | None) -> str:
         raise DataError(f"unknown dataset option(s) {bad}; valid: {list(REF_KEYS)}")
     opts = ",".join(f"{k}={choices[k]}" for k in REF_KEYS if choices.get(k))
     return f"{path}[{opts}]" if opts else str(path)
+
+
+def ref_train_examples(name_or_path) -> int | None:
+    """The ``train_examples=N`` of a dataset reference (a positive integer), None when it has none."""
+    value = split_ref(name_or_path)[1].get("train_examples")
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise DataError(f"{name_or_path!r}: train_examples={value!r} must be a positive integer (e.g. "
+                        f"{split_ref(name_or_path)[0]}[train_examples=1000])")
+    return int(value)
 
 
 def split_ref(name_or_path) -> tuple[str, dict[str, str]]:
@@ -338,6 +352,11 @@ def load_arrays(name_or_path: str, split: str = "train", *, image_column: str | 
     ``array_size`` or 160), matching the plain-resize test pipeline of the ViT code.
     """
     base, opts = split_ref(name_or_path)  # "<folder>[label_column=...]": the columns / splits chosen
+    n = ref_train_examples(name_or_path)
+    if n is not None:  # "<name>[train_examples=N]": a fixed class-balanced subset of the training split
+        rest = dataset_ref(base, **{k: v for k, v in opts.items() if k != "train_examples"})
+        full = load_arrays(rest, split, image_column=image_column, label_column=label_column, size=size)
+        return full if split != "train" else _fixed_subset(name_or_path, full, n)
     image_column = image_column or opts.get("image_column")
     label_column = label_column or opts.get("label_column")
     split = opts.get(f"{split}_split", split) if split in ("train", "test") else split
@@ -375,6 +394,22 @@ def load_arrays(name_or_path: str, split: str = "train", *, image_column: str | 
     arr = ImageArrays(torch.from_numpy(np.require(x, np.uint8, ["C", "W"])),
                       torch.from_numpy(np.require(y, np.int64, ["C", "W"])),
                       list(classes), src.name)
+    with _LOCK:
+        _MEM[key] = arr
+    return arr
+
+
+def _fixed_subset(ref: str, full: ImageArrays, n: int) -> ImageArrays:
+    """The training split of ``ref`` = ``"<name>[train_examples=n]"``: n images of ``full``, class-balanced,
+    seed 0 (one subset per reference, cached with the arrays)."""
+    key = f"subset-{n}-{id(full)}"
+    with _LOCK:
+        if key in _MEM:
+            return _MEM[key]
+    if n > len(full):
+        raise DataError(f"{ref!r}: train_examples={n} but its training split holds only {len(full)} images; "
+                        f"pass a smaller train_examples")
+    arr = full.subset(balanced_subset(full.labels, n, seed=0))
     with _LOCK:
         _MEM[key] = arr
     return arr

@@ -69,7 +69,7 @@ def build_report(results: Path | None = None) -> str:
              "",
              "Rebuilt by `python -m vitrepro.report` from `results/<notebook>/results.csv` (exported from the run store).",
              "Paper numbers come from `vitrepro/paper_numbers.csv`; `[P]` = Dosovitskiy et al., ICLR 2021 (arXiv 2010.11929).",
-             "Our runs are CPU-scale stand-ins (Fashion-MNIST / MNIST / scikit-learn digits, tiny models), so only the",
+             "Our runs are CPU-scale stand-ins (Fashion-MNIST / MNIST / MNIST-1k, tiny models), so only the",
              "paper's qualitative claims can be compared; absolute numbers are not comparable.",
              ""]
     parts += _summary(results, frames)

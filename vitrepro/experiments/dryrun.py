@@ -164,6 +164,8 @@ def shrink(cfg: dict, tiny: bool | None = None) -> dict:
     cfg["warmup_steps"] = min(int(cfg.get("warmup_steps") or 0), 1)
     cfg["accum_steps"] = 1
     cfg["batch_size"] = min(int(cfg.get("batch_size", 64)), BATCH)
+    if cfg.get("dataset"):
+        cfg["dataset"] = cap_ref(cfg["dataset"])
     n = available(cfg.get("dataset"), float(cfg.get("val_fraction") or 0.0))
     if cfg.get("train_examples") is not None and n is not None:
         cfg["train_examples"] = min(int(cfg["train_examples"]), n)
@@ -183,6 +185,17 @@ def shrink_jobs(jobs, tiny: bool | None = None):
     for job in jobs:
         job.config = shrink(job.config, tiny)
     return jobs
+
+
+def cap_ref(dataset: str) -> str:
+    """A dataset reference as the dry run reads it: its ``train_examples=N`` at most what the stand-in holds."""
+    from ..data import dataset_ref, ref_train_examples, split_ref
+
+    n, (base, opts) = ref_train_examples(dataset), split_ref(dataset)
+    avail = available(base) if n is not None else None
+    if avail is None or n <= avail:
+        return dataset
+    return dataset_ref(base, **{**opts, "train_examples": avail})
 
 
 def cap(dataset: str, n: int | None, val_fraction: float = 0.0) -> int | None:

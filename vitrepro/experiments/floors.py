@@ -54,8 +54,9 @@ def rows(params: NotebookParams, notebook: str, *, trained_on: Sequence[tuple[st
         if _streamed(dataset):
             continue
         if dry:  # stand-in data: subsets capped at what it holds
-            from .dryrun import cap
+            from .dryrun import cap, cap_ref
 
+            dataset = cap_ref(dataset)
             n = cap(dataset, n, hold)
         r = baselines.pixel_logistic_regression(dataset, train_examples=n, val_fraction=hold, cache=cache)
         log(f"baseline: pixel logistic regression on {dataset} ({n or 'all'} examples): top-1 {100 * r['top1']:.2f}% "

@@ -38,13 +38,14 @@ class NotebookParams:
 # Notebook parameters that name a dataset: each takes a name, a local parquet folder, or a dict choosing the
 # columns / splits of one (`dataset_param`); a list parameter (transfer's `downstream`) takes a list of those.
 DATASET_PARAMS = ("upstream", "downstream", "dataset", "fewshot_dataset")
-DATASET_KEYS = ("path", "image_column", "label_column", "train_split", "test_split")
+DATASET_KEYS = ("path", "image_column", "label_column", "train_split", "test_split", "train_examples")
 _EXAMPLE = '{"path": "/data/my_set", "label_column": "fine_label"}'
 
 
 def dataset_param(name: str, value: Any) -> Any:
     """A dataset parameter -> what the training configs carry: a name or folder stays as it is; a dict
-    ``{"path": ..., "label_column": ..., "image_column": ..., "train_split": ..., "test_split": ...}`` (or its
+    ``{"path": ..., "label_column": ..., "image_column": ..., "train_split": ..., "test_split": ...,
+    "train_examples": 1000}`` (the last: a fixed class-balanced training subset, e.g. VTAB-1k's size) (or its
     JSON text, for ``papermill -p``) becomes the reference ``"<path>[label_column=...]"`` of `data.dataset_ref`,
     which every config, evaluator, baseline and run id then carries. Checked strictly: unknown keys, a
     missing path and empty or odd values are `ParameterError`s (whether the columns exist: `preflight`)."""
@@ -69,6 +70,10 @@ def dataset_param(name: str, value: Any) -> Any:
         raise ParameterError(f"{name}: the dataset dict has no 'path' (a dataset name or a parquet folder); "
                              f"e.g. {name}={_EXAMPLE}")
     for k, v in value.items():
+        if k == "train_examples":
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ParameterError(f"{name}: 'train_examples' must be a positive integer, got {v!r}")
+            continue
         if not isinstance(v, str) or not v.strip():
             raise ParameterError(f"{name}: {k!r} must be a non-empty string, got {v!r}")
         if k != "path" and any(c in v for c in ",[]=/"):

@@ -11,6 +11,7 @@ test-split number cannot enter a selection. The chosen values are written into t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class Search:
     note: str = ""
     parent: dict | None = field(default=None)  # for fine-tuning searches: the pre-training config
     cost: str | None = None  # a grid key whose smaller values cost less: `cheapest_within_one_se` chooses
+    max_cost: float | None = None  # the most of `cost` the profile affords: chosen among the points within it
 
     def configs(self) -> list[dict]:
         keys = list(self.grid)
@@ -137,16 +139,22 @@ def run_search(name: str, search: Search, store=None) -> list[dict]:
 
 
 def validation_size(record: dict) -> int:
-    """How many held-out images a run's validation accuracy was measured on (its dataset's examples
-    minus those it trained on)."""
-    res = record["resolved"]
-    return sum(d["n"] for d in res["data"].values() if d.get("split") == "train") - res["train_size"]
+    """How many held-out images a run's validation accuracy was measured on: its dataset's examples minus
+    those it trained on; with a training subset (``train_examples``) the rest is not all held out, so the
+    stratified hold-out's size, ``val_fraction`` of the examples (to a few images of per-class rounding)."""
+    res, cfg = record["resolved"], record.get("config") or {}
+    total = sum(d["n"] for d in res["data"].values() if d.get("split") == "train")
+    if cfg.get("train_examples") is not None:
+        return int(round(total * float(cfg["val_fraction"])))
+    return total - res["train_size"]
 
 
 def chosen_point(search: Search, rows: list[dict]) -> dict:
     """The grid point that ``rows`` (from `run_search` or a search's CSV) choose on their validation metric:
     the best one, or with a ``cost`` key the cheapest within one standard error of the best."""
     rows = [{**r, r["metric"]: r["val"]} for r in rows]
+    if search.cost and search.max_cost is not None:  # a budget: the points the profile can afford
+        rows = [r for r in rows if r[search.cost] <= search.max_cost]
     if search.cost:
         return cheapest_within_one_se(rows, rows[0]["metric"], list(search.grid), search.cost)
     return best(rows, rows[0]["metric"], list(search.grid))
@@ -164,8 +172,18 @@ def write_search(name: str, search: Search, rows: list[dict], out: Path) -> dict
     atomic_write_text(out / f"{name}.csv", text)
     rule = (f" (the one-standard-error rule on `{search.cost}`: the cheapest point within one binomial standard "
             f"error of the best)" if search.cost else "")
+    budget = ""
+    if search.cost and search.max_cost is not None:
+        free = chosen_point(dataclasses.replace(search, max_cost=None), rows)
+        rule += f", among the points the profile affords ({search.cost} <= {search.max_cost:g})"
+        if free != chosen:
+            edge = at_grid_edge(search.grid, free)
+            budget = (f"\n\nWithout that budget the rule would choose {free}"
+                      + (f" ({', '.join(f'{k} the {side} of its grid' for k, side in edge.items())}: the optimum "
+                         "may lie beyond it)" if edge else "") + ".")
     atomic_write_text(out / f"{name}.md", f"# Selection `{name}`\n\n{search.note}\n\n"
-                      f"Chosen on validation accuracy{rule}: {chosen}{warning}\n\n{frame.to_markdown(index=False)}\n")
+                      f"Chosen on validation accuracy{rule}: {chosen}{warning}{budget}\n\n"
+                      f"{frame.to_markdown(index=False)}\n")
     if edges:
         print(f"[select {name}] WARNING: chosen at the edge of the grid: {edges}; extend the grid", flush=True)
     return chosen
