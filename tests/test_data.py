@@ -181,6 +181,13 @@ def test_train_examples_reference_is_one_fixed_balanced_training_subset(tmp_path
     rows = {tuple(r) for r in full.images.flatten(1).tolist()}
     assert all(tuple(r) in rows for r in sub.images.flatten(1).tolist())  # images of digits' own training split
     assert load_arrays("digits[train_examples=100]", "train") is sub
+    # a cached subset is bound to its full split's object, not its id (which a freed array hands on):
+    # an entry left under this id by another array (simulated) is not returned
+    other = full.subset(torch.arange(len(full) - 1, -1, -1))  # the same images in reverse order
+    data._MEM[f"subset-100-{id(other)}"] = (full, sub)
+    fresh = data._fixed_subset("digits[train_examples=100]", other, 100)
+    expected = other.subset(balanced_subset(other.labels, 100, seed=0)).images
+    assert torch.equal(fresh.images, expected) and not torch.equal(fresh.images, sub.images)
     assert torch.equal(load_arrays("digits[train_examples=100]", "test").labels, load_arrays("digits", "test").labels)
     assert data.ref_train_examples("digits[train_examples=100]") == 100 and data.ref_train_examples("digits") is None
     assert data.dataset_ref("digits", train_examples=100) == "digits[train_examples=100]"

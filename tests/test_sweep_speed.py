@@ -182,3 +182,14 @@ def test_each_run_in_a_worker_is_compiled(run_store, monkeypatch):
     other = train.run({**BASE, "compile": "on", "pos_embed": "2d", "pool": "gap"}, store=run_store, progress="none")
     assert other["resolved"]["compile"] is True
     assert counters["frames"]["ok"] > 0, dict(counters["frames"])  # its frames were compiled, not run eagerly
+
+
+def test_sweep_benchmark_measures_the_precision_the_trainer_would_pick(monkeypatch):
+    """No --precisions: what ``precision="auto"`` resolves to on this CPU (fp32 where bf16 is emulated);
+    one named precision: that one; two: refused before any measurement (a sweep has one precision)."""
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(machine, "_cpu_flags", lambda native=native: {"avx512_bf16"} if native else {"avx2"})
+        assert bench_sweep._sweep_precision(None) == want == machine.resolve_precision("auto", torch.device("cpu"))
+    assert bench_sweep._sweep_precision(["bf16"]) == "bf16"
+    with pytest.raises(SystemExit, match="one precision"):
+        bench_sweep._sweep_precision(["fp32", "bf16"])

@@ -611,7 +611,8 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", metavar="SPEC",
                    help="NAME[:IMG_SIZE[:IN_CHANS[:BATCH]]], e.g. ViT-Nano/7:28:1:128 (default: the cpu-profile "
                         "models and ViT-B/16:224:3)")
-    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"],
+                   help="default: fp32 and bf16; with --sweep, the one precision the trainer's 'auto' picks here")
     p.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],
                    help="default: cpu, plus cuda when available")
     p.add_argument("--batch-size", type=int, help="override every model's batch size")
@@ -661,6 +662,7 @@ def main(argv=None) -> int:
     if args.sweep:
         from . import bench_sweep
         return bench_sweep.main(args)
+    args.precisions = args.precisions or ["fp32", "bf16"]
     if args.threads:
         torch.set_num_threads(args.threads)
     args.malloc_tuned = _tune_allocator() if "cpu" in (args.devices or ["cpu"]) else False

@@ -2,11 +2,13 @@
 
     python -m vitrepro.bench --sweep                  # the cpu-profile ViTs, every layout, one run
     python -m vitrepro.bench --sweep --sweep-models ViT-Nano/4 --jobs 4 --sweep-steps 20   # shorter
+    python -m vitrepro.bench --sweep --precisions fp32                # fp32 whatever this CPU has
 
 A cpu-profile sweep is dozens of small runs (ViT-Nano/4, ViT-Nano/7, ViT-Micro/7 at 28 px, batch 128, bf16 on
-CPUs that have it). For each model, ``--jobs`` configurations (seeds 0..N-1: own initialisation, own data
+CPUs that have it, fp32 on the others: the precision the trainer's ``precision="auto"`` picks, or the one
+``--precisions`` names). For each model, ``--jobs`` configurations (seeds 0..N-1: own initialisation, own data
 order) are trained through the trainer's own parts -- ``vitrepro.data.Batches`` over Fashion-MNIST with the
-``crop_flip`` augmentation, the trainer's AdamW (``train._make_optimizer``), bf16 autocast, clipping at global
+``crop_flip`` augmentation, the trainer's AdamW (``train._make_optimizer``), bf16 autocast (bf16 sweeps), clipping at global
 norm 1 -- in each *layout*:
 
 * ``pool``          today's scheduler: one process per core, one torch thread each, the jobs shared out;
@@ -277,6 +279,16 @@ def sweep_markdown(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sweep_precision(precisions) -> str:
+    """The sweep's one precision: ``--precisions`` when it names exactly one, else what the trainer's
+    ``precision="auto"`` picks on this CPU (bf16 with native bf16 instructions, fp32 on AVX2-only CPUs, where
+    bf16 is emulated and ~10x slower), so the benchmark measures what a cpu-profile sweep runs here."""
+    from .machine import resolve_precision
+    if precisions and len(set(precisions)) > 1:
+        raise SystemExit(f"--sweep measures one precision; got --precisions {' '.join(precisions)}")
+    return precisions[0] if precisions else resolve_precision("auto", torch.device("cpu"))
+
+
 def main(args) -> int:
     from .store import atomic_write
 
@@ -289,7 +301,8 @@ def main(args) -> int:
         chosen = [lay for lay in chosen if lay.name in args.layouts or lay.name == "pool"]
     if args.jobs % cores:
         raise SystemExit(f"--jobs {args.jobs} must be a multiple of the {cores} workers")
-    specs = [SweepSpec(m, jobs=args.jobs, steps=args.sweep_steps, warmup=args.sweep_warmup,
+    precision = _sweep_precision(args.precisions)
+    specs = [SweepSpec(m, jobs=args.jobs, steps=args.sweep_steps, warmup=args.sweep_warmup, precision=precision,
                        dataset=args.dataset, augment=args.augment) for m in (args.sweep_models or SWEEP_MODELS)]
     result = run_sweep(specs, chosen)
     out = Path(args.out)

@@ -333,7 +333,7 @@ def _fingerprint(src: Source, split: str, image_column, label_column, size) -> s
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-_MEM: dict[str, ImageArrays] = {}
+_MEM: dict[str, ImageArrays | tuple[ImageArrays, ImageArrays]] = {}  # arrays; (full, subset) for subsets
 _LOCK = threading.Lock()
 
 
@@ -402,16 +402,19 @@ def load_arrays(name_or_path: str, split: str = "train", *, image_column: str | 
 def _fixed_subset(ref: str, full: ImageArrays, n: int) -> ImageArrays:
     """The training split of ``ref`` = ``"<name>[train_examples=n]"``: n images of ``full``, class-balanced,
     seed 0 (one subset per reference, cached with the arrays)."""
+    # Keyed by the identity of ``full``, which the entry keeps alive: an id alone could be reused by another
+    # array once ``full`` is freed (e.g. after the array cache is cleared) and hand back a stale subset.
     key = f"subset-{n}-{id(full)}"
     with _LOCK:
-        if key in _MEM:
-            return _MEM[key]
+        hit = _MEM.get(key)
+        if hit is not None and hit[0] is full:
+            return hit[1]
     if n > len(full):
         raise DataError(f"{ref!r}: train_examples={n} but its training split holds only {len(full)} images; "
                         f"pass a smaller train_examples")
     arr = full.subset(balanced_subset(full.labels, n, seed=0))
     with _LOCK:
-        _MEM[key] = arr
+        _MEM[key] = (full, arr)
     return arr
 
 

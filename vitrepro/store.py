@@ -4,9 +4,9 @@ Layout: ``root/<experiment>/<run_id>/{config.json, metrics.jsonl, record.json, c
 ``run_id`` is a short sha256 of the canonical JSON of the full configuration, the code-relevant
 versions (vitrepro version, torch major.minor, ``NUMERICS_VERSION``) and what the trainer resolved
 for this machine and data (``train.run_id_of``: device type, precision, CPU thread count, data fingerprints).
-``NUMERICS_VERSION`` is a hash of the source files that define the numbers (``NUMERICS_FILES``:
-models, data, trainer, evaluators), so any edit there gives new run ids instead of reusing records
-computed by other code. ``record.json`` is written last and marks a finished run (``status`` "ok")
+``NUMERICS_VERSION`` is a hash of the code of the source files that define the numbers (``NUMERICS_FILES``:
+models, data, trainer, evaluators; their syntax trees without docstrings), so any code edit there gives new
+run ids instead of reusing records computed by other code, while a comment or docstring edit keeps them. ``record.json`` is written last and marks a finished run (``status`` "ok")
 or a failed one (``status`` "failed", with ``error``).
 
 A run folder is owned by one process at a time: ``RunStore.lock`` takes an OS lock (``flock``) on
@@ -23,6 +23,7 @@ A full disk while saving raises ``NoSpaceError`` ("no space left on <folder>").
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import errno
 import hashlib
@@ -53,14 +54,27 @@ def _numerics_files() -> list[Path]:
 NUMERICS_FILES = tuple(str(p.relative_to(_PKG.parent)) for p in _numerics_files())
 
 
+def _code_of(source: bytes, name: str) -> bytes:
+    """What of a Python source defines numbers: its syntax tree without docstrings (comments, blank lines
+    and layout never reach the tree), so editing prose does not re-key the run store."""
+    tree = ast.parse(source, filename=name)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree).encode()
+
+
 def numerics_version(files: list[Path] | None = None) -> str:
-    """Hash of the source files that define the numbers a run produces (models, data, trainer,
-    evaluators): any edit to them is a new numerics version, hence new run ids. Line endings are
-    normalised so that a checkout on another OS agrees."""
+    """Hash of the code of the source files that define the numbers a run produces (models, data,
+    trainer, evaluators): any edit to their code is a new numerics version, hence new run ids; an edit to
+    comments, docstrings or layout only is not (``_code_of``), so stored runs stay valid through it."""
     h = hashlib.sha256()
     for f in files if files is not None else _numerics_files():
         f = Path(f)
-        h.update(f.name.encode() + b"\0" + f.read_bytes().replace(b"\r\n", b"\n") + b"\0")
+        h.update(f.name.encode() + b"\0" + _code_of(f.read_bytes(), str(f)) + b"\0")
     return h.hexdigest()[:12]
 
 
