@@ -189,6 +189,11 @@ def test_train_examples_reference_is_one_fixed_balanced_training_subset(tmp_path
     expected = other.subset(balanced_subset(other.labels, 100, seed=0)).images
     assert torch.equal(fresh.images, expected) and not torch.equal(fresh.images, sub.images)
     assert torch.equal(load_arrays("digits[train_examples=100]", "test").labels, load_arrays("digits", "test").labels)
+    # the test split is the one array of both references; each keeps its own source in its fingerprint,
+    # whichever was fingerprinted first in this process (a run id must not depend on that order)
+    fp_sub, fp_full = data.data_fingerprint("digits[train_examples=100]", "test"), data.data_fingerprint("digits", "test")
+    assert fp_sub["source"] == "digits[train_examples=100]" and fp_full["source"] == "digits"
+    assert fp_sub["sha256"] == fp_full["sha256"] and fp_sub["n"] == fp_full["n"] == 360
     assert data.ref_train_examples("digits[train_examples=100]") == 100 and data.ref_train_examples("digits") is None
     assert data.dataset_ref("digits", train_examples=100) == "digits[train_examples=100]"
     with pytest.raises(DataError, match="must be a positive integer"):

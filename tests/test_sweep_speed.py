@@ -193,3 +193,33 @@ def test_sweep_benchmark_measures_the_precision_the_trainer_would_pick(monkeypat
     assert bench_sweep._sweep_precision(["bf16"]) == "bf16"
     with pytest.raises(SystemExit, match="one precision"):
         bench_sweep._sweep_precision(["fp32", "bf16"])
+
+
+def test_sweep_eta_waits_for_the_longest_chain_left(tmp_path, monkeypatch):
+    """Once fewer runs than workers are left, the end is the longest chain still to go at one worker's speed:
+    three equal runs on 2 workers, the first two done in 100 s each: the third, just started, is 100 s away
+    (the spread of work over 2 workers alone said 50 s); a fine-tune of 2 units waiting on it adds its 200 s.
+    50 s later the chain is 50 s shorter, unless the spread (time so far x work left / work done: 75 s and
+    225 s) is longer."""
+    import time
+
+    from vitrepro.experiments import scaling, sweep
+    from vitrepro.experiments.jobs import Job
+
+    params = scaling.validate_params({"profile": "smoke", "runs_dir": str(tmp_path)})
+    cfg = dict(model="ViT-Nano/4", dataset="digits", img_size=8, batch_size=32, steps=100)
+    runs = [Job(dict(cfg, seed=s), "pretrain") for s in range(3)]
+    tune = Job(dict(cfg, steps=200, lr=0.1), "finetune", parent=runs[2])
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    for jobs, first_eta, later_eta in ((runs, 100, 75), ([*runs, tune], 300, 250)):
+        sw = sweep._Sweep(jobs, params, log=lambda *_: None)
+        clock[0] = 1000.0
+        sw.started(runs[0]), sw.started(runs[1])
+        clock[0] = 1100.0
+        for job in runs[:2]:
+            sw.finish(job, job.config, {"status": "ok", "run_id": "a", "experiment": "e"}, was_trained=True)
+        sw.started(runs[2])
+        assert sw.eta() == f"ETA {sweep._fmt_s(first_eta)}", jobs
+        clock[0] = 1150.0
+        assert sw.eta() == f"ETA {sweep._fmt_s(later_eta)}"

@@ -435,19 +435,20 @@ def data_fingerprint(name_or_path: str, split: str = "train") -> dict:
     if src.spec is not None and src.spec.streaming:
         return {"source": source, "split": split, "streamed": _fingerprint(src, split, None, None, None)}
     arr = load_arrays(name_or_path, split)
+    # The cache holds what depends on the arrays alone: two references can share one array object (the test
+    # split of "mnist" and of "mnist[train_examples=1000]"), and each keeps its own source in its fingerprint
+    # whichever of them this process fingerprinted first (else run ids would depend on that order).
     with _LOCK:
         hit = _FP.get(id(arr))
-        if hit is not None and hit[0] is arr:
-            return hit[1]
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(arr.images.numpy()).data)
-    h.update(np.ascontiguousarray(arr.labels.numpy()).data)
-    h.update(json.dumps(arr.classes).encode())
-    fp = {"source": source, "split": split, "n": len(arr), "shape": list(arr.images.shape[1:]),
-          "sha256": h.hexdigest()[:16]}
-    with _LOCK:
-        _FP[id(arr)] = (arr, fp)
-    return fp
+    if hit is None or hit[0] is not arr:
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(arr.images.numpy()).data)
+        h.update(np.ascontiguousarray(arr.labels.numpy()).data)
+        h.update(json.dumps(arr.classes).encode())
+        hit = (arr, {"n": len(arr), "shape": list(arr.images.shape[1:]), "sha256": h.hexdigest()[:16]})
+        with _LOCK:
+            _FP[id(arr)] = hit
+    return {"source": source, "split": split, **hit[1]}
 
 
 def _read(src: Source, split: str, image_column, label_column, size):

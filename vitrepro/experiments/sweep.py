@@ -290,6 +290,12 @@ class _Sweep:
         self.total = len(jobs)
         self.keys = {st: _variant_keys([j for j in jobs if j.stage == st]) for st in {j.stage for j in jobs}}
         self.n_trained, self.t_first_trained, self.work_trained = 0, None, 0.0
+        self.start: dict[int, float] = {}  # id(job) -> when a worker started training it (running jobs)
+        self.busy_s = 0.0                   # worker-seconds the trained jobs took, summed
+        self.children: dict[int, list[Job]] = {}
+        for j in jobs:
+            if j.parent is not None:
+                self.children.setdefault(id(j.parent), []).append(j)
         known = [w for w in map(job_work, jobs) if w]
         mean = sum(known) / len(known) if known else 1.0
         self.work = {id(j): job_work(j) or mean for j in jobs}  # for the ETA; unknown length: the average known
@@ -315,7 +321,8 @@ class _Sweep:
     def eta(self) -> str:
         """Time left = time so far x (work left / work trained), work = `job_work` (pixels a run pushes
         through its model): a 422-step run counts an eighth of a 3,438-step one, so the estimate does not
-        swing with the order of short and long runs (runs of unknown length count as the average known)."""
+        swing with the order of short and long runs (runs of unknown length count as the average known); at
+        least the longest chain still to go (`_tail_s`), which decides the end once fewer jobs than workers remain."""
         import time
 
         left = [j for j in self.jobs if id(j) not in self.done]
@@ -324,7 +331,25 @@ class _Sweep:
         if self.t_first_trained is None or not self.work_trained:
             return "ETA ?"
         work_left = sum(self.work[id(j)] for j in left)
-        return f"ETA {_fmt_s((time.time() - self.t_first_trained) * work_left / self.work_trained)}"
+        spread = (time.time() - self.t_first_trained) * work_left / self.work_trained
+        return f"ETA {_fmt_s(max(spread, self._tail_s(left)))}"
+
+    def _tail_s(self, left: list[Job]) -> float:
+        """The longest chain of work still to go (a running job's unfinished part, then the fine-tunes waiting
+        on it) at one worker's speed, measured on the finished jobs: the sweep cannot end sooner, however many
+        workers idle. Without it the last run of a sweep was promised in half its time on 2 workers."""
+        import time
+
+        if not self.busy_s:
+            return 0.0
+        rate, now = self.work_trained / self.busy_s, time.time()  # work per second of one worker
+        own = {id(j): max(0.0, self.work[id(j)] - rate * (now - self.start[id(j)])) if id(j) in self.start
+               else self.work[id(j)] for j in left}
+
+        def chain(j: Job) -> float:
+            return own[id(j)] + max((chain(c) for c in self.children.get(id(j), []) if id(c) in own), default=0.0)
+
+        return max(chain(j) for j in left) / rate
 
     def finish(self, job: Job, cfg: dict, record: dict, was_trained: bool) -> None:
         import time
@@ -334,6 +359,8 @@ class _Sweep:
         if was_trained:
             self.n_trained += 1
             self.work_trained += self.work[id(job)]
+            if id(job) in self.start:
+                self.busy_s += time.time() - self.start.pop(id(job))
         status = record.get("status")
         extra = "" if status == "ok" else f": {record.get('error')}"
         how = "" if was_trained else " (stored)"
@@ -370,11 +397,13 @@ class _Sweep:
             return None  # _train_one records the error
         return train.finished_record(self.store, cfg["experiment"], rid)  # a damaged record / model is named, then redone
 
-    def started(self) -> None:
+    def started(self, job: Job) -> None:
         import time
 
+        now = time.time()
         if self.t_first_trained is None:
-            self.t_first_trained = time.time()
+            self.t_first_trained = now
+        self.start[id(job)] = now
 
     def run_here(self) -> None:
         """One run at a time in this process."""
@@ -383,7 +412,7 @@ class _Sweep:
             cfg = self.ready_config(job)
             rec = self.stored(cfg)
             if rec is None:
-                self.started()
+                self.started(job)
             self.finish(job, cfg, rec or _train_one(cfg, self.root, self.params.force), rec is None)
 
     def run_in_pool(self, workers: int) -> None:
@@ -420,7 +449,7 @@ class _Sweep:
                 if rec is not None:
                     self.finish(job, cfg, rec, False)
                     continue
-                self.started()
+                self.started(job)
                 running[pool.submit(_train_one, cfg, self.root, self.params.force)] = (job, cfg)
             if not running:
                 break
