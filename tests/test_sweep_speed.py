@@ -119,10 +119,12 @@ def test_stacked_step_equals_separate_training(compiled):
                 d = want.shape[0] // 3
                 torch.testing.assert_close(got[d:2 * d], want[d:2 * d], rtol=0, atol=3 * spec.lr, msg=name)
                 got, want = torch.cat([got[:d], got[2 * d:]]), torch.cat([want[:d], want[2 * d:]])
-            # compiled: inductor reorders the sums, and Adam turns the rounding of a near-zero gradient into a
-            # step of up to ~lr: 5% of lr for single elements (eager runs the same kernels as one model alone)
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=0.05 * spec.lr if compiled else 1e-5,
-                                       msg=lambda m: f"{name}: {m}")
+            # Adam turns the rounding of a near-zero gradient into a step of up to ~lr: 5% of lr for single
+            # elements. Compiled, inductor reorders the sums; eager, the vmapped (batched) matmul kernels round
+            # differently from one model's on some CPUs (AVX2: 1 element of 12,288 off by 3.6e-5, lr 2e-3)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=0.05 * spec.lr, msg=lambda m: f"{name}: {m}")
+            if not compiled:  # and only single elements: all but 1% as close as fp32 rounding allows
+                assert ((got - want).abs() > 1e-5).float().mean() < 0.01, name
 
 
 def test_sweep_benchmark_numbers_follow_from_its_fields():

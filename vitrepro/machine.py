@@ -70,7 +70,10 @@ def tune_cpu_allocator() -> bool:
 # benchmark `python -m vitrepro.bench --sweep`, results/benchmarks/sweep_cpu.md): see that file for the figures
 # per model. The first compile of a shape costs 20-40 s (later runs of the same shape load it from inductor's
 # on-disk cache in ~2 s), so 'auto' compiles only runs long enough to pay that back. fp32 CPU runs were slower
-# compiled (ViT-Nano/4 868 vs 996 img/s), so 'auto' leaves them eager; CUDA is left to the user ('on').
+# compiled on the AMX machine (ViT-Nano/4 868 vs 996 img/s); on an AVX2-only CPU, where fp32 is what 'auto' trains,
+# compiled steps ran 0.91-1.19x the eager ones by model, and a 600-step ViT-Nano/4 run took 243 s compiled against
+# 187 s eager, its cold compile included (benchmarks/README.md), so 'auto' leaves fp32 eager; CUDA is left to the
+# user ('on').
 COMPILE_MIN_STEPS = 400
 COMPILE_FAMILIES = ("vit", "bit")  # hybrids measured no faster compiled (1.02x)
 
