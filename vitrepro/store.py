@@ -6,8 +6,9 @@ versions (vitrepro version, torch major.minor, ``NUMERICS_VERSION``) and what th
 for this machine and data (``train.run_id_of``: device type, precision, CPU thread count, data fingerprints).
 ``NUMERICS_VERSION`` is a hash of the code of the source files that define the numbers (``NUMERICS_FILES``:
 models, data, trainer, evaluators; their syntax trees without docstrings), so any code edit there gives new
-run ids instead of reusing records computed by other code, while a comment or docstring edit keeps them. ``record.json`` is written last and marks a finished run (``status`` "ok")
-or a failed one (``status`` "failed", with ``error``).
+run ids instead of reusing records computed by other code, while a comment or docstring edit keeps them.
+``record.json`` is written last and marks a finished run (``status`` "ok") or a failed one (``status``
+"failed", with ``error``).
 
 A run folder is owned by one process at a time: ``RunStore.lock`` takes an OS lock (``flock``) on
 ``<run>/.lock``, which the kernel releases when the owner dies.
