@@ -292,10 +292,6 @@ class _Sweep:
         self.n_trained, self.t_first_trained, self.work_trained = 0, None, 0.0
         self.start: dict[int, float] = {}  # id(job) -> when a worker started training it (running jobs)
         self.busy_s = 0.0                   # worker-seconds the trained jobs took, summed
-        self.children: dict[int, list[Job]] = {}
-        for j in jobs:
-            if j.parent is not None:
-                self.children.setdefault(id(j.parent), []).append(j)
         known = [w for w in map(job_work, jobs) if w]
         mean = sum(known) / len(known) if known else 1.0
         self.work = {id(j): job_work(j) or mean for j in jobs}  # for the ETA; unknown length: the average known
@@ -345,11 +341,7 @@ class _Sweep:
         rate, now = self.work_trained / self.busy_s, time.time()  # work per second of one worker
         own = {id(j): max(0.0, self.work[id(j)] - rate * (now - self.start[id(j)])) if id(j) in self.start
                else self.work[id(j)] for j in left}
-
-        def chain(j: Job) -> float:
-            return own[id(j)] + max((chain(c) for c in self.children.get(id(j), []) if id(c) in own), default=0.0)
-
-        return max(chain(j) for j in left) / rate
+        return max(chain_work(left, own).values()) / rate
 
     def finish(self, job: Job, cfg: dict, record: dict, was_trained: bool) -> None:
         import time
