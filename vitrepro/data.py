@@ -231,6 +231,14 @@ def _hub_error(src: Source, err: Exception) -> DatasetNotFoundError:
 
 # --------------------------------------------------------------------------- decoding
 
+def _say_which(where: str, key: str, example: str) -> str:
+    """How to choose a column, in every form a dataset is given: the reference string (command line, train
+    configs, notebook parameters), the notebook's dict form and the Python argument."""
+    return (f"say which: pass the dataset as '{where}[{key}={example}]' (e.g. `python -m vitrepro.train "
+            f"'dataset={where}[{key}={example}]'`, or in a notebook parameter), as a notebook parameter also "
+            f"{{\"path\": \"{where}\", \"{key}\": \"{example}\"}}; in Python load_arrays(..., {key}=...)")
+
+
 def _pick_columns(features, image_column, label_column, where: str) -> tuple[str, str]:
     import datasets
     imgs = [k for k, f in features.items() if isinstance(f, datasets.Image)]
@@ -239,9 +247,7 @@ def _pick_columns(features, image_column, label_column, where: str) -> tuple[str
         if len(imgs) != 1:
             raise DataError(f"{where}: {'no' if not imgs else 'several'} image columns "
                             f"(datasets.Image features: {imgs}; all columns: {list(features)}); "
-                            f"say which: as a notebook parameter, pass the dataset as a dict, e.g. "
-                            f"{{\"path\": \"{where}\", \"image_column\": \"{(imgs or list(features) or ['image'])[0]}\"}} "
-                            "(in Python: load_arrays(..., image_column=...))")
+                            + _say_which(where, "image_column", (imgs or list(features) or ['image'])[0]))
         image_column = imgs[0]
     if label_column is None:
         if len(labs) != 1:
@@ -251,9 +257,7 @@ def _pick_columns(features, image_column, label_column, where: str) -> tuple[str
                 example = labs[0] if labs else next(iter(features), "label")
                 raise DataError(f"{where}: {'no' if not labs else 'several'} label columns "
                                 f"(datasets.ClassLabel features: {labs}; all columns: {list(features)}); "
-                                f"say which: as a notebook parameter, pass the dataset as a dict, e.g. "
-                                f"{{\"path\": \"{where}\", \"label_column\": \"{example}\"}} (in Python: "
-                                "load_arrays(..., label_column=...))")
+                                + _say_which(where, "label_column", example))
         label_column = labs[0]
     for c in (image_column, label_column):
         if c not in features:
@@ -451,6 +455,26 @@ def data_fingerprint(name_or_path: str, split: str = "train") -> dict:
     return {"source": source, "split": split, **hit[1]}
 
 
+def _corrupt_file_error(src: Source, split: str, err: Exception) -> DataError | None:
+    """For a local folder that `datasets` cannot build: a DataError naming each parquet file that does not
+    read (its footer) and the split it belongs to (`datasets` builds every split of a folder, so a corrupt
+    test file also stops the train split); None when every file reads (the original error stands)."""
+    if src.kind != "local" or not src.location:
+        return None
+    import pyarrow.parquet as pq
+    bad = []
+    for f in sorted(Path(src.location).rglob("*.parquet")):
+        try:
+            pq.ParquetFile(f)
+        except Exception as e:  # noqa: BLE001 - any failure to read the footer is a corrupt file
+            own = re.split(r"[-_.]", f.name, maxsplit=1)[0]
+            bad.append(f"the {own!r} split's file {f} ({type(e).__name__}: {e})")
+    if not bad:
+        return None
+    return DataError(f"dataset {src.name!r}: cannot read {'; '.join(bad)}, so split {split!r} cannot be loaded "
+                     f"({type(err).__name__}); replace or remove the corrupt file(s)")
+
+
 def _read(src: Source, split: str, image_column, label_column, size):
     import datasets
     try:
@@ -467,7 +491,9 @@ def _read(src: Source, split: str, image_column, label_column, size):
     except (FileNotFoundError, ConnectionError, OSError) as e:
         if src.kind == "hub":
             raise _hub_error(src, e) from e
-        raise
+        raise _corrupt_file_error(src, split, e) or e
+    except Exception as e:  # noqa: BLE001 - e.g. DatasetGenerationError: name the split and file that failed
+        raise _corrupt_file_error(src, split, e) or e
     if src.kind == "local" and src.spec is None:
         image_column, label_column = _pick_columns(ds.features, image_column, label_column, src.location)
     else:

@@ -13,14 +13,17 @@ run ids instead of reusing records computed by other code, while a comment or do
 A run folder is owned by one process at a time: ``RunStore.lock`` takes an OS lock (``flock``) on
 ``<run>/.lock``, which the kernel releases when the owner dies.
 
-Damaged files (a truncated ``record.json``, ``checkpoint.pt`` or ``model.pt``) raise
-``DamagedRunError`` naming the file, what is wrong and the one-run remedy::
+Every file of a run folder is validated where it is read; a damaged one (truncated, garbled, the wrong
+content) raises ``DamagedRunError`` naming the file, what is lost and the remedy for that file
+(``_FILES``; docs/damage.md lists every case)::
 
-    python -m vitrepro.store check                 # list damaged runs
-    python -m vitrepro.store repair EXPERIMENT/RUN_ID   # drop damaged files: the run resumes or retrains
-    python -m vitrepro.store forget EXPERIMENT/RUN_ID   # delete the run folder
+    python -m vitrepro.store check                 # list damaged files (every kind the readers reject)
+    python -m vitrepro.store repair EXPERIMENT/RUN_ID   # mend them: the run resumes, re-evaluates or retrains
+    python -m vitrepro.store forget EXPERIMENT/RUN_ID   # delete the run folder (its dependants are named)
 
-A full disk while saving raises ``NoSpaceError`` ("no space left on <folder>").
+A full disk at any write raises ``NoSpaceError`` ("no space left on <folder>"), a read-only or forbidden
+folder ``NotWritableError`` ("cannot write to <folder>"), both with the remedy; ``python -m vitrepro.train``
+exits with status 4 on them and on ``DamagedRunError``.
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ import torch
 
 __all__ = ["RunStore", "default_root", "code_versions", "run_id_for", "atomic_write_json",
            "atomic_torch_save", "canonical_json", "NUMERICS_VERSION", "NUMERICS_FILES", "numerics_version",
-           "DamagedRunError", "NoSpaceError", "RunLock", "check_json_file", "check_torch_file"]
+           "DamagedRunError", "NoSpaceError", "NotWritableError", "RunLock", "check_json_file",
+           "check_torch_file", "check_torch_content", "writing", "write_error"]
 
 _PKG = Path(__file__).resolve().parent
 
@@ -83,7 +87,7 @@ NUMERICS_VERSION = numerics_version()
 
 
 class DamagedRunError(RuntimeError):
-    """A run-store file that cannot be read (truncated, not JSON, not a torch archive).
+    """A run-store file that cannot be read (truncated, not JSON, not a torch archive, the wrong content).
     ``path``: the file; ``ref``: ``<experiment>/<run_id>`` of its run (None for a loose file)."""
 
     def __init__(self, message: str, path: Path | str | None = None, ref: str | None = None):
@@ -98,11 +102,39 @@ class NoSpaceError(OSError):
         return str(self.args[0]) if self.args else "no space left on device"
 
 
-def _remedy(ref: str | None, what: str) -> str:
+class NotWritableError(OSError):
+    """A folder of the store cannot be written (errno EROFS, EACCES or EPERM); the message says
+    "cannot write to <folder>" and how to point the store elsewhere."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "cannot write"
+
+
+# Per file of a run folder: what its damage loses, and what `repair` does about it (the remedy right for it).
+_FILES = {
+    "config.json": ("the run's configuration (the store cannot list, reuse or fine-tune from the run)",
+                    "rebuilds it from record.json (a finished or failed run) or checkpoint.pt (an unfinished "
+                    "one); with neither it deletes the run and names the runs fine-tuned from it"),
+    "record.json": ("the run's final record (nothing of its training)",
+                    "drops it so that the run is evaluated again from its checkpoint"),
+    "metrics.jsonl": ("the damaged log lines (the model, checkpoint and record are intact)",
+                      "keeps its readable rows and drops the damaged lines"),
+    "checkpoint.pt": ("the training state to resume from",
+                      "drops it; an unfinished run then trains again from step 0, a finished run stays finished"),
+    "model.pt": ("the final weights",
+                 "drops it and the record, so that the run resumes from its final checkpoint and writes it again"),
+    ".lock": ("nothing (it only names the process that trains the run)",
+              "deletes it; the next process of the run makes a new one"),
+}
+
+
+def _remedy(ref: str | None, name: str) -> str:
+    lost, what = _FILES.get(name, ("", "drops it"))
+    out = f" Lost: {lost}." if lost else ""
     if ref is None:
-        return ""
-    return (f" Remedy: `python -m vitrepro.store repair {ref}` ({what}), or `python -m vitrepro.store "
-            f"forget {ref}` (delete the run); a sweep repairs and retrains just this run.")
+        return out
+    return out + (f" Remedy: `python -m vitrepro.store repair {ref}` ({what}), or `python -m vitrepro.store "
+                  f"forget {ref}` (delete the run); a sweep repairs and retrains just this run.")
 
 
 def _ref_of(path: Path) -> str | None:
@@ -111,28 +143,68 @@ def _ref_of(path: Path) -> str | None:
     return f"{d.parent.name}/{d.name}" if (d / "config.json").exists() or (d / ".lock").exists() else None
 
 
+def _damaged(path: Path, problem: str, ref: str | None) -> DamagedRunError:
+    ref = ref or _ref_of(path)
+    return DamagedRunError(f"{path} is damaged: {problem}." + _remedy(ref, path.name), path, ref)
+
+
+# what each JSON file of a run must hold (a valid JSON text of another shape is damage too)
+_JSON_KEYS = {"config.json": ("experiment",), "record.json": ("status",)}
+
+
 def check_json_file(path, ref: str | None = None) -> dict:
-    """Read a JSON file of the store; a truncated or garbled one raises ``DamagedRunError``."""
+    """Read a JSON file of the store; a truncated or garbled one, or (config.json, record.json) one that is
+    not an object with the keys every such file has, raises ``DamagedRunError``."""
     path = Path(path)
     raw = path.read_bytes()
     try:
-        return json.loads(raw)
+        obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        ref = ref or _ref_of(path)
         what = "truncated" if raw.strip() and not raw.rstrip().endswith(b"}") else "not valid JSON"
-        raise DamagedRunError(f"{path} is damaged: {what} ({len(raw)} bytes; {e})."
-                              + _remedy(ref, "drops it so that the run is evaluated again from its checkpoint"),
-                              path, ref) from e
+        raise _damaged(path, f"{what} ({len(raw)} bytes; {e})", ref) from e
+    need = _JSON_KEYS.get(path.name, ())
+    if need and not (isinstance(obj, dict) and all(isinstance(obj.get(k), str) for k in need)):
+        raise _damaged(path, f"not a run's {path.name} (a JSON {type(obj).__name__}"
+                       f"{'' if not isinstance(obj, dict) else ' without ' + ' / '.join(need)})", ref)
+    return obj
 
 
-_TORCH_FILES = {"checkpoint.pt": "drops it; an unfinished run then trains again from step 0",
-                "model.pt": "drops it and the record, so that the run resumes from its final checkpoint "
-                            "and writes it again"}
+_TORCH_KEYS = {"checkpoint.pt": ("model", "optimizer", "data", "step", "loss_sum", "loss_n", "rng_cpu")}
+
+
+def _torch_content_problem(name: str, obj: Any) -> str | None:
+    """What is wrong with the loaded content of a run's torch file (None when it has the right shape)."""
+    if name == "model.pt":
+        if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+            return f"not a model's state dict (a {type(obj).__name__} that is not a mapping of names to tensors)"
+        return None
+    need = _TORCH_KEYS.get(name)
+    if need is None:
+        return None
+    if not isinstance(obj, dict):
+        return f"not a training checkpoint (a {type(obj).__name__})"
+    missing = [k for k in need if k not in obj]
+    if missing:
+        return f"not a training checkpoint (no {', '.join(missing)})"
+    if isinstance(obj["step"], bool) or not isinstance(obj["step"], int) or obj["step"] < 0:
+        return f"not a training checkpoint (step {obj['step']!r})"
+    return _torch_content_problem("model.pt", obj["model"])
+
+
+def check_torch_content(obj: Any, path, ref: str | None = None) -> Any:
+    """``obj``, loaded from a run's ``checkpoint.pt`` or ``model.pt``, has that file's content (a
+    checkpoint's keys, a state dict of tensors); else ``DamagedRunError``. Returns ``obj``."""
+    path = Path(path)
+    problem = _torch_content_problem(path.name, obj)
+    if problem:
+        raise _damaged(path, problem, ref)
+    return obj
 
 
 def check_torch_file(path, ref: str | None = None) -> None:
-    """Cheap integrity check of a file written by ``torch.save``: a complete zip archive with a
-    ``data.pkl`` (a truncated file has lost its central directory). Raises ``DamagedRunError``."""
+    """Integrity check of a file written by ``torch.save``: a complete zip archive with a ``data.pkl``
+    (a truncated file has lost its central directory) whose content, memory-mapped (the tensors are not
+    read), is what the file's name says (``check_torch_content``). Raises ``DamagedRunError``."""
     path = Path(path)
     problem = None
     size = path.stat().st_size
@@ -145,10 +217,105 @@ def check_torch_file(path, ref: str | None = None) -> None:
                     problem = "not a torch.save archive (no data.pkl)"
         except zipfile.BadZipFile:
             problem = f"truncated or corrupt ({size} bytes; not a complete torch.save zip archive)"
+    if problem is None and path.name in ("checkpoint.pt", "model.pt"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is damage
+            problem = f"cannot be loaded ({type(e).__name__}: {e})"
+        else:
+            problem = _torch_content_problem(path.name, obj)
     if problem:
-        ref = ref or _ref_of(path)
-        raise DamagedRunError(f"{path} is damaged: {problem}." + _remedy(ref, _TORCH_FILES.get(path.name, "drops it")),
-                              path, ref)
+        raise _damaged(path, problem, ref)
+
+
+def _metrics_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows of a metrics.jsonl and its damaged lines ("line N: what"). A last line without its newline
+    is a row cut by a kill, not damage (a resume rewrites the file without it)."""
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    rows, bad = [], []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad.append(f"line {i}: binary bytes, not text")
+            continue
+        except json.JSONDecodeError:
+            if i == len(lines):  # no newline after it: cut by a kill
+                continue
+            bad.append(f"line {i}: not JSON ({line[:40]!r})")
+            continue
+        if not isinstance(row, dict):
+            bad.append(f"line {i}: a JSON {type(row).__name__}, not a row object")
+        elif isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int) or row["step"] < 0:
+            bad.append(f"line {i}: step {row.get('step')!r} is not a step number")
+        else:
+            rows.append(row)
+    return rows, bad
+
+
+def _metrics_problem(bad: list[str], n_rows: int) -> str:
+    more = f"; {len(bad) - 3} more" if len(bad) > 3 else ""
+    return f"{len(bad)} unreadable line(s) among {n_rows} rows ({'; '.join(bad[:3])}{more})"
+
+
+# --------------------------------------------------------------------------- writes: disk full, read-only
+
+def _no_space(path: Path, err: BaseException | None) -> NoSpaceError:
+    try:
+        free = shutil.disk_usage(_existing(path.parent)).free
+        free_s = f"; {free / 2**20:.1f} MiB free"
+    except OSError:
+        free_s = ""
+    e = NoSpaceError(f"no space left on {path.parent} (while writing {path.name}{free_s}). Free some space "
+                     "there, or point the run store / results elsewhere (--store DIR on the command line, "
+                     "VITREPRO_RUNS=DIR, runs_dir=... / results_dir=... in a notebook)")
+    e.errno, e.filename = errno.ENOSPC, str(path)
+    return e
+
+
+def _not_writable(path: Path, err: OSError) -> NotWritableError:
+    why = {errno.EROFS: "read-only file system"}.get(err.errno, err.strerror or "permission denied")
+    e = NotWritableError(f"cannot write to {path.parent} ({why}, while writing {path.name}). Make it writable, "
+                         "or point the run store / results elsewhere (--store DIR on the command line, "
+                         "VITREPRO_RUNS=DIR, runs_dir=... / results_dir=... in a notebook)")
+    e.errno, e.filename = err.errno, str(path)
+    return e
+
+
+def _existing(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def write_error(path: Path, err: BaseException) -> BaseException:
+    """The error to raise for a failed write of ``path``: ``NoSpaceError`` (ENOSPC) or ``NotWritableError``
+    (EROFS, EACCES, EPERM), naming the folder and the remedy; any other error as it is."""
+    if isinstance(err, (NoSpaceError, NotWritableError)) or not isinstance(err, OSError):
+        return err
+    if err.errno == errno.ENOSPC:
+        return _no_space(Path(path), err)
+    if err.errno in _READ_ONLY:
+        return _not_writable(Path(path), err)
+    return err
+
+
+@contextlib.contextmanager
+def writing(path) -> Iterator[None]:
+    """Around a write of ``path``: a full disk or a read-only folder becomes the store's named error."""
+    try:
+        yield
+    except OSError as e:
+        mapped = write_error(Path(path), e)
+        if mapped is e:
+            raise
+        raise mapped from e
 
 
 def default_root() -> Path:
@@ -208,24 +375,14 @@ class _Tracked:
         return getattr(self.f, name)
 
 
-def _no_space(path: Path, err: BaseException | None) -> NoSpaceError:
-    try:
-        free = shutil.disk_usage(path.parent).free
-        free_s = f"; {free / 2**20:.1f} MiB free"
-    except OSError:
-        free_s = ""
-    e = NoSpaceError(f"no space left on {path.parent} (while writing {path.name}{free_s}). Free some space "
-                     "there, or point the run store / results elsewhere (VITREPRO_RUNS, runs_dir=..., results_dir=...)")
-    e.errno, e.filename = errno.ENOSPC, str(path)
-    return e
-
-
 def atomic_write(path: Path, write) -> None:
     """Write a file atomically: `write(f)` fills a temp file in the same folder, then it is renamed.
-    A full disk raises ``NoSpaceError`` ("no space left on <folder>")."""
+    A full disk raises ``NoSpaceError`` ("no space left on <folder>"), a read-only folder
+    ``NotWritableError`` ("cannot write to <folder>")."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
     tracked = None
     try:
         with os.fdopen(fd, "wb") as f:
@@ -239,8 +396,9 @@ def atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         cause = tracked.error if tracked is not None and tracked.error is not None else e
-        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
-            raise _no_space(path, cause) from e
+        mapped = write_error(path, cause)
+        if mapped is not cause:
+            raise mapped from e
         raise
 
 
@@ -278,10 +436,13 @@ class RunLock:
         self.waited = False
 
     def owner(self) -> str:
+        """The owner line the holder wrote ("pid N on HOST since T"); "unknown" when the file holds none
+        (garbage in it is harmless: every owner rewrites it)."""
         try:
-            return self.path.read_text().strip() or "unknown"
+            text = self.path.read_bytes().decode("utf-8", "replace").strip()
         except OSError:
             return "unknown"
+        return text if text.startswith("pid ") and "\ufffd" not in text and len(text) < 200 else "unknown"
 
     def acquire(self, blocking: bool = True, on_wait: Callable[[str], None] | None = None) -> bool:
         """Take the lock; ``on_wait(owner)`` is called once when another process holds it. With
@@ -290,8 +451,11 @@ class RunLock:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
             return True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
+            raise _damaged(self.path, "not a regular file", None)
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -303,8 +467,10 @@ class RunLock:
                 if on_wait is not None:
                     on_wait(self.owner())
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
+            with writing(self.path):  # a full disk or read-only store fails here first, at the run's start
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%H:%M:%S')}\n"
+                          .encode(), 0)
         except BaseException:
             os.close(fd)
             raise
@@ -365,19 +531,19 @@ class RunStore:
             return None
         return check_json_file(p, f"{experiment}/{run_id}")
 
+    def config(self, experiment: str, run_id: str) -> dict:
+        """The run's config.json; a damaged one raises ``DamagedRunError`` (missing: FileNotFoundError)."""
+        return check_json_file(self.run_dir(experiment, run_id) / "config.json", f"{experiment}/{run_id}")
+
     def metrics(self, experiment: str, run_id: str) -> list[dict]:
+        """The rows of the run's metrics.jsonl; a damaged line (binary bytes, not a JSON object, no step
+        number) raises ``DamagedRunError`` naming it. A last row cut by a kill is left out."""
         p = self.run_dir(experiment, run_id) / "metrics.jsonl"
         if not p.exists():
             return []
-        rows = []
-        with open(p) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        pass  # a line cut by a kill
+        rows, bad = _metrics_rows(p)
+        if bad:
+            raise _damaged(p, _metrics_problem(bad, len(rows)), f"{experiment}/{run_id}")
         return rows
 
     def runs(self, experiment: str | None = None) -> Iterator[tuple[str, str, Path]]:
@@ -469,64 +635,139 @@ class RunStore:
         return hits[0]
 
     def damage(self, experiment: str, run_id: str) -> dict[str, str]:
-        """{file name: what is wrong} for the damaged files of one run (empty when all read)."""
+        """{file name: the DamagedRunError message} for the damaged files of one run (empty when all read):
+        every check the readers make, so that `check` finds whatever would stop a run."""
         d = self.run_dir(experiment, run_id)
         out = {}
         ref = f"{experiment}/{run_id}"
-        for name in ("config.json", "record.json"):
+        checks = {"config.json": check_json_file, "record.json": check_json_file,
+                  "metrics.jsonl": lambda p, r: self.metrics(experiment, run_id),
+                  "checkpoint.pt": check_torch_file, "model.pt": check_torch_file}
+        for name, check in checks.items():
             if (d / name).exists():
                 try:
-                    check_json_file(d / name, ref)
+                    check(d / name, ref)
                 except DamagedRunError as e:
                     out[name] = str(e)
-        for name in ("checkpoint.pt", "model.pt"):
-            if (d / name).exists():
-                try:
-                    check_torch_file(d / name, ref)
-                except DamagedRunError as e:
-                    out[name] = str(e)
+        if not (d / "config.json").exists() and any((d / n).exists() for n in checks):
+            out["config.json"] = str(_damaged(d / "config.json", "missing (the folder holds the run's other "
+                                              "files)", ref)).replace(" is damaged: missing", " is missing")
+        lock = d / ".lock"
+        if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+            out[".lock"] = str(_damaged(lock, "not a regular file", ref))
         return out
 
+    def dependants(self, experiment: str, run_id: str) -> list[str]:
+        """``<experiment>/<run_id>`` of the stored runs fine-tuned from this one (``init=run:...``)."""
+        target = f"run:{experiment}/{run_id}"
+        out = []
+        for e, r, rd in self.runs():
+            try:
+                if check_json_file(rd / "config.json", f"{e}/{r}").get("init") == target:
+                    out.append(f"{e}/{r}")
+            except (DamagedRunError, OSError):
+                continue
+        return out
+
+    def _rebuild_config(self, exp: str, rid: str, d: Path, problem: str) -> str | None:
+        """Write a damaged or missing config.json again from what the run's other files hold: record.json
+        (its ``config`` and ``resolved``, checked against the run id where the record's versions allow) or
+        checkpoint.pt (its ``config``; the ``_resolved`` facts are written again when the run resumes).
+        Returns what was done, or None when neither file holds the configuration."""
+        try:
+            rec = check_json_file(d / "record.json", f"{exp}/{rid}") if (d / "record.json").exists() else None
+        except DamagedRunError:
+            rec = None
+        if rec and isinstance(rec.get("config"), dict) and isinstance(rec.get("resolved"), dict):
+            res = rec["resolved"]
+            facts = ("img_size", "in_chans", "num_classes", "steps", "train_size", "arch", "head_reset", "numerics")
+            vers = rec.get("versions") or {}
+            versions = {"vitrepro": vers.get("vitrepro"), "numerics": res.get("numerics"),
+                        "torch": ".".join(str(vers.get("torch", "")).split("+")[0].split(".")[:2])}
+            ok = run_id_for(rec["config"], versions, {k: v for k, v in res.items() if k not in facts}) == rid
+            atomic_write_json(d / "config.json", {**rec["config"], "_resolved": res})
+            how = "it hashes to the run id" if ok else "the run id could not be re-derived from it: check it"
+            return f"rebuilt {d / 'config.json'} from record.json ({how}); it was {problem}"
+        try:
+            if (d / "checkpoint.pt").exists():
+                check_torch_file(d / "checkpoint.pt", f"{exp}/{rid}")
+                conf = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True).get("config")
+                if isinstance(conf, dict) and isinstance(conf.get("experiment"), str):
+                    atomic_write_json(d / "config.json", dict(conf))
+                    return (f"rebuilt {d / 'config.json'} from checkpoint.pt (the machine facts `_resolved` are "
+                            f"written again when the run resumes); it was {problem}")
+        except DamagedRunError:
+            pass
+        return None
+
     def repair(self, ref: str) -> list[str]:
-        """Drop the damaged files of one run so that the next ``train.run`` of its configuration
-        resumes (damaged record or model: from the final checkpoint) or retrains (damaged checkpoint
-        of an unfinished run: from step 0, with a fresh metrics.jsonl; a finished run stays finished).
+        """Mend the damaged files of one run, never leaving it worse (``_FILES``): a damaged or missing
+        config.json is rebuilt (`_rebuild_config`) or, where nothing holds the configuration, the run is
+        deleted and its dependants named; metrics.jsonl keeps its readable rows; a damaged record or model
+        is dropped so that the next ``train.run`` of the configuration re-evaluates from the final checkpoint;
+        a damaged checkpoint of an unfinished run is dropped (it retrains from step 0, with a fresh
+        metrics.jsonl; a finished run stays finished); a lock file that is not a file is deleted.
         Returns what was done, one line per file."""
         exp, rid, d = self.find(ref)
+        bad = self.damage(exp, rid)
+        done = []
+        if ".lock" in bad:  # not a file: nobody can hold it, and the lock below needs it gone
+            lock_path = d / ".lock"
+            shutil.rmtree(lock_path) if lock_path.is_dir() and not lock_path.is_symlink() else lock_path.unlink()
+            done.append(f"deleted {lock_path}: not a regular file")
         lk = self.lock(exp, rid)
         if not lk.acquire(blocking=False):
             raise RuntimeError(f"run {exp}/{rid} is being trained right now ({lk.owner()}); repair it after that")
         try:
             bad = self.damage(exp, rid)
-            done = []
+            if "config.json" in bad:
+                problem = bad["config.json"].split(" Lost:")[0].removeprefix(f"{d / 'config.json'} is ").rstrip(".")
+                line = self._rebuild_config(exp, rid, d, problem)
+                if line is None:
+                    deps = self.dependants(exp, rid)
+                    shutil.rmtree(d)
+                    return [f"deleted {d}: its config.json is {problem} and neither record.json nor checkpoint.pt "
+                            "holds the configuration (nothing of the run could be resumed)"
+                            + (f"; runs fine-tuned from it (kept, their parent is gone): {', '.join(deps)}"
+                               if deps else "")]
+                done.append(line)
+            if "metrics.jsonl" in bad:
+                rows, lines = _metrics_rows(d / "metrics.jsonl")
+                data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+                atomic_write(d / "metrics.jsonl", lambda f: f.write(data))
+                done.append(f"rewrote {d / 'metrics.jsonl'} with its {len(rows)} readable rows, dropping "
+                            f"{len(lines)} damaged line(s) ({'; '.join(lines[:3])})")
             if "model.pt" in bad and (d / "record.json").exists() and "record.json" not in bad:
                 bad["record.json"] = "its model.pt is damaged"
-            for name in ("record.json", "model.pt", "checkpoint.pt", "config.json"):
+            for name in ("record.json", "model.pt", "checkpoint.pt"):
                 if name in bad:
                     (d / name).unlink()
-                    done.append(f"dropped {d / name}: {bad[name].split(' Remedy:')[0]}")
+                    done.append(f"dropped {d / name}: {bad[name].split(' Lost:')[0]}")
             if not done:
                 done.append(f"{exp}/{rid}: nothing damaged")
             return done
         finally:
-            lk.release()
+            lk.release()  # an open descriptor: fine after the folder was deleted
 
-    def forget(self, ref: str) -> Path:
-        """Delete one run folder (refused while a process trains it). Returns the folder."""
+    def forget(self, ref: str) -> tuple[Path, list[str]]:
+        """Delete one run folder (refused while a process trains it). Returns the folder and the runs
+        fine-tuned from it (kept; their parent is gone)."""
         exp, rid, d = self.find(ref)
         lk = self.lock(exp, rid)
         if not lk.acquire(blocking=False):
             raise RuntimeError(f"run {exp}/{rid} is being trained right now ({lk.owner()}); stop it first")
         try:
+            deps = self.dependants(exp, rid)
             shutil.rmtree(d)
         finally:
             lk.release()
-        return d
+        return d, deps
 
     # writing -----------------------------------------------------------------
     def create(self, experiment: str, run_id: str, config: dict, meta: dict | None = None) -> Path:
         d = self.run_dir(experiment, run_id)
-        d.mkdir(parents=True, exist_ok=True)
+        with writing(d / "config.json"):
+            d.mkdir(parents=True, exist_ok=True)
         atomic_write_json(d / "config.json", config)
         if meta is not None:
             atomic_write_json(d / "meta.json", meta)
@@ -534,22 +775,31 @@ class RunStore:
 
     def log(self, experiment: str, run_id: str, row: dict) -> None:
         p = self.run_dir(experiment, run_id) / "metrics.jsonl"
-        with open(p, "a") as f:
+        with writing(p), open(p, "a") as f:
             f.write(json.dumps(_jsonable(row)) + "\n")
 
-    def truncate_metrics(self, experiment: str, run_id: str, max_step: int) -> None:
-        """Drop log lines after ``max_step`` (used when resuming from a checkpoint)."""
-        rows = [r for r in self.metrics(experiment, run_id) if int(r.get("step", 0)) <= max_step]
-        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    def truncate_metrics(self, experiment: str, run_id: str, max_step: int, rows: int | None = None) -> int:
+        """Keep the log rows a checkpoint at ``max_step`` had written: its first ``rows`` rows (the count the
+        checkpoint keeps; rows written after it at the same step, e.g. a final evaluation, are dropped), or
+        where that count is unknown the rows up to ``max_step``. Returns how many rows are kept."""
+        kept = [r for r in self.metrics(experiment, run_id) if r["step"] <= max_step]
+        kept = kept[:rows] if rows is not None else kept
+        data = "".join(json.dumps(r) + "\n" for r in kept).encode()
         atomic_write(self.run_dir(experiment, run_id) / "metrics.jsonl", lambda f: f.write(data))
+        return len(kept)
 
     def write_record(self, experiment: str, run_id: str, record: dict) -> None:
         atomic_write_json(self.run_dir(experiment, run_id) / "record.json", record)
 
-    def clear_record(self, experiment: str, run_id: str) -> None:
-        p = self.run_dir(experiment, run_id) / "record.json"
+    def drop(self, experiment: str, run_id: str, name: str) -> None:
+        """Delete one file of a run folder where it exists (a read-only store says so, naming the folder)."""
+        p = self.run_dir(experiment, run_id) / name
         if p.exists():
-            p.unlink()
+            with writing(p):
+                p.unlink()
+
+    def clear_record(self, experiment: str, run_id: str) -> None:
+        self.drop(experiment, run_id, "record.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -568,27 +818,36 @@ def main(argv: list[str] | None = None) -> int:
     st = RunStore(a.store) if a.store else RunStore()
     try:
         if a.cmd == "check":
-            n = 0
-            exps = [a.experiment] if a.experiment else (sorted(p.name for p in st.root.iterdir() if p.is_dir())
-                                                         if st.root.is_dir() else [])
-            for e in exps:
-                for rd in sorted((st.root / e).iterdir()) if (st.root / e).is_dir() else []:
-                    if rd.is_dir():
-                        for name, msg in st.damage(e, rd.name).items():
-                            n += 1
-                            print(msg)
-            print(f"{n} damaged file(s) under {st.root}")
-            return 1 if n else 0
+            return _check(st, a.experiment)
         if a.cmd == "repair":
             for line in st.repair(a.run):
                 print(line)
             return 0
-        d = st.forget(a.run)
-        print(f"deleted {d}")
+        d, deps = st.forget(a.run)
+        print(f"deleted {d}" + (f"; runs fine-tuned from it (kept, their parent is gone): {', '.join(deps)}"
+                                if deps else ""))
         return 0
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (NoSpaceError, NotWritableError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+
+
+def _check(st: RunStore, experiment: str | None) -> int:
+    """Print every damaged file under the store (or one experiment); 1 when there is any."""
+    n = 0
+    exps = [experiment] if experiment else (sorted(p.name for p in st.root.iterdir() if p.is_dir())
+                                            if st.root.is_dir() else [])
+    for e in exps:
+        for rd in sorted((st.root / e).iterdir()) if (st.root / e).is_dir() else []:
+            if rd.is_dir():
+                for msg in st.damage(e, rd.name).values():
+                    n += 1
+                    print(msg)
+    print(f"{n} damaged file(s) under {st.root}")
+    return 1 if n else 0
 
 
 if __name__ == "__main__":

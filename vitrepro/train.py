@@ -379,10 +379,17 @@ def _find_init_run(cfg: TrainConfig, store: RunStore) -> tuple[Path | None, dict
         raise ConfigError(str(e)) from e
     if not (init_run / "model.pt").exists():
         raise ConfigError(f"init={cfg.init!r}: that run has no model.pt (not finished?)")
-    with open(init_run / "config.json") as f:
-        init_config = json.load(f)
-    if init_config["model"] != cfg.model:
-        raise ConfigError(f"init={cfg.init!r} is a {init_config['model']} but model={cfg.model!r}")
+    from .store import DamagedRunError
+    exp, rid = cfg.init[4:].strip("/").split("/", 1)
+    try:
+        init_config = store.config(exp, rid)
+    except DamagedRunError as e:
+        raise ConfigError(f"init={cfg.init!r}: the parent run's configuration cannot be read: {e}") from e
+    if not isinstance(init_config.get("_resolved"), dict):  # rebuilt from a checkpoint by `store repair`
+        raise ConfigError(f"init={cfg.init!r}: the parent run has not finished since its config.json was rebuilt; "
+                          "run its configuration again (it resumes from its checkpoint), then fine-tune")
+    if init_config.get("model") != cfg.model:
+        raise ConfigError(f"init={cfg.init!r} is a {init_config.get('model')} but model={cfg.model!r}")
     return init_run, init_config
 
 
@@ -658,6 +665,12 @@ def finished_record(store: RunStore, exp: str, rid: str, quiet: bool = False) ->
         return None
     if rec is None or rec.get("status") != "ok":
         return None
+    try:  # a finished run is reused only with its configuration intact (the store lists it by it)
+        store.config(exp, rid)
+    except (DamagedRunError, FileNotFoundError) as e:
+        what = e if isinstance(e, DamagedRunError) else f"{store.run_dir(exp, rid) / 'config.json'} is missing"
+        say(f"{what} -- evaluating the run again from its checkpoint, which writes config.json again.")
+        return None
     model_pt = store.run_dir(exp, rid) / "model.pt"
     try:
         check_torch_file(model_pt, f"{exp}/{rid}")
@@ -709,12 +722,19 @@ def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool =
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by world_size*accum_steps "
                           f"= {world}*{cfg.accum_steps}")
     lock = store.lock(cfg.experiment, rid) if rank == 0 else None
+    owners: list[str] = []
     if lock is not None:
-        lock.acquire(on_wait=lambda owner: _say(f"run {cfg.experiment}/{rid} is being trained by {owner}; waiting"))
+        lock.acquire(on_wait=lambda owner: (owners.append(owner),
+                                            _say(f"run {cfg.experiment}/{rid} is being trained by {owner}; waiting")))
     try:
         rec = None
         if lock is not None and (lock.waited or not force):
             rec = finished_record(store, cfg.experiment, rid, quiet=not lock.waited)  # finished by the owner we waited for
+            if rec is None and lock.waited:
+                _say(f"run {cfg.experiment}/{rid}: its owner ({owners[0] if owners else 'unknown'}) let go of it "
+                     "without finishing it (it died or failed); this process takes it over"
+                     + (", resuming from its checkpoint" if (store.run_dir(cfg.experiment, rid) / "checkpoint.pt")
+                        .exists() else ", from step 0"))
         rec = _agree(rec, world)  # the other ranks wait here while rank 0 waits for the lock
         if rec is not None:
             return rec
@@ -773,13 +793,12 @@ def _open_run_folder(store: RunStore, cfg: TrainConfig, rid: str, facts: dict, f
     run_dir = store.run_dir(cfg.experiment, rid)
     if force and run_dir.exists():
         for n in ("record.json", "checkpoint.pt", "metrics.jsonl", "model.pt"):
-            if (run_dir / n).exists():
-                (run_dir / n).unlink()
+            store.drop(cfg.experiment, rid, n)
     checkpoint = run_dir / "checkpoint.pt"
     if checkpoint.exists():
         check_torch_file(checkpoint, f"{cfg.experiment}/{rid}")  # DamagedRunError names it and the remedy
-    elif (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()  # rows of an attempt that never checkpointed: start clean
+    else:
+        store.drop(cfg.experiment, rid, "metrics.jsonl")  # rows of an attempt that never checkpointed: start clean
     store.clear_record(cfg.experiment, rid)
     store.create(cfg.experiment, rid, {**cfg.to_dict(), "_resolved": facts})
 
@@ -844,6 +863,7 @@ class _Training:
     resumed_from: int | None = None
     train_time: float = 0.0         # seconds of training in all (this process and the ones it resumed)
     compiled: bool = False          # train_model is torch.compile'd (resolved_identity's "compile")
+    rows: int = 0                   # metrics rows written (rank 0); a checkpoint keeps the count to resume to
 
     @property
     def cfg(self) -> TrainConfig:
@@ -860,6 +880,7 @@ class _Training:
     def log_row(self, row: dict) -> None:
         if self.rank == 0:
             self.store.log(self.cfg.experiment, self.rid, row)
+            self.rows += 1
 
 
 def _build(plan: TrainingPlan, store: RunStore, rid: str, device: torch.device, rank: int, world: int) -> _Training:
@@ -896,9 +917,11 @@ def _build(plan: TrainingPlan, store: RunStore, rid: str, device: torch.device, 
 def _resume(t: _Training) -> None:
     """Continue from the run's checkpoint when there is one (model, optimiser, data order, loss sums, RNG,
     selection), then wrap the model for DDP and put it in training mode."""
+    from .store import check_torch_content
     path = t.run_dir / "checkpoint.pt"
     if path.exists():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = check_torch_content(torch.load(path, map_location="cpu", weights_only=False), path,
+                                         f"{t.cfg.experiment}/{t.rid}")  # the right keys, else DamagedRunError
         t.model.load_state_dict(checkpoint["model"])
         t.optimizer.load_state_dict(checkpoint["optimizer"])
         t.batches.load_state_dict(checkpoint["data"])
@@ -908,8 +931,8 @@ def _resume(t: _Training) -> None:
         t.loss_n = int(checkpoint["loss_n"])
         torch.set_rng_state(checkpoint["rng_cpu"])
         t.best.load_state_dict(checkpoint.get("selection"))
-        if t.rank == 0:
-            t.store.truncate_metrics(t.cfg.experiment, t.rid, t.step)
+        if t.rank == 0:  # the rows the checkpoint had written: a final evaluation row after it is written again
+            t.rows = t.store.truncate_metrics(t.cfg.experiment, t.rid, t.step, checkpoint.get("metrics_rows"))
     if t.world > 1:
         t.train_model = torch.nn.parallel.DistributedDataParallel(
             t.model, device_ids=[t.device.index] if t.device.type == "cuda" else None)
@@ -929,7 +952,7 @@ def _save_checkpoint(t: _Training) -> None:
         "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "data": t.batches.state_dict(),
         "step": t.step, "elapsed": t.elapsed_before + time.time() - t.t_start, "loss_sum": t.loss_sum.cpu(),
         "loss_n": t.loss_n, "rng_cpu": torch.get_rng_state(), "config": t.cfg.to_dict(),
-        "selection": t.best.state_dict()})
+        "selection": t.best.state_dict(), "metrics_rows": t.rows})
 
 
 def _check_finite(t: _Training, value: float) -> None:
@@ -1167,16 +1190,19 @@ def _parse_value(s: str):
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from .store import DamagedRunError, NoSpaceError
+    from .store import DamagedRunError, NoSpaceError, NotWritableError
     p = argparse.ArgumentParser(prog="python -m vitrepro.train",
                                 description="Train one configuration: key=value pairs (values parsed as JSON "
-                                            "when possible) on top of an optional --config JSON file.")
+                                            "when possible) on top of an optional --config JSON file.",
+                                epilog="exit status: 0 finished (or reused), 2 configuration error, 3 diverged, "
+                                       "4 run-store error (a damaged run file, no space left, a folder that "
+                                       "cannot be written), each with its remedy")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. model=ViT-Nano/4 steps=300 lr=1e-3")
     p.add_argument("--config", help="JSON file with a configuration dict")
     p.add_argument("--store", help="run store root (default $VITREPRO_RUNS or <repo>/runs)")
     p.add_argument("--force", action="store_true", help="re-run even if a finished record exists")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "log", "none"])
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # key=value pairs before and after the options
     d: dict[str, Any] = {}
     if a.config:
         with open(a.config) as f:
@@ -1194,7 +1220,7 @@ def main(argv: list[str] | None = None) -> int:
     except DivergedError as e:
         print(f"diverged: {e}", file=sys.stderr)
         return 3
-    except (DamagedRunError, NoSpaceError) as e:
+    except (DamagedRunError, NoSpaceError, NotWritableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 4
     finally:
