@@ -338,3 +338,35 @@ def test_a_waiting_process_says_it_takes_over_a_run_whose_owner_died(run_store, 
     err = capsys.readouterr().err
     assert "is being trained by pid" in err and "let go of it without finishing it" in err, err
     assert "this process takes it over, from step 0" in err and rec["status"] == "ok"
+
+
+def test_a_sweep_with_a_damaged_parent_config_evaluates_the_parent_again(tmp_path, capsys):
+    """The issue's first case through a sweep: a pre-training's config.json truncated to 60 bytes; the rerun
+    names it, re-evaluates the parent (rewriting its config) and reuses the fine-tune."""
+    from vitrepro.experiments.common import Job, NotebookParams, run_jobs
+
+    params = NotebookParams(profile="smoke", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"))
+
+    def jobs():
+        pre = Job(dict(TINY), "pretrain")
+        return [pre, Job(dict(TINY, experiment="ft", optimizer="sgd"), "finetune", parent=pre)]
+
+    first = run_jobs(jobs(), params, log=lambda m: None, workers=1)
+    conf = Path(first[0][1]["run_dir"]) / "config.json"
+    good = conf.read_bytes()
+    conf.write_bytes(good[:60])
+    capsys.readouterr()
+    again = run_jobs(jobs(), params, log=lambda m: None, workers=1)
+    assert "config.json is damaged: truncated" in capsys.readouterr().err
+    assert [r["status"] for _, r in again] == ["ok", "ok"] and conf.read_bytes() == good
+    assert again[0][1]["resumed_from_step"] == TINY["steps"] and again[1][1] == first[1][1]
+
+
+@pytest.mark.parametrize("content", [b"[]", b'{"run_id": "x"}'])
+def test_a_record_of_the_wrong_shape_is_named_and_the_run_evaluated_again(run_store, capsys, content):
+    rec = train.run(TINY, run_store, progress="none")
+    (Path(rec["run_dir"]) / "record.json").write_bytes(content)
+    rc, out = _check(run_store, capsys)
+    assert rc == 1 and "record.json is damaged: not a run's record.json" in out and "evaluated again" in out
+    again = train.run(TINY, run_store, progress="none")
+    assert "record.json is damaged" in capsys.readouterr().err and again["metrics"] == rec["metrics"]
