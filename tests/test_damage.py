@@ -370,3 +370,19 @@ def test_a_record_of_the_wrong_shape_is_named_and_the_run_evaluated_again(run_st
     assert rc == 1 and "record.json is damaged: not a run's record.json" in out and "evaluated again" in out
     again = train.run(TINY, run_store, progress="none")
     assert "record.json is damaged" in capsys.readouterr().err and again["metrics"] == rec["metrics"]
+
+
+def test_a_sweep_stops_when_the_store_fills_up(tmp_path, monkeypatch):
+    from vitrepro.experiments import common
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)  # the first write of every run: its lock file
+    lines = []
+    jobs = [common.Job(dict(TINY, seed=s), "pretrain") for s in range(3)]
+    params = common.NotebookParams(profile="smoke", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "r"))
+    with pytest.raises(common.SweepError, match=r"(?s)no run of the sweep finished.*NoSpaceError: no space left on "
+                                                r".*runs/r/.*not started: NoSpaceError"):
+        common.run_jobs(jobs, params, log=lines.append, workers=1)
+    assert sum(" failed " in m for m in lines) == 1 and any("stopping the sweep" in m for m in lines), lines

@@ -360,6 +360,18 @@ class _Sweep:
         self.log(f"[{len(self.out)}/{self.total} {_fmt_s(time.time() - self.t0)}, {self.eta()}] {status}{how} "
                  f"{self.describe(job, cfg)}{ref}{extra}")
         self.pending += self.release()
+        if str(record.get("error", "")).startswith(("NoSpaceError:", "NotWritableError:")):
+            self.halt(record["error"])
+
+    def halt(self, error: str) -> None:
+        """The run store filled up or became read-only: every later run would fail the same way, so none is
+        started; they are reported as skipped with the cause (running ones finish or fail on their own)."""
+        for j in self.pending + self.waiting:
+            self.done[id(j)] = rec = {"status": "skipped", "error": f"not started: {error.split('. ')[0]}"}
+            self.out.append((j, rec))
+        if self.pending or self.waiting:
+            self.log(f"stopping the sweep: {error}")
+        self.pending, self.waiting = [], []
 
     def release(self) -> list[Job]:
         """The fine-tunes whose parent finished; those whose parent failed are skipped."""
