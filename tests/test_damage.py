@@ -386,3 +386,46 @@ def test_a_sweep_stops_when_the_store_fills_up(tmp_path, monkeypatch):
                                                 r".*runs/r/.*not started: NoSpaceError"):
         common.run_jobs(jobs, params, log=lines.append, workers=1)
     assert sum(" failed " in m for m in lines) == 1 and any("stopping the sweep" in m for m in lines), lines
+
+
+def test_weights_of_another_model_are_named(run_store, capsys):
+    from vitrepro.experiments.common import NotebookParams, load_run_model
+
+    rec = train.run(TINY, run_store, progress="none")
+    rd = Path(rec["run_dir"])
+    store_mod.atomic_torch_save(rd / "model.pt", {"w": torch.ones(3)})
+    with pytest.raises(DamagedRunError, match=r"model\.pt is damaged: its weights do not fit the run's model"
+                                              r".*Lost: the final weights.*repair r/"):
+        load_run_model(NotebookParams(runs_dir=str(run_store.root)), rec["run_id"])
+    rd = _unfinished(rec)
+    ck = torch.load(rd / "checkpoint.pt", weights_only=False)
+    store_mod.atomic_torch_save(rd / "checkpoint.pt", {**ck, "model": {"w": torch.ones(3)}})
+    with pytest.raises(DamagedRunError, match=r"checkpoint\.pt is damaged: its weights do not fit the run's model"):
+        train.run(TINY, run_store, progress="none")
+    assert "dropped" in _repair(run_store, rec["run_id"], capsys)
+    assert train.run(TINY, run_store, progress="none")["metrics"] == rec["metrics"]
+
+
+def test_weights_of_another_model_in_model_pt_are_found_by_check(run_store, capsys):
+    rec = train.run(TINY, run_store, progress="none")
+    rd = Path(rec["run_dir"])
+    state = torch.load(rd / "model.pt")
+    state.pop(next(iter(state)))
+    store_mod.atomic_torch_save(rd / "model.pt", state)
+    rc, out = _check(run_store, capsys)
+    assert rc == 1 and "model.pt is damaged: its weights do not fit the run's model (they differ from checkpoint" in out
+    assert "dropped" in _repair(run_store, rec["run_id"], capsys)
+    again = train.run(TINY, run_store, progress="none")
+    assert again["resumed_from_step"] == TINY["steps"] and again["metrics"] == rec["metrics"]
+
+
+def test_a_parent_whose_model_pt_does_not_fit_is_named_by_the_fine_tune(run_store):
+    rec = train.run(TINY, run_store, progress="none")
+    rd = Path(rec["run_dir"])
+    state = torch.load(rd / "model.pt")
+    state.pop(next(iter(state)))
+    store_mod.atomic_torch_save(rd / "model.pt", state)
+    ft = {**TINY, "experiment": "ft", "init": f"run:r/{rec['run_id']}", "optimizer": "sgd"}
+    with pytest.raises(train.ConfigError, match=r"parent run's weights cannot be loaded.*model\.pt is damaged: its "
+                                                r"weights do not fit"):
+        train.run(ft, run_store, progress="none")

@@ -47,7 +47,7 @@ import torch
 __all__ = ["RunStore", "default_root", "code_versions", "run_id_for", "atomic_write_json",
            "atomic_torch_save", "canonical_json", "NUMERICS_VERSION", "NUMERICS_FILES", "numerics_version",
            "DamagedRunError", "NoSpaceError", "NotWritableError", "RunLock", "check_json_file",
-           "check_torch_file", "check_torch_content", "writing", "write_error"]
+           "check_torch_file", "check_torch_content", "load_weights", "writing", "write_error"]
 
 _PKG = Path(__file__).resolve().parent
 
@@ -201,10 +201,21 @@ def check_torch_content(obj: Any, path, ref: str | None = None) -> Any:
     return obj
 
 
+def load_weights(model: torch.nn.Module, state: dict, path, ref: str | None = None) -> None:
+    """``model.load_state_dict(state)`` for weights read from ``path``, a file of the model's own run: weights
+    that do not fit the model its config.json builds (other names or shapes) are damage of that file."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).strip().splitlines()[:3])[:300]
+        raise _damaged(Path(path), f"its weights do not fit the run's model ({detail})", ref) from e
+
+
 def check_torch_file(path, ref: str | None = None) -> None:
     """Integrity check of a file written by ``torch.save``: a complete zip archive with a ``data.pkl``
     (a truncated file has lost its central directory) whose content, memory-mapped (the tensors are not
-    read), is what the file's name says (``check_torch_content``). Raises ``DamagedRunError``."""
+    read), is what the file's name says (``check_torch_content``); a model.pt also has the names and shapes
+    of the weights in its run's checkpoint.pt. Raises ``DamagedRunError``."""
     path = Path(path)
     problem = None
     size = path.stat().st_size
@@ -224,6 +235,8 @@ def check_torch_file(path, ref: str | None = None) -> None:
             problem = f"cannot be loaded ({type(e).__name__}: {e})"
         else:
             problem = _torch_content_problem(path.name, obj)
+    if problem is None and path.name == "model.pt":
+        problem = _model_differs_from_checkpoint(path.parent)
     if problem:
         raise _damaged(path, problem, ref)
 
@@ -254,6 +267,46 @@ def _metrics_rows(path: Path) -> tuple[list[dict], list[str]]:
         else:
             rows.append(row)
     return rows, bad
+
+
+def _shapes(state: dict) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _model_differs_from_checkpoint(d: Path) -> str | None:
+    """model.pt holds the weights of the run's final checkpoint: other names or shapes are damage of model.pt
+    (the store cannot build the model to compare with; the checkpoint is the weights the run resumes from)."""
+    if not ((d / "model.pt").exists() and (d / "checkpoint.pt").exists()):
+        return None
+    try:
+        model = torch.load(d / "model.pt", map_location="cpu", weights_only=False, mmap=True)
+        ck = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)["model"]
+    except Exception:  # noqa: BLE001 - unreadable: check_torch_file reports it
+        return None
+    a, b = _shapes(model), _shapes(ck)
+    if a == b:
+        return None
+    diff = sorted(set(a) ^ set(b)) or [k for k in a if a[k] != b[k]]
+    return f"its weights do not fit the run's model (they differ from checkpoint.pt's at {', '.join(diff[:3])})"
+
+
+def _found_by_the_run(d: Path) -> dict[str, str]:
+    """Damage only a full load reveals (weights that do not fit the model), as the run that failed on it
+    recorded it: {file name: message}, while that file is still the one the run read."""
+    p = d / "record.json"
+    try:
+        rec = json.loads(p.read_bytes()) if p.exists() else None
+    except (ValueError, OSError):
+        return {}
+    if not (isinstance(rec, dict) and rec.get("status") == "failed" and rec.get("error_type") == "DamagedRunError"):
+        return {}
+    msg = str(rec.get("error", "")).removeprefix("DamagedRunError: ")
+    out = {}
+    for name in ("checkpoint.pt", "model.pt", "metrics.jsonl", "config.json"):
+        f = d / name
+        if msg.startswith(f"{f} is damaged") and f.exists() and f.stat().st_mtime <= p.stat().st_mtime:
+            out[name] = msg + " (found by the run that failed on it)"
+    return out
 
 
 def _metrics_problem(bad: list[str], n_rows: int) -> str:
@@ -655,6 +708,7 @@ class RunStore:
         lock = d / ".lock"
         if lock.is_symlink() or (lock.exists() and not lock.is_file()):
             out[".lock"] = str(_damaged(lock, "not a regular file", ref))
+        out.update({k: v for k, v in _found_by_the_run(d).items() if k not in out})
         return out
 
     def dependants(self, experiment: str, run_id: str) -> list[str]:

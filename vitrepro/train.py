@@ -917,12 +917,13 @@ def _build(plan: TrainingPlan, store: RunStore, rid: str, device: torch.device, 
 def _resume(t: _Training) -> None:
     """Continue from the run's checkpoint when there is one (model, optimiser, data order, loss sums, RNG,
     selection), then wrap the model for DDP and put it in training mode."""
-    from .store import check_torch_content
+    from .store import check_torch_content, load_weights
     path = t.run_dir / "checkpoint.pt"
     if path.exists():
+        ref = f"{t.cfg.experiment}/{t.rid}"
         checkpoint = check_torch_content(torch.load(path, map_location="cpu", weights_only=False), path,
-                                         f"{t.cfg.experiment}/{t.rid}")  # the right keys, else DamagedRunError
-        t.model.load_state_dict(checkpoint["model"])
+                                         ref)  # the right keys, else DamagedRunError
+        load_weights(t.model, checkpoint["model"], path, ref)
         t.optimizer.load_state_dict(checkpoint["optimizer"])
         t.batches.load_state_dict(checkpoint["data"])
         t.step = t.resumed_from = int(checkpoint["step"])

@@ -198,7 +198,7 @@ def load_run_model(params: NotebookParams, run_ref: str):
     import torch
 
     from ..models import create_model
-    from ..store import RunStore, check_json_file, check_torch_file
+    from ..store import RunStore, check_json_file, check_torch_file, load_weights
 
     store = RunStore(runs_dir(params))
     exp, rid, d = store.find(run_ref)
@@ -216,5 +216,5 @@ def load_run_model(params: NotebookParams, run_ref: str):
         raise FileNotFoundError(f"{d / 'model.pt'} does not exist: run {exp}/{rid} has not finished")
     check_torch_file(d / "model.pt", f"{exp}/{rid}")
     state = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    load_weights(model, state, d / "model.pt", f"{exp}/{rid}")  # weights of another model: named as damage
     return model.eval()
