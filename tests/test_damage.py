@@ -429,3 +429,13 @@ def test_a_parent_whose_model_pt_does_not_fit_is_named_by_the_fine_tune(run_stor
     with pytest.raises(train.ConfigError, match=r"parent run's weights cannot be loaded.*model\.pt is damaged: its "
                                                 r"weights do not fit"):
         train.run(ft, run_store, progress="none")
+
+
+def test_a_missing_model_of_a_finished_run_is_found_by_check(run_store, capsys):
+    rec = train.run(TINY, run_store, progress="none")
+    (Path(rec["run_dir"]) / "model.pt").unlink()
+    rc, out = _check(run_store, capsys)
+    assert rc == 1 and "model.pt is missing although record.json says the run finished" in out
+    assert "dropped" in _repair(run_store, rec["run_id"], capsys)
+    again = train.run(TINY, run_store, progress="none")
+    assert again["resumed_from_step"] == TINY["steps"] and (Path(rec["run_dir"]) / "model.pt").exists()

@@ -709,6 +709,10 @@ class RunStore:
         if lock.is_symlink() or (lock.exists() and not lock.is_file()):
             out[".lock"] = str(_damaged(lock, "not a regular file", ref))
         out.update({k: v for k, v in _found_by_the_run(d).items() if k not in out})
+        if "record.json" not in out and not (d / "model.pt").exists() and (d / "record.json").exists():
+            if check_json_file(d / "record.json", ref).get("status") == "ok":
+                out["model.pt"] = str(_damaged(d / "model.pt", "missing although record.json says the run "
+                                               "finished", ref)).replace(" is damaged: missing", " is missing")
         return out
 
     def dependants(self, experiment: str, run_id: str) -> list[str]:
@@ -795,7 +799,7 @@ class RunStore:
                 bad["record.json"] = "its model.pt is damaged"
             for name in ("record.json", "model.pt", "checkpoint.pt"):
                 if name in bad:
-                    (d / name).unlink()
+                    (d / name).unlink(missing_ok=True)
                     done.append(f"dropped {d / name}: {bad[name].split(' Lost:')[0]}")
             if not done:
                 done.append(f"{exp}/{rid}: nothing damaged")

@@ -1206,8 +1206,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_intermixed_args(argv)  # key=value pairs before and after the options
     d: dict[str, Any] = {}
     if a.config:
-        with open(a.config) as f:
-            d.update(json.load(f))
+        try:
+            with open(a.config) as f:
+                d.update(json.load(f))
+        except (OSError, ValueError) as e:
+            p.error(f"--config {a.config}: cannot be read as a JSON configuration ({e})")
     for o in a.overrides:
         if "=" not in o:
             p.error(f"expected key=value, got {o!r}")
