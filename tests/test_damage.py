@@ -88,7 +88,7 @@ def test_damaged_config_of_a_finished_run_is_named_not_reused_and_rebuilt(run_st
     assert train.run(ft, run_store, progress="none")["status"] == "ok"
 
 
-def test_config_rebuild_message_says_it_hashes_to_the_run_id(run_store, capsys):
+def test_a_missing_config_is_found_and_rebuilt_from_the_record(run_store, capsys):
     rec = train.run(TINY, run_store, progress="none")
     rd = Path(rec["run_dir"])
     (rd / "config.json").unlink()  # what the old `repair` left: the run invisible to the store
