@@ -551,3 +551,32 @@ def test_notebook_with_an_unusable_dataset_fails_before_compute(tmp_path):
     assert out.returncode != 0
     assert "PreflightError" in out.stderr and "several label columns" in out.stderr and "downstream=" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_run_ids_follow_numerics_not_messages(tmp_path):
+    """The run id hashes the code that computes numbers: rewording an error message, a log line or the
+    command line of train.py keeps every stored run's id; changing a numeric constant re-keys them."""
+    pkg = ROOT / "vitrepro"
+    files = [Path(f) for f in store_mod.NUMERICS_FILES]
+    copies = []
+    for f in files:
+        c = tmp_path / f.relative_to("vitrepro")
+        c.parent.mkdir(parents=True, exist_ok=True)
+        c.write_bytes((pkg.parent / f).read_bytes())
+        copies.append(c)
+    trainer = next(c for c in copies if c.name == "train.py")
+    text = trainer.read_text()
+    v = store_mod.numerics_version(copies)
+    assert v == store_mod.NUMERICS_VERSION
+
+    def edited(old, new):
+        assert old in text, old
+        trainer.write_text(text.replace(old, new, 1))
+        return store_mod.numerics_version(copies)
+
+    assert edited('f"batch_size={self.batch_size} is not divisible', 'f"the batch {self.batch_size} does not divide') == v
+    assert edited('print(f"[vitrepro] {msg}"', 'print(f"[vitrepro] note: {msg}"') == v  # a log line
+    assert edited('prog="python -m vitrepro.train"', 'prog="vitrepro-train"') == v  # the command line
+    assert edited("lr: float = 1e-3", "lr: float = 2e-3") != v  # a default the configs resolve to
+    assert edited("if (self.steps is None) == (self.epochs is None):", "if self.steps is None and self.epochs is None:") != v
+    assert edited('f"batch_size={self.batch_size} is not divisible', 'f"batch_size={self.batch_size + 1} is not divisible') == v

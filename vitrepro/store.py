@@ -5,8 +5,9 @@ Layout: ``root/<experiment>/<run_id>/{config.json, metrics.jsonl, record.json, c
 versions (vitrepro version, torch major.minor, ``NUMERICS_VERSION``) and what the trainer resolved
 for this machine and data (``train.run_id_of``: device type, precision, CPU thread count, data fingerprints).
 ``NUMERICS_VERSION`` is a hash of the code of the source files that define the numbers (``NUMERICS_FILES``:
-models, data, trainer, evaluators; their syntax trees without docstrings), so any code edit there gives new
-run ids instead of reusing records computed by other code, while a comment or docstring edit keeps them.
+models, data, trainer, evaluators), of their syntax trees less what computes no number (`_Numerics`:
+docstrings, error and log messages, command-line functions), so a code edit there gives new run ids
+instead of reusing records computed by other code, while a comment, docstring, message or CLI edit keeps them.
 ``record.json`` is written last and marks a finished run (``status`` "ok") or a failed one (``status``
 "failed", with ``error``).
 
@@ -59,23 +60,62 @@ def _numerics_files() -> list[Path]:
 NUMERICS_FILES = tuple(str(p.relative_to(_PKG.parent)) for p in _numerics_files())
 
 
-def _code_of(source: bytes, name: str) -> bytes:
-    """What of a Python source defines numbers: its syntax tree without docstrings (comments, blank lines
-    and layout never reach the tree), so editing prose does not re-key the run store."""
-    tree = ast.parse(source, filename=name)
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
+# Calls whose only effect is a message to the user (print, warnings.warn, train._say): not numerics.
+_MESSAGE_CALLS = frozenset({"print", "warn", "_say"})
+
+
+class _Numerics(ast.NodeTransformer):
+    """The part of a syntax tree that computes numbers: docstrings, the messages of ``raise``/``assert`` and
+    of message calls (`_MESSAGE_CALLS`), command-line functions (``main``, any function importing argparse)
+    and ``if __name__ == "__main__"`` blocks are dropped; everything else (constants, control flow, the
+    exception classes raised) stays."""
+
+    def _body(self, node):
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
             node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree).encode()
+        return self.generic_visit(node)
+
+    visit_Module = visit_ClassDef = _body
+
+    def visit_FunctionDef(self, node):
+        cli = node.name == "main" or any(isinstance(n, ast.Import) and any(a.name == "argparse" for a in n.names)
+                                         for n in ast.walk(node))
+        return None if cli else self._body(node)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_If(self, node):
+        t = node.test
+        if isinstance(t, ast.Compare) and isinstance(t.left, ast.Name) and t.left.id == "__name__":
+            return None
+        return self.generic_visit(node)
+
+    def visit_Raise(self, node):  # which exception, not its message
+        exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+        return ast.Raise(exc=exc, cause=None)
+
+    def visit_Assert(self, node):
+        return ast.Assert(test=node.test, msg=None)
+
+    def visit_Call(self, node):
+        f = node.func
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+        return ast.Constant(None) if name in _MESSAGE_CALLS else self.generic_visit(node)
+
+
+def _code_of(source: bytes, name: str) -> bytes:
+    """What of a Python source defines numbers (`_Numerics`; comments and layout never reach the tree),
+    so editing prose, a message or the command line does not re-key the run store."""
+    return ast.dump(_Numerics().visit(ast.parse(source, filename=name))).encode()
 
 
 def numerics_version(files: list[Path] | None = None) -> str:
     """Hash of the code of the source files that define the numbers a run produces (models, data,
     trainer, evaluators): any edit to their code is a new numerics version, hence new run ids; an edit to
-    comments, docstrings or layout only is not (``_code_of``), so stored runs stay valid through it."""
+    comments, docstrings, messages, the command line or layout only is not (``_code_of``), so stored runs
+    stay valid through it."""
     h = hashlib.sha256()
     for f in files if files is not None else _numerics_files():
         f = Path(f)
