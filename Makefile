@@ -56,7 +56,7 @@ settings: venv
 	@$(PY) -m vitrepro.settings --check-hub
 
 bench: venv
-	$(PY) -m vitrepro.bench
+	$(PY) -m benchmarks.bench $(ARGS)   # benchmarks/README.md (out of the installed package)
 
 clean-venv:
 	rm -rf .venv

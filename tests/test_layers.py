@@ -12,7 +12,7 @@ The layers, lowest first. A module may import its own layer and the ones below, 
     data         vitrepro.data
     evaluate     evaluate, analysis, baselines (evaluators, and the analyses of trained models)
     train        vitrepro.train (it runs the evaluators at the end of a run, so evaluate sits below it)
-    experiments  vitrepro.experiments.* (the notebooks' code), bench, bench_sweep
+    experiments  vitrepro.experiments.* (the notebooks' code)
     report       verdicts, report (read the experiments' results)
     entry        experiments.run_all (runs every notebook, then the report)
 """
@@ -33,7 +33,7 @@ LAYERS = [
     ("data", ["vitrepro.data"]),
     ("evaluate", ["vitrepro.evaluate", "vitrepro.analysis", "vitrepro.baselines"]),
     ("train", ["vitrepro.train"]),
-    ("experiments", ["vitrepro.experiments", "vitrepro.experiments.*", "vitrepro.bench", "vitrepro.bench_sweep"]),
+    ("experiments", ["vitrepro.experiments", "vitrepro.experiments.*"]),
     ("report", ["vitrepro.verdicts", "vitrepro.report"]),
     ("entry", ["vitrepro.experiments.run_all"]),
 ]

@@ -154,9 +154,41 @@ def _bool(value, what: str) -> bool:
     raise SettingsError(f"{what}={value!r}: use 1/0, true/false, yes/no or on/off")
 
 
+_OVERRIDES: dict = {}  # this process's replacements (`override`): a dry run's stand-in data, no array cache
+
+
+def override(values: dict) -> dict:
+    """Replace settings for this process, e.g. a dry run's ``{"data_dir": <stand-ins>, "cache_dir": None}``,
+    instead of rewriting the environment; returns the replacements in force before (give them back to undo).
+    The processes a sweep starts receive them as an argument (`overrides`), torchrun children as variables."""
+    unknown = set(values) - {"data_dir", "runs_dir", "cache_dir", "offline"}
+    if unknown:
+        raise SettingsError(f"override: unknown setting(s) {sorted(unknown)}")
+    before = dict(_OVERRIDES)
+    _OVERRIDES.clear()
+    _OVERRIDES.update(values)
+    return before
+
+
+def overrides() -> dict:
+    return dict(_OVERRIDES)
+
+
+def as_environment(s: Settings) -> dict[str, str]:
+    """``s``'s data settings as the variables of a child process that is not a pool worker (torchrun)."""
+    return {"VITREPRO_DATA": str(s.data_dir or ""), "VITREPRO_CACHE": str(s.cache_dir or "off"),
+            "VITREPRO_OFFLINE": "1" if s.offline else "0"}
+
+
 def get(env=None) -> Settings:
-    """The current settings. Cheap (environment look-ups and a cached file read): call it where needed,
-    do not keep the result, so a changed environment (tests, ``%env`` in a notebook) takes effect."""
+    """The settings: the environment, then vitrepro.toml, then the defaults, then this process's
+    `override`s. Cheap (environment look-ups and a cached file read), so entry points call it where they
+    start and pass the values on; a changed environment (tests, ``%env`` in a notebook) takes effect."""
+    if env is None and _OVERRIDES:
+        s = get(os.environ)
+        return Settings(**{**{k: getattr(s, k) for k in ("data_dir", "runs_dir", "cache_dir", "offline",
+                                                          "hub_timeout", "config_file")}, **_OVERRIDES},
+                        origin={**s.origin, **{k: "override (dry run)" for k in _OVERRIDES}})
     env = os.environ if env is None else env
     cfg_path = _config_path(env)
     cfg = _read_config(cfg_path)

@@ -4,14 +4,14 @@
     papermill notebooks/scaling.ipynb out.ipynb -p profile gpu -p dry_run True
 
 What fails here would fail on the cluster: each configuration of the profile trains for `STEPS` steps
-with its real model (with ``tiny``/``VITREPRO_DRY_RUN_MODELS=tiny``, the largest ones, above 25 M parameters,
+with its real model (with ``tiny``, the largest ones, above 25 M parameters,
 swapped for a tiny one of the same family),
 optimizer, schedule (warm-up shortened to fit), augmentation, resolution and evaluators (accuracy, the
 few-shot probe, fine-tuning from its parent run, streaming where the real set is streamed), at a small
 batch, on stand-in datasets with the real ones' schema: the same parquet columns and features (image
 column, ClassLabel with the real number of classes), splits, image sizes and modes (mixed sizes where the
-real set has them), written once into ``<tmp>/vitrepro-dryrun-data-v1/<name>/`` and used through
-``VITREPRO_DATA`` (``vitrepro.settings``). Seeds default to 1, subset sizes are capped at what the stand-in
+real set has them), written once into ``<tmp>/vitrepro-dryrun-data-v1/<name>/`` and used as this process's
+data directory (``settings.override``; the sweep's workers receive it). Seeds default to 1, subset sizes are capped at what the stand-in
 holds (so sizes that differ only there become one run), and the run store is a fresh temporary folder:
 nothing of a real run store, cache or results/ is touched.
 """
@@ -150,11 +150,7 @@ def tiny_model(name: str) -> str:
     return "BiT-R14x0.25"
 
 
-def tiny_wanted() -> bool:
-    return os.environ.get("VITREPRO_DRY_RUN_MODELS", "") == "tiny"
-
-
-def shrink(cfg: dict, tiny: bool | None = None) -> dict:
+def shrink(cfg: dict, tiny: bool = False) -> dict:
     """A configuration as the dry run trains it: `STEPS` steps (warm-up 1 unless constant), batch at most
     `BATCH`, subsets capped at the stand-in's size, checks every step; model, optimizer, lr, schedule,
     augmentation, resolution, evaluators and init unchanged (with ``tiny``: a tiny model of the family)."""
@@ -175,12 +171,12 @@ def shrink(cfg: dict, tiny: bool | None = None) -> dict:
     cfg["checkpoint_every"] = STEPS  # the final checkpoint only (a checkpoint of ViT-B is 1 GB)
     cfg["log_every"] = 1
     cfg.pop("eval_every", None)
-    if tiny if tiny is not None else tiny_wanted():
+    if tiny:
         cfg["model"] = tiny_model(cfg["model"])
     return cfg
 
 
-def shrink_jobs(jobs, tiny: bool | None = None):
+def shrink_jobs(jobs, tiny: bool = False):
     """The jobs of a sweep with `shrink`ed configurations (parents kept: fine-tunes still start from them)."""
     for job in jobs:
         job.config = shrink(job.config, tiny)
@@ -205,10 +201,12 @@ def cap(dataset: str, n: int | None, val_fraction: float = 0.0) -> int | None:
 
 
 def activate(params) -> None:
-    """Point this process at the stand-in data (``VITREPRO_DATA``; no array cache) and ``params`` at a fresh
-    run store (a temporary folder, unless ``runs_dir`` is given); seeds default to 1."""
-    os.environ["VITREPRO_DATA"] = str(standin_root())
-    os.environ["VITREPRO_CACHE"] = "off"
+    """Point this process's settings at the stand-in data (no array cache; `settings.override`, undone by
+    giving back what it returns) and ``params`` at a fresh run store (a temporary folder, unless ``runs_dir``
+    is given); seeds default to 1."""
+    from .. import settings
+
+    settings.override({"data_dir": standin_root(), "cache_dir": None})
     if not params.runs_dir:
         import atexit
         import shutil

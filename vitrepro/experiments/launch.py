@@ -10,18 +10,17 @@ Parameters every experiment takes on top of `NotebookParams` (`ExperimentParams`
   local run; configurations run one after another;
 * ``nproc_per_node``: processes per configuration under torchrun (None: every visible GPU, else 1).
 
+* ``tiny`` (with ``dry_run``): the largest models swapped for tiny ones of the same families.
+
 Multi-node: set ``VITREPRO_TORCHRUN_ARGS`` (e.g. ``--nnodes=2 --node_rank=0 --rdzv_backend=c10d
 --rdzv_endpoint=head:29500``; it replaces ``--standalone``) and run the same notebook on every node with
 a run store on a shared file system (README, "Profiles").
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
 
 from .params import NotebookParams, ParameterError
-from .torchrun import ENV  # "torchrun:<nproc>" while a sweep runs under torchrun (read by the job trainer)
 
 LAUNCHERS = ("local", "torchrun")
 
@@ -33,6 +32,7 @@ class ExperimentParams(NotebookParams):
     dry_run: bool = False  # every configuration a couple of steps on stand-in data, in a temporary run store
     launcher: str = "local"  # local | torchrun (each configuration under torchrun --standalone, DDP)
     nproc_per_node: int | None = None  # torchrun processes per configuration; None: all visible GPUs (CPU: 1)
+    tiny: bool = False  # with dry_run: models above 25 M parameters swapped for tiny ones of the same family
 
 
 def check(params) -> None:
@@ -43,10 +43,13 @@ def check(params) -> None:
         raise ParameterError(f"nproc_per_node must be a positive integer or None, got {n!r}")
     if n is not None and params.launcher != "torchrun":
         raise ParameterError("nproc_per_node is only used with launcher='torchrun'")
+    if getattr(params, "tiny", False) and not getattr(params, "dry_run", False):
+        raise ParameterError("tiny=True is only used with dry_run=True")
 
 
 def validated(params):
-    """Check the launch parameters; a dry run switches this process to the stand-in data and a fresh store."""
+    """Check the launch parameters; a dry run switches this process's settings to the stand-in data and
+    ``params`` to a fresh store (`dryrun.activate`)."""
     check(params)
     if getattr(params, "dry_run", False):
         from . import dryrun
@@ -63,30 +66,15 @@ def nproc(params) -> int:
     return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
 
-@contextlib.contextmanager
-def _env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: v for k, v in values.items() if v is not None})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def run_jobs(jobs, params, log=None):
     """`common.run_jobs`, shrunk to a dry run when asked, and under torchrun when asked (one configuration
     at a time: each torchrun uses the processes it is given)."""
-    from . import sweep as common  # the scheduler (not experiments.common, which re-exports this module's users)
+    from . import sweep  # the scheduler
 
     if getattr(params, "dry_run", False):
         from . import dryrun
 
-        jobs = dryrun.shrink_jobs(list(jobs))
+        jobs = dryrun.shrink_jobs(list(jobs), tiny=getattr(params, "tiny", False))
     if getattr(params, "launcher", "local") != "torchrun":
-        return common.run_jobs(jobs, params, log=log)
-    with _env(**{ENV: f"torchrun:{nproc(params)}", "VITREPRO_WORKERS": "1"}):
-        return common.run_jobs(jobs, params, log=log)
+        return sweep.run_jobs(jobs, params, log=log)
+    return sweep.run_jobs(jobs, params, log=log, workers=1, torchrun=nproc(params))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ class NotebookParams:
     profile: str = "cpu"
     seeds: int | None = None  # number of seeds per point; None = the profile's default
     results_dir: str | None = None  # None = <runs_dir>/results/<notebook>/<profile>/ (a fresh folder, out of git)
-    runs_dir: str | None = None  # None = $VITREPRO_RUNS or runs/
+    runs_dir: str | None = None  # None = the run store of vitrepro.settings ($VITREPRO_RUNS, vitrepro.toml, runs/)
     device: str = "auto"
     force: bool = False  # retrain even when the run store has a finished record
     allow_partial: bool = False  # write tables from the finished runs when some failed (marked partial)
@@ -170,5 +169,8 @@ def results_dir(params: NotebookParams, notebook: str) -> Path:
 
 
 def runs_dir(params: NotebookParams) -> Path:
-    """The run store: `params.runs_dir`, else $VITREPRO_RUNS, else `<repo>/runs` (out of git)."""
-    return Path(params.runs_dir or os.environ.get("VITREPRO_RUNS") or REPO_ROOT / "runs").expanduser()
+    """The run store: `params.runs_dir`, else the settings' (`$VITREPRO_RUNS`, ``runs`` in vitrepro.toml,
+    `<repo>/runs`): the one source every entry point, the run store's CLI and the sweeps share."""
+    from .. import settings
+
+    return Path(params.runs_dir).expanduser() if params.runs_dir else settings.get().runs_dir

@@ -79,11 +79,11 @@ def _param_count(model: str, opts: dict, img_size: int | None) -> int:
         return 0
 
 
-def preflight(jobs: Sequence[Job], params: NotebookParams) -> dict:
+def preflight(jobs: Sequence[Job], params: NotebookParams, workers: int = 1) -> dict:
     """Everything a sweep can check before compute, once, before any run folder exists:
 
     - the run store and the results folder can be created and written, with free space for the
-      checkpoints (about 16 bytes per parameter per run) and the results;
+      checkpoints (about 16 bytes per parameter per run; a dry run's own need: `_bytes_needed`) and the results;
     - every (dataset, split) the jobs read opens (`data.load_arrays`), with its label column;
     - every subset size (`train_examples`, after the validation hold-out) fits in its dataset, and
       the batch fits in the subset;
@@ -103,7 +103,7 @@ def preflight(jobs: Sequence[Job], params: NotebookParams) -> dict:
     sizes = _open_splits(cfgs, params)
     for job, c in cfgs:
         _check_job(job, c, sizes, params)
-    need = _bytes_needed(cfgs)
+    need = _bytes_needed(cfgs, getattr(params, "dry_run", False), workers)
     _check_writable(runs_dir(params), "the run store", "runs_dir", need)
     out = Path(params.results_dir).expanduser() if params.results_dir else runs_dir(params) / "results"
     _check_writable(out, "the results folder", "results_dir", 16 * 2**20)
@@ -187,14 +187,18 @@ def _check_fewshot_draws(c, sizes: dict, params: NotebookParams) -> None:
                                      f"{_param_hint(params, ds)}") from err
 
 
-def _bytes_needed(cfgs: list) -> int:
+def _bytes_needed(cfgs: list, dry_run: bool = False, workers: int = 1) -> int:
     """Disk space for the sweep's run folders: model.pt + checkpoint (weights + two Adam moments), ~16 bytes
-    per parameter per run, plus 64 MiB."""
+    per parameter per run, plus 64 MiB. A dry run's store is temporary and never resumed, so the sweep drops
+    each run's checkpoint when the run ends (`sweep._Sweep.finish`): 4 bytes per parameter per run (model.pt)
+    plus 12 for each of the ``workers`` largest runs training at once."""
     counts: dict[tuple, int] = {}
     need = 0
     for job, c in cfgs:
         key = (c.model, tuple(sorted(c.model_options().items())), c.img_size)
         if key not in counts:
             counts[key] = _param_count(c.model, c.model_options(), c.img_size)
-        need += 16 * counts[key]
+        need += (4 if dry_run else 16) * counts[key]
+    if dry_run and counts:
+        need += 12 * sum(sorted(counts.values())[-workers:])
     return need + 64 * 2**20

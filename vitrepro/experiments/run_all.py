@@ -7,10 +7,11 @@
 
 Every run the notebooks need is trained first, in one sweep over all of them (`train_all`: one pool,
 longest chains first, one ETA); each notebook then finds its runs in the store and builds its tables.
-Executed notebooks (with outputs) go to `runs/executed/` (kept out of git); the committed notebooks
-stay clean. The sweep's and each notebook's wall time are written to `results/timings_<profile>.json`. This is the one
-command that writes the committed `results/<notebook>/` (it passes `results_dir` explicitly); a
-notebook run on its own writes under `runs/results/`.
+Executed notebooks (with outputs) go to `<runs_dir>/executed/` (kept out of git); the committed notebooks
+stay clean. Tables, figures, REPORT.md and the wall times (`timings_<profile>.json`) go to the results
+folder: `results/` only for the whole cpu profile (`make reproduce`, what the committed results come
+from), else `<runs_dir>/results/run_all/<profile>/`, unless `--results` names one. A notebook run on
+its own writes under `<runs_dir>/results/`.
 
 SIGINT / SIGTERM / SIGHUP stop everything this command started (the notebook kernel and its pool
 workers) before it exits; the runs stay resumable, so running the same command again carries on.
@@ -28,6 +29,16 @@ from typing import Sequence
 
 from . import NOTEBOOKS
 from .common import REPO_ROOT, atomic_write_text, runs_dir, NotebookParams
+
+COMMITTED_PROFILE = "cpu"  # the profile results/ comes from: only its full run writes there by default
+
+
+def default_results(profile: str, only: Sequence[str] | None) -> Path:
+    """`results/` for the whole committed profile, else a folder of the run store (committed results change
+    only on purpose)."""
+    if profile == COMMITTED_PROFILE and not only:
+        return REPO_ROOT / "results"
+    return runs_dir(NotebookParams()) / "results" / "run_all" / profile
 
 
 def _descendants(pid: int) -> list[int]:
@@ -100,7 +111,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Run the reproduction notebooks through papermill.")
     ap.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "gpu", "paper"])
     ap.add_argument("--only", nargs="*", choices=NOTEBOOKS, help="run only these notebooks")
-    ap.add_argument("--results", default=str(REPO_ROOT / "results"))
+    ap.add_argument("--results", default=None,
+                    help=f"folder for tables, figures, REPORT.md and timings (default: results/ for the whole "
+                         f"{COMMITTED_PROFILE} profile, the committed results; for another profile or --only: "
+                         f"<runs_dir>/results/run_all/<profile>/, now {default_results('<profile>', ['x'])})")
     ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="extra notebook parameter (applied to every notebook)")
     ap.add_argument("--dry-run", action="store_true",
@@ -117,7 +131,8 @@ def main(argv=None) -> None:
         args.results = tempfile.mkdtemp(prefix=f"vitrepro-dryrun-results-{args.profile}-")
         args.parameter.append(("dry_run", "true"))
         if args.tiny:
-            os.environ["VITREPRO_DRY_RUN_MODELS"] = "tiny"  # the notebook kernels inherit it
+            args.parameter.append(("tiny", "true"))
+    args.results = args.results or str(default_results(args.profile, args.only))
     if args.launcher:
         args.parameter.append(("launcher", args.launcher))
     if args.nproc_per_node:
@@ -241,23 +256,18 @@ def run_profile(profile: str, *, notebooks: Sequence[str] | None = None, tiny: b
 
     mods = {"scaling": scaling, "position_embeddings": position_embeddings, "transfer": transfer,
             "attention": attention}
-    saved = {k: os.environ.get(k) for k in ("VITREPRO_DRY_RUN_MODELS", "VITREPRO_DATA", "VITREPRO_CACHE")}
-    if tiny:
-        os.environ["VITREPRO_DRY_RUN_MODELS"] = "tiny"
-    out = {}
+    from .. import settings
+
+    saved, out = settings.overrides(), {}
     try:
         for nb in notebooks or NOTEBOOKS:
             t0 = time.time()
             real = summary(mods[nb].jobs(mods[nb].validate_params({"profile": profile, **(extra or {})})))
-            run_notebook(nb, {"profile": profile, "dry_run": True, **(extra or {})})
+            run_notebook(nb, {"profile": profile, "dry_run": True, "tiny": tiny, **(extra or {})})
             plt.close("all")
             out[nb] = {**real, "seconds": round(time.time() - t0, 1)}
-    finally:  # activate() pointed this process at the stand-ins: undo it
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    finally:  # dryrun.activate pointed this process at the stand-ins: undo it
+        settings.override(saved)
     return out
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .jobs import Job, finetune_from
@@ -32,11 +33,14 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _worker_init(threads: int, parent_pid: int | None = None) -> None:
+def _worker_init(threads: int, parent_pid: int | None = None, overrides: dict | None = None) -> None:
     import signal
 
     import torch
 
+    from .. import settings
+
+    settings.override(overrides or {})  # the parent's (a dry run's stand-in data): workers are spawned, not forked
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
@@ -47,18 +51,18 @@ def _failed(cfg: dict, error: str, run_id: str | None = None) -> dict:
     return {"status": "failed", "error": error, "run_id": run_id, "experiment": cfg.get("experiment")}
 
 
-def _train_one(cfg: dict, root: str, force: bool) -> dict:
+def _train_one(cfg: dict, root: str, force: bool, torchrun: int | None = None) -> dict:
     """Train one configuration (in this process or a pool worker); failures become records.
 
     A damaged file of the run itself (truncated record, checkpoint or model) is repaired (the damaged
-    files are dropped, see `RunStore.repair`) and the run trained again, once."""
+    files are dropped, see `RunStore.repair`) and the run trained again, once. ``torchrun``: trained by
+    torchrun with that many processes instead (launcher='torchrun')."""
     from .. import train
     from ..store import DamagedRunError, RunStore
     from .torchrun import torchrun_train
 
-    launched = torchrun_train(cfg, root, force)  # launcher='torchrun': trained by torchrun (else None)
-    if launched is not None:
-        return launched
+    if torchrun:
+        return torchrun_train(cfg, root, force, torchrun)
     store = RunStore(root)
     rid = None
     for attempt in (0, 1):
@@ -85,13 +89,10 @@ def run_threads(params: NotebookParams, workers: int | None = None) -> int | Non
     """The intra-op thread count the runs of a sweep train with, part of a CPU run's id: a torchrun process's
     ($OMP_NUM_THREADS, 1 by default), a pool worker's (`POOL_THREADS`) or, None, this process's own. The
     scheduler and `results.collect` compute run ids with it, so they find the runs the workers wrote."""
-    from .torchrun import omp_threads, worker_threads
+    from .torchrun import omp_threads
 
-    t = worker_threads()
-    if t is None and getattr(params, "launcher", "local") == "torchrun":
-        t = omp_threads(os.environ)
-    if t is not None:
-        return t
+    if getattr(params, "launcher", "local") == "torchrun":
+        return omp_threads(os.environ)
     if getattr(params, "launcher", "local") == "local" and (workers or default_workers(params)) > 1:
         return POOL_THREADS
     return None
@@ -99,7 +100,7 @@ def run_threads(params: NotebookParams, workers: int | None = None) -> int | Non
 
 def default_workers(params: NotebookParams) -> int:
     """Parallel runs: small CPU models use one core far better than two, so a 2-core machine trains
-    two runs at once with one thread each (`python -m vitrepro.bench --sweep`, results/benchmarks/sweep_cpu.md:
+    two runs at once with one thread each (`python -m benchmarks.bench --sweep`, results/benchmarks/sweep_cpu.md:
     one process with two threads trains the cpu-profile ViTs at 0.68-0.79x the pool's aggregate rate, and
     stacking 3 runs per process at 0.63-0.76x); each run compiles itself where that pays (TrainConfig.compile).
     On a GPU, one run at a time."""
@@ -215,7 +216,7 @@ class _StopOnSignals:
 
 
 def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], None] | None = None,
-             workers: int | None = None) -> SweepResults:
+             workers: int | None = None, torchrun: int | None = None) -> SweepResults:
     """Train (or reuse from the run store) every job; fine-tunes start once their parent finished.
 
     Configurations are validated and `preflight` checks data, subset sizes, few-shot sets and
@@ -225,7 +226,8 @@ def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], N
     marked partial; a sweep where nothing finished always raises). With several workers (CPU), runs
     go to a process pool, one torch thread each; the workers die with this process, and SIGINT /
     SIGTERM stop them (runs stay resumable). One progress line per finished run names what differs
-    between the runs, with an estimate of the time left.
+    between the runs, with an estimate of the time left. ``torchrun``: each run under torchrun with that
+    many processes (launcher='torchrun'), one after another.
     """
     log = log or (lambda msg: print(msg, flush=True))
     LAST_SWEEP.clear()
@@ -234,9 +236,10 @@ def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], N
         if params.device != "auto":
             cfg["device"] = params.device
         job.config = cfg
-    preflight(jobs, params)
-    sweep = _Sweep(jobs, params, log)
     workers = workers or default_workers(params)
+    preflight(jobs, params, workers)
+    sweep = _Sweep(jobs, params, log)
+    sweep.torchrun = torchrun
     sweep.threads = run_threads(params, workers)  # the workers' thread count: the ids they will compute
     if workers <= 1:
         sweep.run_here()
@@ -297,6 +300,7 @@ class _Sweep:
         self.work = {id(j): job_work(j) or mean for j in jobs}  # for the ETA; unknown length: the average known
         self.priority = chain_work(jobs, self.work)
         self.threads: int | None = None  # intra-op threads of the processes that train (None: this one's)
+        self.torchrun: int | None = None  # processes per run under torchrun (None: trained here or in the pool)
 
     def describe(self, job: Job, cfg: dict) -> str:
         return _describe(job, cfg, self.keys)
@@ -348,6 +352,8 @@ class _Sweep:
 
         self.done[id(job)] = record
         self.out.append((job, record))
+        if getattr(self.params, "dry_run", False) and record.get("run_dir"):  # never resumed: `preflight._bytes_needed`
+            (Path(record["run_dir"]) / "checkpoint.pt").unlink(missing_ok=True)
         if was_trained:
             self.n_trained += 1
             self.work_trained += self.work[id(job)]
@@ -417,16 +423,18 @@ class _Sweep:
             rec = self.stored(cfg)
             if rec is None:
                 self.started(job)
-            self.finish(job, cfg, rec or _train_one(cfg, self.root, self.params.force), rec is None)
+            self.finish(job, cfg, rec or _train_one(cfg, self.root, self.params.force, self.torchrun), rec is None)
 
     def run_in_pool(self, workers: int) -> None:
         """Runs in a spawned process pool, one torch thread per worker; stopped workers leave runs resumable."""
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
+        from .. import settings
+
         self.log(f"training with {workers} parallel workers, 1 thread each")
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                   initargs=(POOL_THREADS, os.getpid()))
+                                   initargs=(POOL_THREADS, os.getpid(), settings.overrides()))
         stopper = _StopOnSignals()
         try:
             with stopper:

@@ -9,19 +9,8 @@ import subprocess
 import sys
 import tempfile
 
-ENV = "VITREPRO_LAUNCHER"  # "torchrun:<nproc>" while a sweep runs under torchrun (read by the job trainer)
-
-
-def worker_threads(env: dict | None = None) -> int | None:
-    """The intra-op threads of a torchrun process of this sweep ($OMP_NUM_THREADS, 1 where unset: what
-    `torchrun_train` gives them), or None when the sweep does not run under torchrun (``env``: default os.environ)."""
-    env = os.environ if env is None else env
-    if not env.get(ENV, "").startswith("torchrun"):
-        return None
-    return omp_threads(env)
-
-
 def omp_threads(env: dict) -> int:
+    """The intra-op threads of a torchrun process ($OMP_NUM_THREADS; 1 where unset, what `torchrun_train` sets)."""
     try:
         return max(1, int(env.get("OMP_NUM_THREADS") or 1))
     except ValueError:  # e.g. a nested "4,2": torch takes the first
@@ -34,17 +23,14 @@ def torchrun_command(config_file: str, root: str, force: bool, n: int) -> list[s
              "--config", config_file, "--store", root, "--progress", "log"] + (["--force"] if force else []))
 
 
-def torchrun_train(cfg: dict, root: str, force: bool) -> dict | None:
-    """Train one configuration under torchrun when this sweep runs with launcher='torchrun' (else None):
-    the same run store, run id and record as a local run; a failure becomes a failed record."""
-    spec = os.environ.get(ENV, "")
-    if not spec.startswith("torchrun"):
-        return None
-    from .. import train
+def torchrun_train(cfg: dict, root: str, force: bool, n: int) -> dict:
+    """Train one configuration under torchrun with ``n`` processes (launcher='torchrun'): the same run
+    store, run id and record as a local run; a failure becomes a failed record. The children read this
+    process's settings (a dry run's stand-in data included) from their environment."""
+    from .. import settings, train
     from ..store import RunStore
 
-    n = int(spec.split(":", 1)[1]) if ":" in spec else 1
-    env = {k: v for k, v in os.environ.items() if k != ENV}
+    env = {**os.environ, **settings.as_environment(settings.get())}
     env.setdefault("OMP_NUM_THREADS", "1")
     rid = train.run_id_of(cfg, threads=omp_threads(env))  # the id the torchrun processes compute
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:

@@ -1,4 +1,4 @@
-"""python -m vitrepro.bench --quick: runs in seconds and writes the JSON and Markdown reports; no timing thresholds,
+"""python -m benchmarks.bench --quick: runs in seconds and writes the JSON and Markdown reports; no timing thresholds,
 but every derived number (medians, ratios, FLOP/s, % of peak, table cells) is recomputed from the measured fields."""
 import json
 
@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("timm")
 
-from vitrepro import bench  # noqa: E402
+from benchmarks import bench  # noqa: E402
 
 
 def test_parse_model_spec():

@@ -1,8 +1,8 @@
 """Sweep throughput: what the whole machine trains per second when it runs a sweep of cpu-profile runs.
 
-    python -m vitrepro.bench --sweep                  # the cpu-profile ViTs, every layout, one run
-    python -m vitrepro.bench --sweep --sweep-models ViT-Nano/4 --jobs 4 --sweep-steps 20   # shorter
-    python -m vitrepro.bench --sweep --precisions fp32                # fp32 whatever this CPU has
+    python -m benchmarks.bench --sweep                  # the cpu-profile ViTs, every layout, one run
+    python -m benchmarks.bench --sweep --sweep-models ViT-Nano/4 --jobs 4 --sweep-steps 20   # shorter
+    python -m benchmarks.bench --sweep --precisions fp32                # fp32 whatever this CPU has
 
 A cpu-profile sweep is dozens of small runs (ViT-Nano/4, ViT-Nano/7, ViT-Micro/7 at 28 px, batch 128, bf16 on
 CPUs that have it, fp32 on the others: the precision the trainer's ``precision="auto"`` picks, or the one
@@ -86,9 +86,9 @@ class SweepSpec:
 
 def _job(spec: SweepSpec, seed: int, arrays):
     """One run's model, optimiser and batches, exactly as the trainer builds them for seed ``seed``."""
-    from .data import Batches
-    from .models import create_model
-    from .train import TrainConfig, _make_optimizer
+    from vitrepro.data import Batches
+    from vitrepro.models import create_model
+    from vitrepro.train import TrainConfig, _make_optimizer
 
     torch.manual_seed(seed)
     model = create_model(spec.model, img_size=spec.img_size, in_chans=spec.in_chans, num_classes=10)
@@ -156,8 +156,8 @@ def _make_step(spec: SweepSpec, layout: Layout, seeds: list[int], arrays):
 
 def _worker(rank: int, spec: SweepSpec, layout: Layout, seeds: list[int], barrier, results) -> None:
     """Train this worker's share of the sweep; report timed images and seconds, and warm-up seconds."""
-    from .data import load_arrays
-    from .machine import tune_cpu_allocator
+    from vitrepro.data import load_arrays
+    from vitrepro.machine import tune_cpu_allocator
 
     torch.set_num_threads(layout.threads)
     tune_cpu_allocator()
@@ -215,13 +215,13 @@ def measure_layout(spec: SweepSpec, layout: Layout) -> dict:
 # ------------------------------------------------------------------------------------------- the sweep
 
 def _executed_flops(spec: SweepSpec) -> int:
-    from .models import create_model, flops
+    from vitrepro.models import create_model, flops
     model = create_model(spec.model, img_size=spec.img_size, in_chans=spec.in_chans, num_classes=10)
     return int(flops(model, spec.img_size, executed=True))
 
 
 def _peaks(sizes) -> dict:
-    from .machine import matmul_peak
+    from .machine_info import matmul_peak
     cpu = torch.device("cpu")
     return {p: matmul_peak(cpu, dt, sizes=sizes) for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 
@@ -229,7 +229,7 @@ def _peaks(sizes) -> dict:
 def run_sweep(specs: list[SweepSpec], chosen: list[Layout], log=print,
               peak_sizes=(128, 256, 512, 1024, 2048)) -> dict:
     """Every (model, layout), with the matmul peaks measured in the same run (before and after)."""
-    from .machine import machine_info
+    from .machine_info import machine_info
 
     cpu = torch.device("cpu")
     t0 = time.time()
@@ -283,14 +283,14 @@ def _sweep_precision(precisions) -> str:
     """The sweep's one precision: ``--precisions`` when it names exactly one, else what the trainer's
     ``precision="auto"`` picks on this CPU (bf16 with native bf16 instructions, fp32 on AVX2-only CPUs, where
     bf16 is emulated and ~10x slower), so the benchmark measures what a cpu-profile sweep runs here."""
-    from .machine import resolve_precision
+    from vitrepro.machine import resolve_precision
     if precisions and len(set(precisions)) > 1:
         raise SystemExit(f"--sweep measures one precision; got --precisions {' '.join(precisions)}")
     return precisions[0] if precisions else resolve_precision("auto", torch.device("cpu"))
 
 
 def main(args) -> int:
-    from .store import atomic_write
+    from vitrepro.store import atomic_write
 
     cores = args.sweep_workers or os.cpu_count() or 1
     chosen = layouts(cores, args.jobs)
@@ -307,7 +307,7 @@ def main(args) -> int:
     result = run_sweep(specs, chosen)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m vitrepro.bench " + " ".join(args.argv)
+    command = "python -m benchmarks.bench " + " ".join(args.argv)
     for name, text in (("sweep_cpu.json", json.dumps(result, indent=1)), ("sweep_cpu.md", sweep_markdown(result, command))):
         atomic_write(out / name, lambda f, data=text.encode(): f.write(data))
     print(f"[sweep] wrote {out / 'sweep_cpu.md'}")

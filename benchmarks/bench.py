@@ -1,9 +1,9 @@
 """Training-throughput benchmark: vitrepro's ViT against timm's, and against the machine's matmul peak.
 
-    python -m vitrepro.bench                       # default models, fp32 + bf16, CPU (+ CUDA if present)
-    python -m vitrepro.bench --quick               # a seconds-long check (what tests/test_bench.py runs)
-    python -m vitrepro.bench --models ViT-Nano/7:28:1:128 --precisions fp32 --devices cpu
-    python -m vitrepro.bench --sweep               # sweep throughput per layout (vitrepro/bench_sweep.py)
+    python -m benchmarks.bench                       # default models, fp32 + bf16, CPU (+ CUDA if present)
+    python -m benchmarks.bench --quick               # a seconds-long check (what tests/test_bench.py runs)
+    python -m benchmarks.bench --models ViT-Nano/7:28:1:128 --precisions fp32 --devices cpu
+    python -m benchmarks.bench --sweep               # sweep throughput per layout (benchmarks/bench_sweep.py)
 
 For every (device, model configuration, precision), in one process:
 
@@ -101,7 +101,7 @@ def parse_model_spec(spec: str, batch_override: int | None = None) -> BenchConfi
 
 # ---------------------------------------------------------------------------------------------- machine
 # The machine description and the matmul peak live in vitrepro/machine.py (the sweep benchmark uses them too).
-from .machine import CPU_FLAGS_OF_INTEREST, _best_time, _cpuinfo, _sync, machine_info, matmul_peak  # noqa: E402,F401
+from .machine_info import CPU_FLAGS_OF_INTEREST, _best_time, _cpuinfo, _sync, machine_info, matmul_peak  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -110,8 +110,8 @@ def _timm_twin(ours: nn.Module, cfg: BenchConfig) -> nn.Module:
     """timm's own model class with the identical configuration (weights copied by the caller)."""
     from functools import partial
 
-    from .models.bit import STAGE_CHANNELS, BiTResNet, group_norm
-    from .models.vit import VisionTransformer
+    from vitrepro.models.bit import STAGE_CHANNELS, BiTResNet, group_norm
+    from vitrepro.models.vit import VisionTransformer
 
     if isinstance(ours, VisionTransformer):
         from timm.models.vision_transformer import VisionTransformer as TimmViT
@@ -128,7 +128,7 @@ def _timm_twin(ours: nn.Module, cfg: BenchConfig) -> nn.Module:
     if isinstance(ours, BiTResNet):
         from timm.layers import StdConv2d
         from timm.models.resnetv2 import ResNetV2
-        from .models.registry import parse_name
+        from vitrepro.models.registry import parse_name
         spec = parse_name(cfg.model).resnet
         return ResNetV2(layers=list(spec.blocks), channels=STAGE_CHANNELS, num_classes=cfg.num_classes,
                         in_chans=cfg.in_chans, global_pool="avg", width_factor=spec.width, stem_type="fixed",
@@ -155,8 +155,8 @@ def build_pair(cfg: BenchConfig, device: torch.device, seed: int = 0) -> tuple[n
 
     ViTs are compared with timm.models.vision_transformer.VisionTransformer, BiT ResNets with
     timm.models.resnetv2.ResNetV2 (which vitrepro's BiT builds on)."""
-    from .models import create_model
-    from .models.weights import ours_to_timm
+    from vitrepro.models import create_model
+    from vitrepro.models.weights import ours_to_timm
 
     torch.manual_seed(seed)
     opts = dict(img_size=cfg.img_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes, head="linear",
@@ -190,7 +190,7 @@ def build_pair(cfg: BenchConfig, device: torch.device, seed: int = 0) -> tuple[n
 def make_optimizer(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.1) -> torch.optim.Optimizer:
     """The trainer's ``adam`` optimizer (vitrepro.train), built the same way for both models."""
     try:
-        from .train import TrainConfig, _make_optimizer
+        from vitrepro.train import TrainConfig, _make_optimizer
         return _make_optimizer(model, TrainConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, steps=10))
     except (ImportError, AttributeError, TypeError):  # the trainer's helper moved: its documented optimizer
         decay, no_decay = [], []
@@ -302,7 +302,7 @@ def time_matmuls(calls: list[dict], device: torch.device, min_time: float = 0.02
 
 
 def _load_train_arrays(dataset: str):
-    from .data import DataError, load_arrays
+    from vitrepro.data import DataError, load_arrays
     try:
         return load_arrays(dataset, "train"), None
     except (DataError, OSError, ImportError) as e:  # no local copy and no Hub: fall back to digits
@@ -324,7 +324,7 @@ def bench_config(cfg: BenchConfig, precision: str, device: torch.device, peak: f
                  log=print) -> dict:
     """One benchmark row: ours vs timm (and timm's unfused attention) training steps of one configuration,
     timed in alternating repeats within ``args.budget``; then the matmul share of our step and the data wait."""
-    from .models import flops
+    from vitrepro.models import flops
     amp = torch.bfloat16 if precision == "bf16" else None
     row = {"model": cfg.model, "img_size": cfg.img_size, "in_chans": cfg.in_chans, "batch": cfg.batch,
            "precision": precision, "device": device.type}
@@ -438,7 +438,7 @@ def _log_row(row: dict, log) -> None:
 
 def data_wait(model, cfg: BenchConfig, amp, device: torch.device, arrays, args, step_s: float) -> dict:
     """Train `model` on batches from vitrepro.data.Batches; time inside Batches.next() vs the whole step."""
-    from .data import Batches
+    from vitrepro.data import Batches
     batch = min(cfg.batch, len(arrays))
     batches = Batches(arrays, batch, cfg.img_size, cfg.in_chans, augment=args.augment, seed=args.seed,
                       device=device)
@@ -465,7 +465,7 @@ def data_wait(model, cfg: BenchConfig, amp, device: torch.device, arrays, args, 
 # ---------------------------------------------------------------------------------------------- output
 
 def _atomic_write(path: Path, text: str) -> None:
-    from .store import atomic_write
+    from vitrepro.store import atomic_write
     data = text.encode()
     atomic_write(path, lambda f: f.write(data))
 
@@ -596,7 +596,7 @@ def run_device(device: torch.device, args, log=print) -> dict:
             r["matmuls"]["ceiling_fraction_of_peak"] = (r["matmuls"]["ceiling_flops_per_s"]
                                                         / peak[r["precision"]]["flops_per_s"])
     result = {"machine": info, "peak": peak, "rows": rows, "started": started,
-              "wall_s": time.perf_counter() - t0, "command": " ".join(["python -m vitrepro.bench", *args.argv]),
+              "wall_s": time.perf_counter() - t0, "command": " ".join(["python -m benchmarks.bench", *args.argv]),
               "settings": {k: v for k, v in vars(args).items() if k != "argv"}, "data_note": note}
     out = Path(args.out)
     _atomic_write(out / f"{device.type}.json", json.dumps(result, indent=1, default=str) + "\n")
@@ -606,7 +606,7 @@ def run_device(device: torch.device, args, log=print) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m vitrepro.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", metavar="SPEC",
                    help="NAME[:IMG_SIZE[:IN_CHANS[:BATCH]]], e.g. ViT-Nano/7:28:1:128 (default: the cpu-profile "
@@ -630,7 +630,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "results" / "benchmarks"))
     p.add_argument("--quick", action="store_true", help="a seconds-long check: one tiny model, few steps")
     p.add_argument("--strict", action="store_true", help="raise on the first failing configuration")
-    g = p.add_argument_group("sweep benchmark (vitrepro/bench_sweep.py)")
+    g = p.add_argument_group("sweep benchmark (benchmarks/bench_sweep.py)")
     g.add_argument("--sweep", action="store_true", help="aggregate sweep throughput per layout (process pool, "
                    "one process, compiled, stacked) instead of the vitrepro-vs-timm table")
     g.add_argument("--sweep-models", nargs="+", metavar="NAME", help="default: ViT-Nano/4 ViT-Nano/7 ViT-Micro/7")
@@ -651,7 +651,7 @@ def parse_args(argv=None):
 def _tune_allocator() -> bool:
     """The trainer's CPU allocator setting (vitrepro.machine.tune_cpu_allocator), for both implementations."""
     try:
-        from .machine import tune_cpu_allocator
+        from vitrepro.machine import tune_cpu_allocator
     except ImportError:
         return False
     return tune_cpu_allocator()
