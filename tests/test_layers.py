@@ -28,7 +28,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vitrepro"
 MAX_FUNCTION_LINES = 80
 
 LAYERS = [
-    ("foundation", ["vitrepro", "vitrepro.settings", "vitrepro.store", "vitrepro.stats", "vitrepro.machine"]),
+    ("foundation", ["vitrepro", "vitrepro.settings", "vitrepro.store", "vitrepro.stats", "vitrepro.machine",
+                    "vitrepro.typed"]),
     ("models", ["vitrepro.models", "vitrepro.models.*"]),
     ("data", ["vitrepro.data"]),
     ("evaluate", ["vitrepro.evaluate", "vitrepro.analysis", "vitrepro.baselines"]),

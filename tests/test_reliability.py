@@ -462,9 +462,21 @@ def test_finetune_records_inherited_architecture_and_loads(run_store):
 
 # ------------------------------------------------------------------------------------- 7. stopping
 def _descendants(pid):
-    from vitrepro.experiments.run_all import _descendants as d
+    import psutil
 
-    return d(pid)
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _alive(pid):
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _cmdline(pid):
@@ -477,8 +489,6 @@ def _cmdline(pid):
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
 def test_sigterm_to_run_all_leaves_no_process(tmp_path):
-    from vitrepro.experiments.run_all import _alive
-
     env = _env(VITREPRO_RUNS=str(tmp_path / "runs"), VITREPRO_WORKERS="2")
     p = subprocess.Popen([sys.executable, "-m", "vitrepro.experiments.run_all", "--profile", "smoke", "--only",
                           "scaling", "--results", str(tmp_path / "results")], env=env, cwd=ROOT,

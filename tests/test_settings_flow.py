@@ -139,3 +139,33 @@ def test_run_all_smoke_leaves_committed_results_untouched(tmp_path):
                    cwd=ROOT, env=env, check=True, capture_output=True)
     assert status() == before
     assert (tmp_path / "runs" / "results" / "run_all" / "smoke" / "REPORT.md").exists()
+
+
+def test_one_validator_from_type_hints():
+    """TrainConfig and the notebook parameters are checked by their fields' type hints (vitrepro.typed): a
+    bool is not an int, an int is a float, a tuple a list; an annotation it does not know raises, where the
+    hand-kept table of params.py skipped it silently."""
+    import dataclasses
+
+    from vitrepro import train, typed
+    from vitrepro.experiments import scaling
+    from vitrepro.experiments.params import ParameterError
+
+    cfg = train.TrainConfig.from_dict({"steps": 3, "lr": 1, "evaluators": ({"type": "accuracy"},)})
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and isinstance(cfg.evaluators, list)
+    for bad, msg in (({"steps": True}, "steps=True: expected int or None"), ({"lr": "1e-3", "steps": 3}, "expected float"),
+                     ({"reset_head": 1, "steps": 3}, "expected bool or None")):
+        with pytest.raises(train.ConfigError, match=msg):
+            train.TrainConfig.from_dict(bad)
+    with pytest.raises(ParameterError, match="seeds='2': expected int or None"):
+        scaling.validate_params({"profile": "smoke", "seeds": "2"})
+    with pytest.raises(ParameterError, match="sizes=5: expected list or None"):
+        scaling.validate_params({"profile": "smoke", "sizes": 5})
+
+    @dataclasses.dataclass
+    class Odd:
+        when: set = dataclasses.field(default_factory=set)
+
+    with pytest.raises(TypeError, match="no validator for the annotation"):
+        typed.check(Odd, "when", set())
+    assert set(typed.field_types(train.TrainConfig)) == {f.name for f in dataclasses.fields(train.TrainConfig)}

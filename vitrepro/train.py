@@ -38,7 +38,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
-from . import __version__
+from . import __version__, typed
 from .data import AUGMENTATIONS, Batches, DataError, StreamBatches, ImageArrays, load_arrays, resolve_source, \
     training_split
 from .machine import _cpu_flags, resolve_compile, resolve_precision, tune_cpu_allocator  # noqa: F401 (_cpu_flags: tests)
@@ -56,12 +56,9 @@ class DivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-_NONE = type(None)
 # The configuration keys that choose the architecture (create_model options beyond the name and shapes).
 ARCH_KEYS = ("pool", "pos_embed", "pos_embed_at", "head", "representation_size", "drop_rate", "attn_drop_rate",
              "drop_path_rate")
-# field -> allowed python types (after from_dict's int->float widening)
-_TYPES: dict[str, tuple] = {}
 
 
 @dataclass
@@ -130,18 +127,7 @@ class TrainConfig:
                 close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
                 msgs.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise ConfigError(f"unknown configuration key(s): {', '.join(msgs)}. Valid keys: {', '.join(names)}")
-        kw = {}
-        for k, v in d.items():
-            allowed = _TYPES[k]
-            if isinstance(v, tuple):
-                v = list(v)
-            if float in allowed and isinstance(v, int) and not isinstance(v, bool):
-                v = float(v)
-            if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
-                want = " or ".join("None" if t is _NONE else t.__name__ for t in allowed)
-                raise ConfigError(f"{k}={v!r}: expected {want}, got {type(v).__name__}")
-            kw[k] = v
-        cfg = cls(**kw)
+        cfg = cls(**{k: typed.check(cls, k, v, ConfigError, widen=True) for k, v in d.items()})
         cfg.check()
         return cfg
 
@@ -223,23 +209,6 @@ class TrainConfig:
                 make_evaluator({"dataset": self.dataset, **e})
             except ValueError as err:
                 raise ConfigError(str(err)) from err
-
-
-_TYPES.update({
-    "experiment": (str,), "model": (str,), "pool": (str, _NONE), "pos_embed": (str, _NONE),
-    "pos_embed_at": (str, _NONE), "head": (str, _NONE), "representation_size": (int, _NONE),
-    "drop_rate": (float, _NONE), "attn_drop_rate": (float, _NONE), "drop_path_rate": (float, _NONE),
-    "dataset": (str,), "train_split": (str,), "train_examples": (int, _NONE), "data_seed": (int, _NONE),
-    "val_fraction": (float,), "eval_split": (str,), "img_size": (int, _NONE), "in_chans": (int, _NONE),
-    "augment": (str,), "batch_size": (int,), "accum_steps": (int,), "steps": (int, _NONE),
-    "epochs": (float, _NONE), "optimizer": (str,), "lr": (float,), "weight_decay": (float,),
-    "warmup_steps": (int,), "schedule": (str,), "grad_clip": (float, _NONE), "label_smoothing": (float,),
-    "precision": (str,), "compile": (str,), "seed": (int,), "init": (str, _NONE), "reset_head": (bool, _NONE),
-    "evaluators": (list,), "eval_every": (int, _NONE), "log_every": (int,),
-    "select_on": (str, _NONE), "select_every": (int, _NONE), "snapshot_every": (int, _NONE),
-    "checkpoint_every": (int, _NONE), "device": (str,),
-})
-assert set(_TYPES) == {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 # ---------------------------------------------------------------------- helpers

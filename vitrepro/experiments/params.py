@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import typed
+
 PROFILES = ("smoke", "cpu", "gpu", "paper")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,9 +133,8 @@ def validate_params(cls: type, values: dict[str, Any], *, strict_globals: bool =
             f"unknown notebook parameter(s) {', '.join(hints)}; valid parameters: {', '.join(fields)}")
     kwargs = {k: dataset_param(k, v) if k in DATASET_PARAMS else v for k, v in kwargs.items()}
     params = cls(**kwargs)
-    for f in dataclasses.fields(cls):
-        value = getattr(params, f.name)
-        _check_type(f, value)
+    for f in dataclasses.fields(cls):  # by the fields' type hints (vitrepro.typed): none is left unchecked
+        typed.check(cls, f.name, getattr(params, f.name), ParameterError)
     if params.profile not in PROFILES:
         raise ParameterError(f"profile={params.profile!r} is not one of {PROFILES}")
     if params.seeds is not None and (not isinstance(params.seeds, int) or params.seeds < 1):
@@ -144,20 +145,6 @@ def validate_params(cls: type, values: dict[str, Any], *, strict_globals: bool =
     if check is not None:
         check()
     return params
-
-
-def _check_type(f: dataclasses.Field, value: Any) -> None:
-    expected = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    allowed = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
-               "str | None": (str, type(None)), "int | None": (int, type(None)),
-               "float | None": (int, float, type(None)), "list": (list, tuple),
-               "list | None": (list, tuple, type(None))}.get(expected)
-    if allowed is None:
-        return
-    if isinstance(value, bool) and bool not in allowed:
-        raise ParameterError(f"parameter {f.name} must be {expected}, got {value!r}")
-    if not isinstance(value, allowed):
-        raise ParameterError(f"parameter {f.name} must be {expected}, got {type(value).__name__} {value!r}")
 
 
 def results_dir(params: NotebookParams, notebook: str) -> Path:

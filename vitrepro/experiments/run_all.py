@@ -19,6 +19,7 @@ workers) before it exits; the runs stay resumable, so running the same command a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -41,61 +42,21 @@ def default_results(profile: str, only: Sequence[str] | None) -> Path:
     return runs_dir(NotebookParams()) / "results" / "run_all" / profile
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid` (Linux /proc), parents before children."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (d / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def stop_descendants(grace_s: float = 5.0) -> list[int]:
-    """SIGTERM every process this one started (kernel, pool workers, ...), SIGKILL what is left after
-    `grace_s`. Returns their pids."""
-    pids = _descendants(os.getpid())
-    for p in pids:
-        try:
-            os.kill(p, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + grace_s
-    while time.time() < deadline:
-        alive = [p for p in pids if _alive(p)]
-        if not alive:
-            break
-        time.sleep(0.1)
-    for p in pids:
-        if _alive(p):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    return pids
+    """SIGTERM every process this one started (the notebook kernel, in a session of its own, and its pool
+    workers), SIGKILL what is left after `grace_s`; returns their pids (psutil: no /proc walk of our own)."""
+    import psutil
 
-
-def _alive(pid: int) -> bool:
-    """A process that exists and is not a zombie (a zombie of ours is reaped by waitpid here)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    if state == "Z":
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        return False
-    return True
+    procs = psutil.Process().children(recursive=True)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=1)
+    return [p.pid for p in procs]
 
 
 class _Stopped(KeyboardInterrupt):

@@ -163,8 +163,11 @@ def _summary(failed: list[tuple[Job, dict]], total: int, keys: dict[str, list[st
 
 
 def _stop_pool(pool) -> None:
-    """Terminate every worker of a ProcessPoolExecutor now (their runs stay resumable)."""
-    procs = list((getattr(pool, "_processes", None) or {}).values())
+    """Terminate every worker of a ProcessPoolExecutor now (their runs stay resumable): this process's
+    multiprocessing children, which are the pool's workers."""
+    import multiprocessing as mp
+
+    procs = mp.active_children()
     for p in procs:
         try:
             p.terminate()
