@@ -11,7 +11,7 @@ Two kinds of recipe live here:
 * the `cpu` profile's, for models of 0.2-0.5 M parameters trained on Fashion-MNIST on two CPU cores.
   The paper's learning rates belong to batch 4096 with 10k warm-up steps; at batch 128 they diverge
   or stall, so these were chosen on a held-out part of the training data by the searches in
-  `SEARCHES` (`python -m vitrepro.experiments.select <name>`; results in `results/recipes/`), never
+  `SEARCHES` (`python -m vitrepro.experiments.recipes <name>`; results in `results/recipes/`), never
   on test. Where a value was not searched, its source is given.
 
 A pre-training run that several notebooks need is built by one function here (`upstream_config`),
@@ -264,3 +264,9 @@ def scratch_config(profile: str, model: str, dataset: str, seed: int, steps: int
     return train_config(**pre, experiment=f"scratch-{profile}", model=model, dataset=dataset, img_size=img_size,
                         seed=seed, steps=steps, lr=CPU_LR[family(model)], warmup_steps=min(500, steps // 10),
                         augment=CPU_FINETUNE_AUGMENT)
+
+
+if __name__ == "__main__":  # the searches' command line (select.main); select itself never imports recipes
+    from .select import main
+
+    main(SEARCHES)

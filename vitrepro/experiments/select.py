@@ -1,7 +1,7 @@
 """Choose a recipe's hyper-parameters on held-out training data, never on test ([P] App. B: "we use
 a held-out part of the training data").
 
-    python -m vitrepro.experiments.select vit_pretrain      # one of SEARCHES; writes results/recipes/<name>.csv
+    python -m vitrepro.experiments.recipes vit_pretrain     # one of recipes.SEARCHES; writes results/recipes/<name>.csv
 
 A search trains one configuration per grid point with ``val_fraction`` > 0 and reads back only the
 accuracy on that validation part (``acc/<dataset>/val``). `best` refuses any other metric, so a
@@ -200,8 +200,3 @@ def main(searches: dict, argv=None) -> None:
         rows = run_search(name, search)
         print(f"[select {name}] chosen: {write_search(name, search, rows, Path(args.out))}", flush=True)
 
-
-if __name__ == "__main__":  # the program's entry point sits above recipes, which builds on this module
-    from vitrepro.experiments.recipes import SEARCHES
-
-    main(SEARCHES)
