@@ -79,28 +79,9 @@ _TOML_CACHE: dict[str, tuple[float, dict]] = {}
 def _parse_toml(text: str) -> dict:
     try:
         import tomllib  # Python >= 3.11
-    except ImportError:  # pragma: no cover - Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ImportError:
-            return _parse_flat_toml(text)
+    except ImportError:  # pragma: no cover - Python 3.10: the tomli dependency (pyproject.toml)
+        import tomli as tomllib  # type: ignore[no-redef]
     return tomllib.loads(text)
-
-
-def _parse_flat_toml(text: str) -> dict:  # pragma: no cover - only without tomllib/tomli
-    out = {}
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line or "=" not in line:
-            continue
-        k, v = (s.strip() for s in line.split("=", 1))
-        if v[:1] in "\"'":
-            out[k] = v[1:-1]
-        elif v.lower() in ("true", "false"):
-            out[k] = v.lower() == "true"
-        else:
-            out[k] = float(v)
-    return out
 
 
 def _config_path(env) -> Path | None:

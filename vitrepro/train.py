@@ -1169,7 +1169,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "cannot be written), each with its remedy")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. model=ViT-Nano/4 steps=300 lr=1e-3")
     p.add_argument("--config", help="JSON file with a configuration dict")
-    p.add_argument("--store", help="run store root (default $VITREPRO_RUNS or <repo>/runs)")
+    p.add_argument("--store", help="run store root (default: vitrepro.settings: $VITREPRO_RUNS, vitrepro.toml, <repo>/runs)")
     p.add_argument("--force", action="store_true", help="re-run even if a finished record exists")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "log", "none"])
     a = p.parse_intermixed_args(argv)  # key=value pairs before and after the options

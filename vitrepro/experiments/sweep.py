@@ -426,7 +426,8 @@ class _Sweep:
             rec = self.stored(cfg)
             if rec is None:
                 self.started(job)
-            self.finish(job, cfg, rec or _train_one(cfg, self.root, self.params.force, self.torchrun), rec is None)
+            torchrun = (self.torchrun,) if self.torchrun else ()  # launcher='torchrun': processes per run
+            self.finish(job, cfg, rec or _train_one(cfg, self.root, self.params.force, *torchrun), rec is None)
 
     def run_in_pool(self, workers: int) -> None:
         """Runs in a spawned process pool, one torch thread per worker; stopped workers leave runs resumable."""
