@@ -39,7 +39,7 @@ def check(params) -> None:
     if getattr(params, "launcher", "local") not in LAUNCHERS:
         raise ParameterError(f"launcher={params.launcher!r} is not one of {LAUNCHERS}")
     n = getattr(params, "nproc_per_node", None)
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+    if n is not None and n < 1:  # its type: validate_params (vitrepro.typed)
         raise ParameterError(f"nproc_per_node must be a positive integer or None, got {n!r}")
     if n is not None and params.launcher != "torchrun":
         raise ParameterError("nproc_per_node is only used with launcher='torchrun'")

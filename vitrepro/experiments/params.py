@@ -137,7 +137,7 @@ def validate_params(cls: type, values: dict[str, Any], *, strict_globals: bool =
         typed.check(cls, f.name, getattr(params, f.name), ParameterError)
     if params.profile not in PROFILES:
         raise ParameterError(f"profile={params.profile!r} is not one of {PROFILES}")
-    if params.seeds is not None and (not isinstance(params.seeds, int) or params.seeds < 1):
+    if params.seeds is not None and params.seeds < 1:  # its type: checked above
         raise ParameterError(f"seeds must be a positive integer (number of seeds), got {params.seeds!r}")
     if params.device not in ("auto", "cpu") and not str(params.device).startswith(("cuda", "mps")):
         raise ParameterError(f"device={params.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
