@@ -904,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m vitrepro.store check|repair|forget ...``"""
     import argparse
     ap = argparse.ArgumentParser(prog="python -m vitrepro.store", description="Inspect and mend the run store.")
-    ap.add_argument("--store", help="run store root (default $VITREPRO_RUNS or <repo>/runs)")
+    ap.add_argument("--store", help="run store root (default: vitrepro.settings: $VITREPRO_RUNS, vitrepro.toml, <repo>/runs)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="list runs with damaged files")
     c.add_argument("experiment", nargs="?")
