@@ -38,6 +38,7 @@ allow_partial: bool = False  # True: write tables from the runs that finished wh
 dry_run: bool = False  # True: every configuration of the profile a couple of steps on stand-in data (temporary run store)
 launcher: str = "local"  # local | torchrun: each configuration under torchrun --standalone (DDP), same run store
 nproc_per_node: "Optional[int]" = None  # torchrun processes per configuration; None: all visible GPUs (CPU: 1)
+tiny: bool = False  # with dry_run: models above 25 M parameters swapped for tiny ones of the same family
 
 # %%
 from vitrepro.experiments import common, scaling
