@@ -25,7 +25,7 @@ waits at a barrier for the others, then all time ``--sweep-steps`` steps togethe
 of the layout is all timed images over the longest worker's timed seconds. ``ratio`` is against ``pool``
 measured in the same run; ``% of peak`` counts the FLOPs the model executes (3 x ``models.flops(model,
 executed=True)`` per image) over the bf16 (or fp32) matmul peak measured in the same run
-(``machine.matmul_peak``, all threads). ``warm-up s`` is the first job's warm-up time per worker (compile
+(``machine_info.matmul_peak``, all threads). ``warm-up s`` is the first job's warm-up time per worker (compile
 time included; inductor caches compiled code on disk, so a second run of a shape starts in seconds).
 Results: ``<out>/sweep_<device>.md`` and ``.json``.
 """
