@@ -25,7 +25,8 @@ import pandas as pd
 
 from .experiments.params import REPO_ROOT
 from .experiments.results import SCHEMA, atomic_write_text  # SCHEMA: results.csv's long-form columns
-from .verdicts import VERDICTS, Verdict, gap_table
+from . import stats
+from .verdicts import VERDICTS, Verdict, correct, gap_table
 
 NOTEBOOKS = ("scaling", "position_embeddings", "transfer", "attention")
 
@@ -54,11 +55,31 @@ def load_results(results: Path) -> dict[str, pd.DataFrame]:
     return out
 
 
+def _p(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _verdict_cell(v: Verdict) -> str:
+    """The verdict, and beside it the flag of a claim resting on a model below its pixel baseline."""
+    return f"**{v.verdict}**" + (f" ⚑ {v.flag}" if v.flag else "")
+
+
 def verdict_table(verdicts: list[Verdict]) -> str:
-    lines = ["| claim (paper) | source | verdict | evidence (per-seed mean ± std, test statistic) |", "|---|---|---|---|"]
+    lines = ["| claim (paper) | source | verdict | p raw | p adj. | evidence (per-seed mean ± std, test statistic) |",
+             "|---|---|---|---|---|---|"]
     for v in verdicts:
-        lines.append(f"| {v.claim} | {v.source} | **{v.verdict}** | {v.evidence} |")
+        lines.append(f"| {v.claim} | {v.source} | {_verdict_cell(v)} | {_p(v.p)} | {_p(v.p_adj)} | {v.evidence} |")
     return "\n".join(lines)
+
+
+def all_verdicts(frames: dict[str, pd.DataFrame]) -> dict[str, list[Verdict]]:
+    """Every notebook's verdicts, corrected together (`verdicts.correct`): the summary table is one family."""
+    raw = [(nb, v) for nb in NOTEBOOKS if nb in frames for v in VERDICTS[nb](frames[nb])]
+    fixed = correct([v for _, v in raw])
+    out: dict[str, list[Verdict]] = {nb: [] for nb in NOTEBOOKS if nb in frames}
+    for (nb, _), v in zip(raw, fixed):
+        out[nb].append(v)
+    return out
 
 
 def build_report(results: Path | None = None) -> str:
@@ -72,7 +93,8 @@ def build_report(results: Path | None = None) -> str:
              "Our runs are CPU-scale stand-ins (Fashion-MNIST / MNIST / MNIST-1k, tiny models), so only the",
              "paper's qualitative claims can be compared; absolute numbers are not comparable.",
              ""]
-    parts += _summary(results, frames)
+    verdicts = all_verdicts(frames)
+    parts += _summary(results, verdicts)
     for nb, (title, tables) in SECTIONS.items():
         parts += [f"## {title}", ""]
         df = frames.get(nb)
@@ -82,7 +104,7 @@ def build_report(results: Path | None = None) -> str:
         profiles = ", ".join(sorted(df["profile"].dropna().unique())) if "profile" in df else "?"
         parts += [f"Notebook `notebooks/{nb}.ipynb`, profile(s): {profiles}; "
                   f"{df['run_id'].nunique() if 'run_id' in df else 0} runs. Tables: `results/{nb}/tables.md`.", ""]
-        parts += ["### Claims", "", verdict_table(VERDICTS[nb](df)), ""]
+        parts += ["### Claims", "", verdict_table(verdicts[nb]), ""]
         if nb == "scaling":
             for metric, stage, label in (("fewshot5", "pretrain", "5-shot"), ("top1", "finetune", "fine-tuned")):
                 gaps = gap_table(df, metric, stage)
@@ -102,14 +124,30 @@ def build_report(results: Path | None = None) -> str:
     return "\n".join(parts)
 
 
-def _summary(results: Path, frames: dict[str, pd.DataFrame]) -> list[str]:
+RULES = ("Verdicts follow rules fixed before the run (`vitrepro/stats.py`): one-sided Welch t-tests on independent "
+         "runs, paired t-tests where the design pairs (two layers of one model, two fine-tunes of one parent), the "
+         "four-group interaction contrast (Welch-Satterthwaite df) for \"gains more\", and equivalence (the 90 % "
+         "interval inside ±1 pp: alike; wholly outside: not alike) for \"alike\"; each side at 5 %. A claim of several "
+         "comparisons holds if all do (largest p) and is refuted if any reverses (smallest p times their number). "
+         f"\"p raw\" is the claim's deciding one-sided p; \"p adj.\" is {stats.CORRECTION}-adjusted across every tested "
+         "claim of this table, and the verdict is decided on it (\"before correction\" shows the raw decision). "
+         "⚑ flags a claim resting on a model below its pixel baseline; it keeps its verdict. Rules without a test "
+         "(p \"-\") stay outside the correction.")
+
+
+def _summary(results: Path, verdicts: dict[str, list[Verdict]]) -> list[str]:
     """Every claim's verdict in one table, and each notebook's wall time where run_all recorded it."""
     import json
 
-    lines = ["## Summary", "", "| notebook | claim (paper) | verdict |", "|---|---|---|"]
-    for nb in NOTEBOOKS:
-        if nb in frames:
-            lines += [f"| `{nb}` | {v.claim} | **{v.verdict}** |" for v in VERDICTS[nb](frames[nb])]
+    lines = ["## Summary", "", RULES, "",
+             "| notebook | claim (paper) | verdict | p raw | p adj. | before correction |", "|---|---|---|---|---|---|"]
+    for nb, vs in verdicts.items():
+        lines += [f"| `{nb}` | {v.claim} | {_verdict_cell(v)} | {_p(v.p)} | {_p(v.p_adj)} | {v.raw_verdict or v.verdict} |"
+                  for v in vs]
+    flat = [v for vs in verdicts.values() for v in vs]
+    decided = [v for v in flat if v.verdict in ("reproduced", "not reproduced")]
+    lines += ["", f"{len(decided)} of {len(flat)} claims reach a decision ({sum(not v.flag for v in decided)} of them "
+                  f"on models above their pixel baselines); {sum(v.tested for v in flat)} are tested and corrected together."]
     lines.append("")
     for f in sorted(results.glob("timings_*.json")):
         t = json.loads(f.read_text())

@@ -1,9 +1,27 @@
-"""The statistics behind every verdict: a one-sided Welch t-test for "A beats B" and a two one-sided
-tests (TOST) equivalence check for "A and B are alike", with the margin stated up front.
+"""The statistics behind every verdict, fixed before the run (issue 27): which test each kind of claim
+gets, at which level, and how the summary table is corrected for testing many claims.
 
-Both work on per-seed values (one number per independently trained model). With n seeds per group
-the tests have few degrees of freedom, so a small real difference or a tight equivalence can come
-out "inconclusive": that is the honest answer, and more seeds are the remedy.
+- "A beats B" on independent runs: one-sided Welch t-test (`scipy.stats.ttest_ind(equal_var=False)`).
+- "A beats B" where the design pairs (two layers of one model; two fine-tunes of one parent): one-sided
+  paired t-test (`scipy.stats.ttest_rel`) on the per-seed differences (`beats(..., paired=True)`).
+- "A gains more than B" from a change (1.8k -> 55k images) with independent runs in all four groups:
+  the interaction contrast (A_after - A_before) - (B_after - B_before), a t-test with its own
+  Welch-Satterthwaite degrees of freedom (`interaction`). Pairing seed i of one group with seed i of
+  another would invent a pairing the design does not have.
+- "A and B are alike within ±margin": the 90 % interval of the difference (the two one-sided tests,
+  TOST, at 5 % each). Inside the margin -> alike; wholly outside -> *not alike* (a difference larger
+  than the margin: evidence against the claim, not "no evidence"); otherwise inconclusive.
+
+Every test is two one-sided tests at `ALPHA` = 5 % each: one in the claim's direction (`p_for`), one
+against it (`p_against`), the same level as the 90 % intervals printed beside them. A claim made of
+several comparisons holds only if every part does (intersection-union: its `p_for` is the largest
+part's) and is refuted if any part reverses (Bonferroni within the claim: `p_against` is the smallest
+part's times the number of parts). Across the summary table the claims' p-values are adjusted with
+Benjamini-Hochberg (`adjust`, `scipy.stats.false_discovery_control`) and verdicts are decided on the
+adjusted p; raw and adjusted p are both reported.
+
+With n seeds per group the tests have few degrees of freedom, so a small real difference or a tight
+equivalence can come out "inconclusive": that is the honest answer, and more seeds are the remedy.
 
     beats([0.91, 0.92, 0.90], [0.85, 0.86, 0.84])   -> Comparison(verdict="reproduced", p=...)
     alike([0.90, 0.91, 0.89], [0.90, 0.90, 0.91])   -> Comparison(verdict=..., ci=(lo, hi))
@@ -16,18 +34,22 @@ from typing import Sequence
 
 import numpy as np
 
-ALPHA = 0.05          # one-sided level of every test
+ALPHA = 0.05          # one-sided level of every test (two one-sided tests: the 90 % interval)
 EQUIVALENCE_MARGIN = 0.01  # "alike" = |difference| <= 1 percentage point (accuracies as fractions)
 MIN_SEEDS = 3
+CORRECTION = "Benjamini-Hochberg"  # across the summary table's tested claims
 
 
 @dataclass
 class Comparison:
     verdict: str            # "reproduced" | "not reproduced" | "inconclusive" | "too few seeds"
-    diff: float             # mean(a) - mean(b)
-    p: float | None         # one-sided p-value of the test that decided (None: not computed)
-    ci: tuple[float, float] | None  # 90% Welch interval of the difference (equivalence)
-    n: tuple[int, int]
+    diff: float             # mean(a) - mean(b) (the contrast, for an interaction)
+    p: float | None         # one-sided p of the test that decided (None: not computed)
+    ci: tuple[float, float] | None  # 90 % interval of the difference
+    n: tuple[int, ...]
+    test: str = "Welch"     # "Welch" | "paired" | "interaction" | "TOST Welch" | "TOST paired"
+    p_for: float | None = None      # one-sided p in the claim's direction (beats / alike)
+    p_against: float | None = None  # one-sided p against it (reversal / a difference beyond the margin)
 
     def text(self, scale: float = 100.0, unit: str = "pp") -> str:
         parts = [f"Δ = {scale * self.diff:+.2f} {unit}"]
@@ -35,85 +57,142 @@ class Comparison:
             parts.append(f"90% CI [{scale * self.ci[0]:+.2f}, {scale * self.ci[1]:+.2f}] {unit}")
         if self.p is not None:
             parts.append(f"p = {self.p:.3g}")
-        parts.append(f"n = {self.n[0]}/{self.n[1]}")
+        parts.append(f"{self.test}, n = {'/'.join(str(k) for k in self.n)}")
         return ", ".join(parts)
 
 
-def _welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
-    """(difference of means, its standard error, Welch-Satterthwaite degrees of freedom)."""
-    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return float(a.mean() - b.mean()), 0.0, float(a.size + b.size - 2)
-    df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
-    return float(a.mean() - b.mean()), se, float(df)
+def _clean(x: Sequence[float]) -> np.ndarray:
+    return np.asarray([v for v in x if v is not None and not math.isnan(v)], dtype=float)
 
 
-def _arrays(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    a = np.asarray([x for x in a if x is not None and not math.isnan(x)], dtype=float)
-    b = np.asarray([x for x in b if x is not None and not math.isnan(x)], dtype=float)
-    return a, b
+def _arrays(a: Sequence[float], b: Sequence[float], paired: bool) -> tuple[np.ndarray, np.ndarray]:
+    if paired:  # drop a pair if either side is missing: the pairing is by position (seed)
+        if len(a) != len(b):
+            raise ValueError(f"a paired comparison needs equally many values on each side, got {len(a)} and {len(b)}")
+        keep = [i for i in range(len(a)) if not (a[i] is None or b[i] is None or math.isnan(a[i]) or math.isnan(b[i]))]
+        return np.asarray([a[i] for i in keep], dtype=float), np.asarray([b[i] for i in keep], dtype=float)
+    return _clean(a), _clean(b)
 
 
-def beats(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA) -> Comparison:
-    """Is A's mean above B's? One-sided Welch t-test of H0: mean(a) <= mean(b).
+def _too_few(a: np.ndarray, b: np.ndarray, test: str) -> Comparison | None:
+    if a.size >= MIN_SEEDS and b.size >= MIN_SEEDS:
+        return None
+    diff = float(a.mean() - b.mean()) if a.size and b.size else math.nan
+    return Comparison("too few seeds", diff, None, None, (a.size, b.size), test)
+
+
+def _constant(a: np.ndarray, b: np.ndarray, paired: bool) -> bool:
+    """No spread at all: scipy's t statistic is undefined (0/0), the difference is exact."""
+    return bool(np.ptp(a - b) == 0) if paired else bool(np.ptp(a) == 0 and np.ptp(b) == 0)
+
+
+def _ttest(a: np.ndarray, b: np.ndarray, paired: bool, alternative: str):
+    from scipy import stats
+
+    if paired:
+        return stats.ttest_rel(a, b, alternative=alternative)
+    return stats.ttest_ind(a, b, equal_var=False, alternative=alternative)
+
+
+def _interval(a: np.ndarray, b: np.ndarray, paired: bool, alpha: float) -> tuple[float, float]:
+    ci = _ttest(a, b, paired, "two-sided").confidence_interval(confidence_level=1 - 2 * alpha)
+    return float(ci.low), float(ci.high)
+
+
+def decide(p_for: float | None, p_against: float | None, alpha: float = ALPHA) -> str:
+    """reproduced: the test in the claim's direction is significant; not reproduced: the one against it is."""
+    if p_for is None or p_against is None:
+        return "too few seeds"
+    return "reproduced" if p_for < alpha else ("not reproduced" if p_against < alpha else "inconclusive")
+
+
+def _result(diff, p_for, p_against, ci, n, test, alpha) -> Comparison:
+    verdict = decide(p_for, p_against, alpha)
+    return Comparison(verdict, diff, p_against if verdict == "not reproduced" else p_for, ci, n, test, p_for, p_against)
+
+
+def beats(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA, paired: bool = False) -> Comparison:
+    """Is A's mean above B's? One-sided Welch t-test of H0: mean(a) <= mean(b) (``paired``: a paired
+    t-test of the per-seed differences; a[i] and b[i] must come from the same seed's model or parent).
 
     reproduced: p < alpha; not reproduced: the reverse one-sided test is significant (B above A);
     inconclusive: neither."""
-    from scipy import stats
-
-    a, b = _arrays(a, b)
-    if a.size < MIN_SEEDS or b.size < MIN_SEEDS:
-        return Comparison("too few seeds", float(a.mean() - b.mean()) if a.size and b.size else math.nan,
-                          None, None, (a.size, b.size))
-    diff, se, df = _welch(a, b)
-    if se == 0:
-        p = 0.0 if diff > 0 else 1.0
-        p_rev = 0.0 if diff < 0 else 1.0
-    else:
-        p = float(stats.t.sf(diff / se, df))
-        p_rev = float(stats.t.sf(-diff / se, df))
-    verdict = "reproduced" if p < alpha else ("not reproduced" if p_rev < alpha else "inconclusive")
-    return Comparison(verdict, diff, p if verdict != "not reproduced" else p_rev, None, (a.size, b.size))
+    test = "paired" if paired else "Welch"
+    a, b = _arrays(a, b, paired)
+    if (few := _too_few(a, b, test)) is not None:
+        return few
+    diff = float(a.mean() - b.mean())
+    if _constant(a, b, paired):
+        return _result(diff, 0.0 if diff > 0 else 1.0, 0.0 if diff < 0 else 1.0, (diff, diff), (a.size, b.size), test, alpha)
+    p_for = float(_ttest(a, b, paired, "greater").pvalue)
+    p_against = float(_ttest(a, b, paired, "less").pvalue)
+    return _result(diff, p_for, p_against, _interval(a, b, paired, alpha), (a.size, b.size), test, alpha)
 
 
 def alike(a: Sequence[float], b: Sequence[float], margin: float = EQUIVALENCE_MARGIN,
-          alpha: float = ALPHA) -> Comparison:
-    """Are A and B equivalent within ``margin``? TOST: the (1 - 2 alpha) Welch interval of the
-    difference lies inside [-margin, margin] -> reproduced; it lies wholly outside -> not reproduced
-    (a real difference larger than the margin); otherwise inconclusive. Noise widens the interval,
-    so noisier runs can only make "alike" harder to reach, never easier."""
+          alpha: float = ALPHA, paired: bool = False) -> Comparison:
+    """Are A and B equivalent within ``margin``? TOST: the (1 - 2 alpha) interval of the difference lies
+    inside [-margin, margin] -> reproduced (alike); it lies wholly outside -> not reproduced (not alike:
+    a real difference larger than the margin); otherwise inconclusive. Noise widens the interval, so
+    noisier runs can only make either conclusion harder to reach, never easier.
+
+    p_for is the TOST p (the larger of the two one-sided p); p_against the one-sided p that the
+    difference exceeds the margin on the side of the estimate (below alpha exactly when the interval
+    lies wholly outside the margin)."""
+    test = "TOST paired" if paired else "TOST Welch"
+    a, b = _arrays(a, b, paired)
+    if (few := _too_few(a, b, test)) is not None:
+        return few
+    diff = float(a.mean() - b.mean())
+    if _constant(a, b, paired):
+        inside = abs(diff) <= margin
+        return _result(diff, 0.0 if inside else 1.0, 1.0 if inside else 0.0, (diff, diff), (a.size, b.size), test, alpha)
+    # the difference shifted by the margin: H0 diff <= -margin, and H0 diff >= +margin
+    p_for = max(float(_ttest(a + margin, b, paired, "greater").pvalue), float(_ttest(a - margin, b, paired, "less").pvalue))
+    p_against = (float(_ttest(a - margin, b, paired, "greater").pvalue) if diff >= 0
+                 else float(_ttest(a + margin, b, paired, "less").pvalue))
+    return _result(diff, p_for, p_against, _interval(a, b, paired, alpha), (a.size, b.size), test, alpha)
+
+
+def interaction(a_after: Sequence[float], a_before: Sequence[float], b_after: Sequence[float],
+                b_before: Sequence[float], alpha: float = ALPHA) -> Comparison:
+    """Does A gain more than B from before -> after? Four independent groups; the contrast
+    (mean A_after - mean A_before) - (mean B_after - mean B_before) with standard error
+    sqrt(sum var_i / n_i) and Welch-Satterthwaite degrees of freedom
+    (sum v_i)^2 / sum(v_i^2 / (n_i - 1)), v_i = var_i / n_i; one-sided t-test of H0: contrast <= 0.
+    This is the two-way model's interaction term without assuming equal variances."""
     from scipy import stats
 
-    a, b = _arrays(a, b)
-    if a.size < MIN_SEEDS or b.size < MIN_SEEDS:
-        return Comparison("too few seeds", float(a.mean() - b.mean()) if a.size and b.size else math.nan,
-                          None, None, (a.size, b.size))
-    diff, se, df = _welch(a, b)
+    groups = [_clean(g) for g in (a_after, a_before, b_after, b_before)]
+    n = tuple(g.size for g in groups)
+    test = "interaction"
+    if min(n) < MIN_SEEDS:
+        diff = float(sum(c * g.mean() for c, g in zip((1, -1, -1, 1), groups))) if min(n) else math.nan
+        return Comparison("too few seeds", diff, None, None, n, test)
+    diff = float(sum(c * g.mean() for c, g in zip((1, -1, -1, 1), groups)))
+    v = np.array([g.var(ddof=1) / g.size for g in groups])
+    se = math.sqrt(v.sum())
+    if se == 0:
+        return _result(diff, 0.0 if diff > 0 else 1.0, 0.0 if diff < 0 else 1.0, (diff, diff), n, test, alpha)
+    df = v.sum() ** 2 / sum(vi ** 2 / (g.size - 1) for vi, g in zip(v, groups) if vi > 0)
     half = float(stats.t.ppf(1 - alpha, df)) * se
-    lo, hi = diff - half, diff + half
-    if -margin <= lo and hi <= margin:
-        verdict = "reproduced"
-    elif lo > margin or hi < -margin:
-        verdict = "not reproduced"
-    else:
-        verdict = "inconclusive"
-    p = None
-    if se > 0:  # TOST p-value: the larger of the two one-sided p-values
-        p = float(max(stats.t.sf((diff + margin) / se, df), stats.t.sf((margin - diff) / se, df)))
-    return Comparison(verdict, diff, p, (lo, hi), (a.size, b.size))
+    p_for, p_against = float(stats.t.sf(diff / se, df)), float(stats.t.cdf(diff / se, df))
+    return _result(diff, p_for, p_against, (diff - half, diff + half), n, test, alpha)
 
 
-def combine(verdicts: Sequence[str]) -> str:
-    """One verdict for a claim made of several comparisons: reproduced only if all are; not reproduced
-    if any is; otherwise inconclusive (or too few seeds)."""
-    verdicts = list(verdicts)
-    if not verdicts:
-        return "not run"
-    if "too few seeds" in verdicts:
-        return "too few seeds"
-    if all(v == "reproduced" for v in verdicts):
-        return "reproduced"
-    if any(v == "not reproduced" for v in verdicts):
-        return "not reproduced"
-    return "inconclusive"
+def claim_p(comparisons: Sequence[Comparison]) -> tuple[float | None, float | None]:
+    """(p_for, p_against) of a claim made of several comparisons: it holds only if every part holds
+    (intersection-union test: the largest p_for), it is refuted if any part reverses (Bonferroni over
+    the parts: the smallest p_against times their number). None where a part was not tested."""
+    comparisons = list(comparisons)
+    if not comparisons or any(c.p_for is None or c.p_against is None for c in comparisons):
+        return None, None
+    return max(c.p_for for c in comparisons), min(1.0, len(comparisons) * min(c.p_against for c in comparisons))
+
+
+def adjust(p: Sequence[float]) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (`CORRECTION`) of the summary table's tested claims."""
+    from scipy.stats import false_discovery_control
+
+    p = np.asarray(p, dtype=float)
+    return false_discovery_control(p, method="bh") if p.size else p
