@@ -101,10 +101,10 @@ def test_table8_and_d3_at_different_sizes_keep_their_own_runs_and_baselines():
     assert top1.iloc[-1]["stem"].startswith("84.00")  # the 5.5k logistic regression, not the mean of both
     assert "App. D.3: class token vs global average pooling (same head), learning rate chosen on validation, " \
            "pre-trained on 1,800 images" in tables
-    texts = {v.claim: (v.verdict, v.evidence) for v in verdicts.position_embedding_verdicts(df)}
-    assert texts["No position embedding is worse than 1-D, 2-D and relative (top-1)"][0] != verdicts.INVALID
+    texts = {v.claim: v for v in verdicts.position_embedding_verdicts(df)}
+    assert verdicts.BELOW not in texts["No position embedding is worse than 1-D, 2-D and relative (top-1)"].flag
     pool_top1 = texts["Class token and GAP work alike within ±1 pp, each at its own learning rate (top-1)"]
-    assert pool_top1[0] == verdicts.INVALID and "pixels 81.0%" in pool_top1[1]
+    assert verdicts.BELOW in pool_top1.flag and "pixels 81.0%" in pool_top1.flag
 
 
 def test_no_experiment_selects_on_a_test_metric():
@@ -171,7 +171,7 @@ def test_welch_p_value_matches_scipy():
 
 def test_fewer_than_three_seeds_give_no_verdict():
     assert stats.beats([0.9, 0.91], [0.1, 0.2]).verdict == "too few seeds"
-    assert stats.combine(["reproduced", "too few seeds"]) == "too few seeds"
+    assert stats.claim_p([stats.beats([0.9, 0.91], [0.1, 0.2]), stats.beats([.9, .91, .92], [.1, .2, .3])]) == (None, None)
 
 
 def _scaling_frame(vit_small, res_small, base=0.5):
@@ -208,12 +208,14 @@ def test_a_resolution_design_the_profile_does_not_run_is_named_not_run():
     assert set(both.values()) == {"reproduced"} and len(both) == 2
 
 
-def test_verdict_is_invalid_when_a_model_is_below_the_pixel_baseline():
+def test_verdict_is_flagged_not_voided_when_a_model_is_below_the_pixel_baseline():
+    """Issue 27: the verdict stands and the flag beside it names the model under its floor, for every metric."""
     df = _scaling_frame([0.60, 0.61, 0.62], [0.70, 0.71, 0.72], base=0.65)
     v = verdicts.scaling_verdicts(df)[0]
-    assert v.verdict == verdicts.INVALID
+    assert v.verdict == "reproduced" and v.flag.startswith(verdicts.BELOW) and "ViT-Nano/4 at 1800" in v.flag
+    assert "BiT-R14x0.25" not in v.flag  # 71 % is above the 65 % floor
     df = _scaling_frame([0.60, 0.61, 0.62], [0.70, 0.71, 0.72], base=0.5)
-    assert verdicts.scaling_verdicts(df)[0].verdict == "reproduced"
+    assert verdicts.scaling_verdicts(df)[0].verdict == "reproduced" and verdicts.scaling_verdicts(df)[0].flag == ""
 
 
 # ------------------------------------------------------------------------------ designs and budgets
@@ -329,7 +331,9 @@ def test_transfer_is_judged_per_downstream_set_against_its_own_pixel_baseline():
                    scratch.format("mnist"): "inconclusive", scratch.format(low): "reproduced"}
     rows[-1]["value"] = 0.97  # the low-data set's own baseline above its 5.5k fine-tunes
     got = {v.claim: v.verdict for v in verdicts.transfer_verdicts(pd.DataFrame(rows))}
-    assert got[larger.format(low)] == verdicts.INVALID and got[larger.format("mnist")] == "inconclusive"
+    flags = {v.claim: v.flag for v in verdicts.transfer_verdicts(pd.DataFrame(rows))}
+    assert got[larger.format(low)] == "reproduced" and verdicts.BELOW in flags[larger.format(low)]
+    assert got[larger.format("mnist")] == "inconclusive" and flags[larger.format("mnist")] == ""
 
 
 def test_validation_size_counts_the_held_out_images_not_the_unused_ones():

@@ -104,9 +104,10 @@ def build_report(results: Path | None = None) -> str:
         profiles = ", ".join(sorted(df["profile"].dropna().unique())) if "profile" in df else "?"
         parts += [f"Notebook `notebooks/{nb}.ipynb`, profile(s): {profiles}; "
                   f"{df['run_id'].nunique() if 'run_id' in df else 0} runs. Tables: `results/{nb}/tables.md`.", ""]
-        parts += ["### Claims", "", verdict_table(verdicts[nb]), ""]
+        parts += [_data_note(df), "", "### Claims", "", verdict_table(verdicts[nb]), ""]
         if nb == "scaling":
-            for metric, stage, label in (("fewshot5", "pretrain", "5-shot"), ("top1", "finetune", "fine-tuned")):
+            probes = [(m, "pretrain", f"{m.removeprefix('fewshot')}-shot") for m in ("fewshot5", "fewshot10", "fewshot25")]
+            for metric, stage, label in probes + [("top1", "finetune", "fine-tuned")]:
                 gaps = gap_table(df, metric, stage)
                 if len(gaps):
                     parts += [f"### ViT - ResNet gap against pre-training data ({label}, Fig. 3/4 trend)", "",
@@ -133,6 +134,24 @@ RULES = ("Verdicts follow rules fixed before the run (`vitrepro/stats.py`): one-
          "claim of this table, and the verdict is decided on it (\"before correction\" shows the raw decision). "
          "⚑ flags a claim resting on a model below its pixel baseline; it keeps its verdict. Rules without a test "
          "(p \"-\") stay outside the correction.")
+
+
+def _data_note(df: pd.DataFrame) -> str:
+    """Whether each model seed drew its own training subset, and how many shot draws a few-shot value
+    averages: a verdict on one fixed subset is conditional on it, and the report says so."""
+    models = df[df.stage.isin(["pretrain", "finetune", "scratch"])] if "stage" in df else df
+    if "data_seed" not in models or models.data_seed.isna().all():
+        data = ("the training subset of each run is not recorded in this results.csv (exported before the "
+                "`data_seed` column): treat every verdict as conditional on one subset")
+    else:
+        pre = models[models.stage == "pretrain"] if (models.stage == "pretrain").any() else models
+        fixed = (pre.data_seed != pre.seed).any() and pre.data_seed.nunique() == 1
+        data = (f"every seed trains on the same subset (data_seed {int(pre.data_seed.iloc[0])}): each verdict is "
+                "conditional on that one subset" if fixed else "each seed draws its own subset (data_seed = seed)")
+    draws = models.loc[models.metric.astype(str).str.startswith("fewshot"), "shot_draws"] if "shot_draws" in models else None
+    shots = (f"; each few-shot value averages {int(draws.max())} shot draws" if draws is not None and draws.notna().any()
+             else "")
+    return f"Data: {data}{shots}."
 
 
 def _summary(results: Path, verdicts: dict[str, list[Verdict]]) -> list[str]:

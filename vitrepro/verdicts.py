@@ -135,8 +135,9 @@ def _main_model(d: pd.DataFrame, family: str) -> str | None:
     g = select(d, family=family)
     if g.empty:
         return None
-    k = g.groupby("model").agg(sizes=("upstream_examples", "nunique"), params=("params", "mean"))
-    return k.sort_values(["sizes", "params"], ascending=[False, True]).index[0]
+    g = g if "params" in g else g.assign(params=0)
+    k = g.groupby("model").agg(sizes=("upstream_examples", "nunique"), params=("params", "mean")).reset_index()
+    return k.sort_values(["sizes", "params", "model"], ascending=[False, True, True]).model.iloc[0]
 
 
 def scaling_verdicts(df: pd.DataFrame) -> list[Verdict]:
@@ -182,6 +183,7 @@ def _larger_vit_verdict(df: pd.DataFrame) -> list[Verdict]:
     smaller ViT's (four independent groups), on the 5-shot probe (the metric measured at every size)."""
     claim, src = "Larger ViTs pay off only with more pre-training data (5-shot linear)", "[P] §4.3, Fig. 3/4"
     d = select(df, metric="fewshot5", stage="pretrain", family="ViT")
+    d = d if "params" in d else d.assign(params=0)
     k = d.groupby("model").agg(params=("params", "mean"), sizes=("upstream_examples", lambda s: set(s.dropna())))
     if len(k) < 2:
         return [Verdict(claim, src, "not run", "one ViT size in these results: the cpu profile's `vit_sizes` "

@@ -14,7 +14,10 @@ from .sweep import LAST_SWEEP, SweepError
 # The long-form results frame every notebook writes (results.csv) and vitrepro.report reads.
 SCHEMA = ["notebook", "profile", "run_id", "stage", "model", "family", "upstream", "upstream_examples",
           "dataset", "img_size", "pos_embed", "pos_embed_at", "pool", "lr", "seed", "metric", "value",
-          "train_flops", "params", "wall_s"]
+          "train_flops", "params", "wall_s", "data_seed", "shot_draws"]
+# data_seed: the seed of the run's training subset / hold-out draw (the model seed unless fixed);
+# shot_draws: how many shot draws each few-shot value averages (issue 27: the report says whether the
+# data varied with the seed and how noisy the probe is)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -89,6 +92,15 @@ def _metric_rows(record: dict) -> list[tuple[str, str, float]]:
     return rows
 
 
+def _data_seed(cfg: dict):
+    return cfg.get("seed") if cfg.get("data_seed") is None else cfg.get("data_seed")
+
+
+def _shot_draws(cfg: dict):
+    probes = [e for e in cfg.get("evaluators") or [] if isinstance(e, dict) and e.get("type") == "fewshot"]
+    return len(probes[0].get("seeds", (0, 1, 2))) if probes else None
+
+
 def _family(model: str) -> str:
     return "Hybrid" if "+" in model else ("ResNet" if model.startswith("BiT") else "ViT")
 
@@ -133,7 +145,7 @@ def tidy(results: Sequence[tuple[Job, dict]], notebook: str, profile: str):
                 pos_embed=arch.get("pos_embed") or "1d", pos_embed_at=arch.get("pos_embed_at") or "stem",
                 pool=arch.get("pool") or "token", lr=cfg.get("lr"), seed=cfg.get("seed"), metric=metric,
                 value=value, train_flops=rec.get("train_flops"), params=rec.get("params"),
-                wall_s=rec.get("wall_time_s")))
+                wall_s=rec.get("wall_time_s"), data_seed=_data_seed(cfg), shot_draws=_shot_draws(cfg)))
     frame = pd.DataFrame(rows, columns=SCHEMA)
     partial = getattr(results, "partial", None)
     if partial:
