@@ -232,3 +232,38 @@ def test_upstream_runs_take_the_data_seed_and_probe_options():
     assert cfg["data_seed"] == 2 and probe["shots"] == [5, 10, 25] and probe["seeds"] == list(range(10))
     fixed = recipes.upstream_config("cpu", "ViT-Nano/4", 2, n=1800, **recipes.SEARCH_DATA)
     assert fixed["data_seed"] == 0 and next(e for e in fixed["evaluators"] if e["type"] == "fewshot")["seeds"] == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------ new claims of build 1
+def _sweep(models, gains, base=0.6):
+    rows = []
+    for model, (fam, flops, small, gain) in zip(models, gains):
+        for n, add in ((1800, 0.0), (55000, gain)):
+            for seed, noise in enumerate((-0.004, 0.0, 0.005)):
+                rows.append(dict(stage="pretrain", model=model, family=fam, upstream_examples=n, seed=seed,
+                                 dataset="fashion_mnist", metric="fewshot5", value=small + add + noise,
+                                 train_flops=flops * (1 if n == 1800 else 30), params=2e5))
+    rows += [dict(stage="baseline", model="pixels", family="baseline", dataset="fashion_mnist", metric="fewshot5",
+                  value=base, seed=s, upstream_examples=None) for s in range(3)]
+    return pd.DataFrame(rows)
+
+
+def test_larger_vit_is_the_one_with_more_compute_and_the_claim_an_interaction():
+    """ViT-Nano/7 has more parameters than ViT-Nano/4 but a third of its compute: the larger is Nano/4.
+    It trails at 1.8k and gains 10 pp more by 55k: reproduced; with equal gains it is not reproduced."""
+    models = ("ViT-Nano/4", "ViT-Nano/7", "BiT-R14x0.25")
+    df = _sweep(models, [("ViT", 3e12, 0.66, 0.25), ("ViT", 1e12, 0.70, 0.15), ("ResNet", 5e11, 0.8, 0.07)])
+    v = next(v for v in verdicts.scaling_verdicts(df) if v.claim.startswith("Larger ViTs"))
+    assert v.verdict == "reproduced" and "(ViT-Nano/4 gain) - (ViT-Nano/7 gain)" in v.evidence
+    df = _sweep(models, [("ViT", 3e12, 0.66, 0.15), ("ViT", 1e12, 0.70, 0.15), ("ResNet", 5e11, 0.8, 0.07)])
+    v = next(v for v in verdicts.scaling_verdicts(df) if v.claim.startswith("Larger ViTs"))
+    assert v.verdict != "reproduced"
+
+
+def test_hybrid_is_judged_against_its_vit_at_the_smallest_size():
+    models = ("ViT-Nano/4", "BiT-R14x0.25", "R14x0.25+ViT-Nano/4")
+    df = _sweep(models, [("ViT", 3e12, 0.66, 0.2), ("ResNet", 5e11, 0.8, 0.07), ("Hybrid", 3.3e12, 0.75, 0.1)])
+    v = next(v for v in verdicts.scaling_verdicts(df) if v.claim.startswith("Hybrids beat ViT"))
+    assert v.verdict == "reproduced" and "R14x0.25+ViT-Nano/4 - ViT-Nano/4 at 1800" in v.evidence
+    # the main ViT of the sweep stays ViT-Nano/4 (the one at most sizes), not the alphabetically first
+    assert verdicts._main_model(df[df.metric == "fewshot5"], "ViT") == "ViT-Nano/4"

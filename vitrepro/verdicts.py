@@ -178,29 +178,32 @@ def scaling_verdicts(df: pd.DataFrame) -> list[Verdict]:
 
 
 def _larger_vit_verdict(df: pd.DataFrame) -> list[Verdict]:
-    """[P] §4.3: larger ViTs trail smaller ones on small data and pay off on large data. Tested as the
-    interaction: the larger ViT's gain from the smallest to the largest pre-training set minus the
-    smaller ViT's (four independent groups), on the 5-shot probe (the metric measured at every size)."""
+    """[P] §4.3: larger ViTs trail smaller ones on small data and pay off on large data. "Larger" is more
+    pre-training compute per image (`train_flops` at a shared size: a smaller patch or a wider, deeper model,
+    as Fig. 5's x-axis). Tested as the interaction: the larger ViT's gain from the smallest to the largest
+    shared pre-training set minus the smaller ViT's (four independent groups), on the 5-shot probe."""
     claim, src = "Larger ViTs pay off only with more pre-training data (5-shot linear)", "[P] §4.3, Fig. 3/4"
     d = select(df, metric="fewshot5", stage="pretrain", family="ViT")
-    d = d if "params" in d else d.assign(params=0)
-    k = d.groupby("model").agg(params=("params", "mean"), sizes=("upstream_examples", lambda s: set(s.dropna())))
-    if len(k) < 2:
-        return [Verdict(claim, src, "not run", "one ViT size in these results: the cpu profile's `vit_sizes` "
+    d = d if "train_flops" in d else d.assign(train_flops=0.0)
+    sizes = d.groupby("model").upstream_examples.apply(lambda s: set(s.dropna()))
+    if len(sizes) < 2:
+        return [Verdict(claim, src, "not run", "one ViT size in these results: the cpu profile's `model_sizes` "
                                               "adds a second at the smallest and largest pre-training sizes")]
-    k = k.sort_values("params")
-    smaller, larger = k.index[0], k.index[-1]
-    shared = sorted(k.sizes.iloc[0] & k.sizes.iloc[-1])
-    if len(shared) < 2:
-        return [Verdict(claim, src, "not run", f"{smaller} and {larger} share fewer than two pre-training sizes")]
-    lo, hi = shared[0], shared[-1]
+    pairs = [(a, b) for a in sizes.index for b in sizes.index if a < b and len(sizes[a] & sizes[b]) >= 2]
+    if not pairs:
+        return [Verdict(claim, src, "not run", "no two ViT sizes share two pre-training sizes")]
+    a, b = max(pairs, key=lambda ab: len(sizes[ab[0]] & sizes[ab[1]]))
+    lo, hi = min(sizes[a] & sizes[b]), max(sizes[a] & sizes[b])
+    cost = {m: float(select(d, model=m, upstream_examples=hi).train_flops.mean()) for m in (a, b)}
+    smaller, larger = sorted((a, b), key=lambda m: (cost[m], m))
     g = {(m, n): seeds(d, model=m, upstream_examples=n) for m in (smaller, larger) for n in (lo, hi)}
     base = {n: floor(df, "fewshot5", d.dataset.iloc[0], n) for n in (lo, hi)}
     verdict, ev, kw = _judge({f"({larger} gain) - ({smaller} gain)": stats.interaction(
         g[larger, hi], g[larger, lo], g[smaller, hi], g[smaller, lo])},
         {f"{m} at {int(n)}": (g[m, n], base[n]) for m in (smaller, larger) for n in (lo, hi)})
     means = ", ".join(f"{m} at {int(n)} {pct(g[m, n])}" for m in (smaller, larger) for n in (lo, hi))
-    return [Verdict(claim, src, verdict, f"{means}; {ev}", **kw)]
+    ratio = f" ({larger} {cost[larger] / cost[smaller]:.1f}x the compute)" if cost[smaller] > 0 else ""
+    return [Verdict(claim, src, verdict, f"{means}{ratio}; {ev}", **kw)]
 
 
 def _hybrid_verdict(df: pd.DataFrame) -> list[Verdict]:

@@ -172,9 +172,11 @@ def pretrain_steps(n: int, epochs: float = CPU_EPOCHS, cap: float = CPU_MAX_SUBS
 # conditional on one subset). CPU_FEWSHOT_SHOTS / CPU_FEWSHOT_DRAWS: the shot counts probed and how many
 # class-balanced shot draws each is averaged over (the probe's own noise shrinks as 1/sqrt(draws); a draw
 # costs one least-squares fit on features computed once per run, milliseconds).
-CPU_DATA_SEED: int | None = 0
-CPU_FEWSHOT_SHOTS: tuple[int, ...] = (5,)
-CPU_FEWSHOT_DRAWS = 3
+# The cpu profile (issue 27, build 1): every seed its own subset and hold-out; 10 draws of 5, 10 and 25 shots
+# (the 5-shot SD was about twice top-1's, up to two thirds of it probe noise with 3 draws).
+CPU_DATA_SEED: int | None = None
+CPU_FEWSHOT_SHOTS: tuple[int, ...] = (5, 10, 25)
+CPU_FEWSHOT_DRAWS = 10
 # What the recipe searches of results/recipes/ ran with (their run ids must not move when the profile's change)
 SEARCH_DATA = dict(data_seed=0, fewshot_shots=(5,), fewshot_draws=3)
 
@@ -236,6 +238,19 @@ def _finetune() -> Search:
                        "upwards until its largest value lost.")
 
 
+def _finetune_bit() -> Search:
+    """Issue 27: the fine-tuning recipe was searched with a ViT parent only. The same lr grid with the ResNet's
+    parent, on MNIST-1k (where the cpu profile's fine-tuned claims now rest) at its step budget; its winner
+    goes to `CPU_FINETUNE_LR["bit"]`. Not yet run: `python -m vitrepro.experiments.select finetune_bit`
+    (7 runs, ~3 process-min), before the final cpu run."""
+    parent = upstream_config("select", "BiT-R14x0.25", 0, epochs=3, **SEARCH_DATA)
+    base = dict(_finetune_1k().base, model="BiT-R14x0.25", steps=cpu_finetune_steps(MNIST_1K),
+                augment=CPU_FINETUNE_AUGMENT)
+    return Search(base=base, grid={"lr": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]}, parent=parent,
+                  note=f"Fine-tuning BiT-R14x0.25 (pre-trained 3 epochs on Fashion-MNIST, lr {CPU_LR['bit']:g}) on "
+                       f"MNIST with {LOW_DATA_EXAMPLES:,} training images, 10% of MNIST's split held out; the ViT's grid.")
+
+
 def _finetune_budget() -> Search:
     lr_search = _finetune()
     base = dict(lr_search.base, lr=CPU_FINETUNE["lr"])
@@ -256,7 +271,10 @@ def _finetune_1k() -> Search:
 
 
 SEARCHES = {"vit_pretrain": _vit_pretrain, "bit_pretrain": _bit_pretrain, "finetune": _finetune,
-            "finetune_budget": _finetune_budget, "finetune_1k": _finetune_1k}
+            "finetune_budget": _finetune_budget, "finetune_1k": _finetune_1k, "finetune_bit": _finetune_bit}
+PENDING_SEARCHES = ("finetune_bit",)  # defined before the final run, not yet run (no results/recipes/<name>.csv)
+# The fine-tuning lr per family: the ViT's from the `finetune` search; the ResNet's until `finetune_bit` has run
+CPU_FINETUNE_LR = {"vit": CPU_FINETUNE["lr"], "bit": CPU_FINETUNE["lr"], "hybrid": CPU_FINETUNE["lr"]}
 
 
 def finetune_config(profile: str, model: str, dataset: str, seed: int, img_size: int = 28, **changes) -> dict:
@@ -265,7 +283,8 @@ def finetune_config(profile: str, model: str, dataset: str, seed: int, img_size:
     Shared by the scaling and transfer notebooks (same experiment name, so the same run)."""
     from .common import train_config
 
-    return train_config(**{**CPU_FINETUNE, "steps": cpu_finetune_steps(dataset), **changes},
+    return train_config(**{**CPU_FINETUNE, "lr": CPU_FINETUNE_LR[family(model)], "steps": cpu_finetune_steps(dataset),
+                           **changes},
                         experiment=f"finetune-{profile}", model=model, dataset=dataset, img_size=img_size, seed=seed,
                         augment=CPU_FINETUNE_AUGMENT)
 

@@ -57,6 +57,8 @@ class Profile:
     # learning rate (ViTs on ImageNet-size data 3e-3, ResNets 1e-3; hybrids follow their ViT)
     family_pretrain: dict = field(default_factory=dict)
     finetuned_sizes: tuple | None = None  # the sizes whose models are also fine-tuned (None: every size)
+    model_sizes: dict = field(default_factory=dict)  # a model's own pre-training sizes (default: `sizes`)
+    finetuned_models: tuple | None = None  # the models that are also fine-tuned (None: every model)
 
 
 def smoke() -> Profile:
@@ -72,28 +74,41 @@ def smoke() -> Profile:
 def cpu() -> Profile:
     """Fashion-MNIST subsets of 1.8k, 5.5k, 18k and 55k images (30x), 3 seeds; Fig. 3/4/5 at CPU scale.
 
-    Models: ViT-Nano/4 (0.21 M parameters, 7x7 patches) and BiT-R14x0.25 (0.51 M), each pre-trained with
-    the cpu recipe of `recipes.py` (AdamW at batch 128, lr 2e-3 for the ViT and 1e-2 for the ResNet, both
-    chosen on validation; no augmentation, also chosen on validation) for one
-    long schedule (8 epochs of the 55k set, a subset capped at 30 passes) and early-stopped on the 5k
-    held-out training images ([P] §4.3). Measured by the 5-shot linear probe on held-out Fashion-MNIST
-    images (Fig. 4; shots from the validation part, never trained on) and by fine-tuning on MNIST
-    (Fig. 3; its whole 8k training split, SGD momentum, 2,000 steps with random translation; lr, steps and
-    augmentation chosen on validation). Fine-tuned are the models of three sizes, 1.8k, 5.5k and 55k (30x),
-    as Fig. 3 has three pre-training sets (ImageNet, ImageNet-21k, JFT-300M); the 18k models are probed
-    only, as Fig. 4's JFT subsets are: fine-tuning them too would add ~6 min on 2 cores, to the 90-min budget's
-    cost, at MNIST's ~98 % ceiling where 18k and 55k fine-tune alike (last run: 98.2 vs 98.1 %).
-    The 55k ViT run is the shared upstream model of transfer and attention (one run, many uses).
+    Models: ViT-Nano/4 (0.21 M parameters, 7x7 patches) and BiT-R14x0.25 (0.51 M) at every size, each
+    pre-trained with the cpu recipe of `recipes.py` (AdamW at batch 128, lr 2e-3 for the ViT and 1e-2 for the
+    ResNet, both chosen on validation; no augmentation, also chosen on validation) for one long schedule
+    (8 epochs of the 55k set, a subset capped at 30 passes) and early-stopped on 5k held-out training images
+    ([P] §4.3); each seed draws its own subset and hold-out (`recipes.CPU_DATA_SEED`). Measured by the
+    few-shot linear probe on held-out Fashion-MNIST images (Fig. 4; 5, 10 and 25 shots, 10 draws each) and
+    by fine-tuning on MNIST-1k (Fig. 3; MNIST with 1,000 training images, `recipes.MNIST_1K`: off the ~98 %
+    ceiling of the whole MNIST split, where one test image was 0.05 pp and the fine-tuned claims decided
+    nothing). Fine-tuned are the 1.8k and 55k models of the two main families (the sizes the claims compare).
+
+    Issue 27 ("Build 1"), added for the model-family axes:
+    * ViT-Nano/7 (4x4 patches, 0.32x ViT-Nano/4's FLOPs) at 1.8k and 55k: a second ViT compute size for
+      "larger ViTs pay off only with more data" (the ViT-Nano/4 - ViT-Nano/7 gain, an interaction) and a
+      second ViT point on Fig. 5's frontier;
+    * the hybrid R14x0.25+ViT-Nano/4 (the ResNet's stem and stage feeding ViT-Nano, lr `CPU_LR["hybrid"]`)
+      at 1.8k, the sweep's smallest compute: Fig. 5's "hybrids help at small compute" (a second hybrid point,
+      5.5k, would add ~5 min of wall time and take the estimate's no-packing bound past 90 min).
+
+    Wall time of the whole cpu profile (all four notebooks, one sweep from an empty store), estimated from the
+    committed per-run wall times on 2 cores of a bf16 CPU (results/*/results.csv `wall_s`; new models scaled
+    by their FLOPs ratio from `vitrepro.models.flops`, or a measured ratio where larger): 93 runs, 173.8
+    process-min -> 79.1 min of training (x 0.91, the last run's packing) + 1.5 min of notebooks = ~80.5 min;
+    88.3 min without the packing factor (docs/cpu-profile-budget.md has the table and method;
+    `python benchmarks/cpu_profile_estimate.py` recomputes it). Not yet timed as one run.
 
     Expected (paper, qualitatively): the ResNet ahead on the smallest subsets; the ViT - ResNet gap
-    shrinking as data grows. Not tested at this budget: "larger ViTs pay off only with more data" and
-    the hybrids (ViT-Micro/4 at four sizes x 3 seeds would add ~1 h on 2 cores, a hybrid ~15 min; see REPORT.md).
+    shrinking as data grows; the larger ViT gaining more from data; the hybrid above its ViT at 1.8k.
     Command: papermill notebooks/scaling.ipynb out.ipynb -p profile cpu
     """
     return Profile(
-        upstream="fashion_mnist", downstream="mnist", sizes=(1800, 5500, 18000, None), img_size=28, seeds=3,
-        models=("ViT-Nano/4", "BiT-R14x0.25"), pretrain=None, finetune=dict(recipes.CPU_FINETUNE),
-        finetune_augment=False, finetuned_sizes=(1800, 5500, None))
+        upstream="fashion_mnist", downstream=recipes.MNIST_1K, sizes=(1800, 5500, 18000, None), img_size=28, seeds=3,
+        models=("ViT-Nano/4", "BiT-R14x0.25", "ViT-Nano/7", "R14x0.25+ViT-Nano/4"), pretrain=None,
+        finetune=dict(recipes.CPU_FINETUNE), finetune_augment=False, finetuned_sizes=(1800, None),
+        model_sizes={"ViT-Nano/7": (1800, None), "R14x0.25+ViT-Nano/4": (1800,)},
+        finetuned_models=("ViT-Nano/4", "BiT-R14x0.25"))
 
 
 def gpu() -> Profile:
@@ -148,11 +163,13 @@ def jobs(params: Params) -> list[Job]:
     largest_first = sorted(p.sizes, key=lambda n: -(n or float("inf")))  # long runs first: the pool ends together
     for n in largest_first:
         for model in p.models:
+            if n not in p.model_sizes.get(model, p.sizes):
+                continue
             for seed in range(p.seeds):
                 pre = Job(_pretrain_config(params, p, model, n, seed), stage="pretrain", upstream=p.upstream,
                           upstream_examples=n)
                 out.append(pre)
-                if n not in finetuned:
+                if n not in finetuned or (p.finetuned_models is not None and model not in p.finetuned_models):
                     continue
                 ft = dict(p.finetune)
                 ft.setdefault("img_size", p.img_size)
@@ -172,8 +189,9 @@ def baseline_rows(params: Params, log=print) -> pd.DataFrame:
     p = profile(params)
     shared = p.pretrain is None  # cpu: the shared upstream runs, probed with shots from their held-out part
     hold = skeleton.held_out_fraction(shared)
+    draws = tuple(range(recipes.CPU_FEWSHOT_DRAWS)) if shared else (0, 1, 2)  # the models' shot draws
     return floors.rows(params, NOTEBOOK, trained_on=[(p.upstream, n, hold) for n in p.sizes] + [(p.downstream, None, 0.0)],
-                       fewshot=[p.upstream if shared else p.downstream], fewshot_val_fraction=hold, log=log)
+                       fewshot=[p.upstream if shared else p.downstream], fewshot_val_fraction=hold, seeds=draws, log=log)
 
 
 run, collect = skeleton.run_and_collect(NOTEBOOK, jobs, baseline_rows)
