@@ -186,10 +186,10 @@ def test_dry_run(profile, monkeypatch):
     through each notebook's own cells. Catches whatever would fail on the cluster before the first step
     (streamed epochs, subsets, few-shot on streamed sets, resolution changes, parents of fine-tunes, tables;
     for cpu: a validation hold-out and its 5-shot probe on Fashion-MNIST, which an empty hold-out broke)."""
-    from vitrepro.experiments import run_all
+    from notebook_runner import run_profile
 
     monkeypatch.setenv("VITREPRO_WORKERS", "1")  # one run at a time: < 2 GB
-    out = run_all.run_profile(profile, tiny=True)
+    out = run_profile(profile, tiny=True)
     assert set(out) == set(NOTEBOOKS)
     assert all(v["configurations"] > 0 for v in out.values())
 

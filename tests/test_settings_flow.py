@@ -33,7 +33,7 @@ def test_notebook_sweep_writes_to_the_run_store_of_vitrepro_toml(toml_store, one
     """Catches: sweeps and run_all reading only $VITREPRO_RUNS (they wrote to <repo>/runs while
     `python -m vitrepro.settings` said the store was the one in vitrepro.toml)."""
     from vitrepro.experiments import run_all
-    from vitrepro.experiments.dryrun import run_notebook
+    from notebook_runner import run_notebook
 
     ns = run_notebook("scaling", {"profile": "smoke"})  # the notebook's own cells, its smoke sweep
     runs = [p for p in toml_store.glob("scaling*/*") if (p / "record.json").exists()]

@@ -18,7 +18,6 @@ nothing of a real run store, cache or results/ is touched.
 from __future__ import annotations
 
 import io
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -216,46 +215,3 @@ def activate(params) -> None:
             atexit.register(shutil.rmtree, params.runs_dir, True)
     if params.seeds is None:
         params.seeds = 1
-
-
-def summary(jobs) -> dict:
-    """Configurations and their total training steps (a streamed set's steps as given; epochs as steps
-    over the set where its size is known)."""
-    from . import recipes
-
-    steps = 0
-    for job in jobs:
-        c = job.config
-        if c.get("steps") is not None:
-            steps += int(c["steps"])
-        elif c.get("epochs") is not None:
-            n = c.get("train_examples") or recipes.TRAIN_IMAGES.get(c["dataset"])
-            steps += math.ceil(c["epochs"] * n / c["batch_size"]) if n else 0
-    return {"configurations": len(jobs), "steps": steps}
-
-
-def notebook_cells(notebook: str) -> list[tuple[bool, str]]:
-    """(is the parameters cell, source) of each code cell of ``notebooks/<notebook>.py`` (the jupytext twin)."""
-    from .params import REPO_ROOT
-
-    text = (REPO_ROOT / "notebooks" / f"{notebook}.py").read_text()
-    cells = []
-    for chunk in text.split("\n# %%")[1:]:
-        head, _, body = chunk.partition("\n")
-        if "[markdown]" in head:
-            continue
-        cells.append(('"parameters"' in head, body))
-    return cells
-
-
-def run_notebook(notebook: str, parameters: dict) -> dict:
-    """Execute a notebook's code cells in this process with papermill's parameter injection (the
-    parameters cell, then the given values); returns its namespace."""
-    ns: dict = {"display": lambda *a, **k: None, "__name__": f"dryrun_{notebook}"}
-    for is_params, src in notebook_cells(notebook):
-        exec(compile(src, f"notebooks/{notebook}.py", "exec"), ns)
-        if is_params:
-            ns.update(parameters)
-    return ns
-
-

@@ -198,38 +198,5 @@ def _run(args, pm, report) -> None:
     print(f"wrote {Path(args.results) / 'REPORT.md'}; notebook wall times (s): {timings}")
 
 
-
-
-def run_profile(profile: str, *, notebooks: Sequence[str] | None = None, tiny: bool = False,
-                extra: dict | None = None) -> dict:
-    """The dry run of ``profile`` in this process: each notebook's own cells with ``dry_run=True`` (a fresh
-    temporary run store and results folder each). Returns {notebook: {"configurations", "steps" (of the
-    real profile), "seconds"}}; raises what a notebook would."""
-    import time
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from . import NOTEBOOKS, attention, position_embeddings, scaling, transfer
-    from .dryrun import run_notebook, summary
-
-    mods = {"scaling": scaling, "position_embeddings": position_embeddings, "transfer": transfer,
-            "attention": attention}
-    from .. import settings
-
-    saved, out = settings.overrides(), {}
-    try:
-        for nb in notebooks or NOTEBOOKS:
-            t0 = time.time()
-            real = summary(mods[nb].jobs(mods[nb].validate_params({"profile": profile, **(extra or {})})))
-            run_notebook(nb, {"profile": profile, "dry_run": True, "tiny": tiny, **(extra or {})})
-            plt.close("all")
-            out[nb] = {**real, "seconds": round(time.time() - t0, 1)}
-    finally:  # dryrun.activate pointed this process at the stand-ins: undo it
-        settings.override(saved)
-    return out
-
 if __name__ == "__main__":
     main()
