@@ -177,62 +177,37 @@ def get(env=None) -> Settings:
     src_cfg = f"{cfg_path.name if cfg_path else CONFIG_NAME}"
     origin = {}
 
-    # data directory
-    if "VITREPRO_DATA" in env:
-        v = env["VITREPRO_DATA"].strip()
-        data = _path(v, Path.cwd()) if v else None
-        origin["data_dir"] = "env VITREPRO_DATA" + ("" if v else " (empty: no data directory)")
-    elif "data" in cfg:
-        data = _path(cfg["data"], base) if str(cfg["data"]).strip() else None
-        origin["data_dir"] = src_cfg
-    else:
+    def pick(var: str, key: str, empty_ok: bool = False):
+        """(value, where it came from, base of a relative path): the environment, then the file; None: the default."""
+        if var in env and (empty_ok or env[var].strip()):
+            return env[var].strip(), f"env {var}", Path.cwd()
+        if key in cfg and (empty_ok or str(cfg[key]).strip()):
+            return cfg[key], src_cfg, base
+        return None, "default", base
+
+    v, origin["data_dir"], rel = pick("VITREPRO_DATA", "data", empty_ok=True)  # empty: no data directory
+    data = _path(v, rel) if v is not None and str(v).strip() else None
+    origin["data_dir"] += "" if data or v is None else " (empty: no data directory)"
+    if v is None:
         shared = (REPO_ROOT.parent / "shared" / "data").resolve()
         data = shared if shared.is_dir() else None
         origin["data_dir"] = "default (../shared/data found)" if data else "default (no ../shared/data: none)"
-
-    # run store
-    if env.get("VITREPRO_RUNS"):
-        runs, origin["runs_dir"] = _path(env["VITREPRO_RUNS"], Path.cwd()), "env VITREPRO_RUNS"
-    elif cfg.get("runs"):
-        runs, origin["runs_dir"] = _path(cfg["runs"], base), src_cfg
-    else:
-        runs, origin["runs_dir"] = REPO_ROOT / "runs", "default"
-
-    # array cache
-    if env.get("VITREPRO_CACHE", "") != "":
-        raw, origin["cache_dir"] = env["VITREPRO_CACHE"], "env VITREPRO_CACHE"
-    elif "cache" in cfg:
-        raw, origin["cache_dir"] = str(cfg["cache"]), src_cfg
-    else:
-        raw, origin["cache_dir"] = "", "default"
-    if raw.strip().lower() in ("0", "off", "none", "false"):
-        cache = None
-    elif raw.strip():
-        cache = _path(raw, Path.cwd() if origin["cache_dir"].startswith("env") else base)
-    else:
-        cache = Path.home() / ".cache" / "vitrepro" / "arrays"
-
-    # offline
-    if env.get("VITREPRO_OFFLINE", "") != "":
-        offline, origin["offline"] = _bool(env["VITREPRO_OFFLINE"], "VITREPRO_OFFLINE"), "env VITREPRO_OFFLINE"
-    elif any(env.get(v, "0").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        offline, origin["offline"] = True, "env HF_HUB_OFFLINE/HF_DATASETS_OFFLINE"
-    elif "offline" in cfg:
-        offline, origin["offline"] = _bool(cfg["offline"], f"{src_cfg} offline"), src_cfg
-    else:
-        offline, origin["offline"] = False, "default"
-
-    # how long the one Hub check may take
-    if env.get("VITREPRO_HUB_TIMEOUT"):
-        t, origin["hub_timeout"] = env["VITREPRO_HUB_TIMEOUT"], "env VITREPRO_HUB_TIMEOUT"
-    elif "hub_timeout" in cfg:
-        t, origin["hub_timeout"] = cfg["hub_timeout"], src_cfg
-    else:
-        t, origin["hub_timeout"] = 3.0, "default"
+    v, origin["runs_dir"], rel = pick("VITREPRO_RUNS", "runs")
+    runs = REPO_ROOT / "runs" if v is None else _path(v, rel)
+    v, origin["cache_dir"], rel = pick("VITREPRO_CACHE", "cache")
+    cache = (Path.home() / ".cache" / "vitrepro" / "arrays" if v is None else
+             None if str(v).strip().lower() in ("0", "off", "none", "false") else _path(v, rel))
+    hf = any(env.get(h, "0").strip().lower() in _TRUE for h in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    v, origin["offline"], _ = pick("VITREPRO_OFFLINE", "offline")
+    if hf and not origin["offline"].startswith("env"):  # the Hub's own variables outrank the file
+        v, origin["offline"] = True, "env HF_HUB_OFFLINE/HF_DATASETS_OFFLINE"
+    what = "VITREPRO_OFFLINE" if origin["offline"].startswith("env") else f"{src_cfg} offline"
+    offline = False if v is None else _bool(v, what)
+    v, origin["hub_timeout"], _ = pick("VITREPRO_HUB_TIMEOUT", "hub_timeout")
     try:
-        timeout = float(t)
+        timeout = 3.0 if v is None else float(v)
     except (TypeError, ValueError):
-        raise SettingsError(f"hub_timeout={t!r} is not a number of seconds") from None
+        raise SettingsError(f"hub_timeout={v!r} is not a number of seconds") from None
 
     return Settings(data, runs, cache, offline, timeout, cfg_path, origin)
 
