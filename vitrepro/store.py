@@ -358,7 +358,7 @@ def _metrics_problem(bad: list[str], n_rows: int) -> str:
 
 def _no_space(path: Path, err: BaseException | None) -> NoSpaceError:
     try:
-        free = shutil.disk_usage(_existing(path.parent)).free
+        free = shutil.disk_usage(existing_ancestor(path.parent)).free
         free_s = f"; {free / 2**20:.1f} MiB free"
     except OSError:
         free_s = ""
@@ -378,7 +378,9 @@ def _not_writable(path: Path, err: OSError) -> NotWritableError:
     return e
 
 
-def _existing(p: Path) -> Path:
+def existing_ancestor(p: Path) -> Path:
+    """``p`` or its nearest folder above that exists (where a folder not yet made would go)."""
+    p = Path(p).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
     return p

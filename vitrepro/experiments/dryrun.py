@@ -120,26 +120,13 @@ def available(dataset: str, val_fraction: float = 0.0) -> int | None:
 TINY_ABOVE = 25_000_000  # with tiny models: models above this many parameters are swapped (ViT-B, BiT-R50x1, ...)
 
 
-def _params(name: str) -> int:
-    import torch
-
-    from ..models import create_model
-
-    with torch.device("meta"):
-        for size in (224, 256, 64):
-            try:
-                return sum(p.numel() for p in create_model(name, img_size=size, num_classes=1000).parameters())
-            except (ValueError, TypeError):
-                continue
-    return 0
-
-
 def tiny_model(name: str) -> str:
     """The largest models (> `TINY_ABOVE` parameters) swapped for a tiny one of the same family and patch size
     (stride): ViT-*/p -> ViT-Nano/p, R..+ViT-*/s -> R14x0.25+ViT-Nano/s, BiT-R* -> BiT-R14x0.25."""
     from ..models.registry import parse_name
+    from .preflight import param_count
 
-    if _params(name) <= TINY_ABOVE:
+    if param_count(name, sizes=(224, 256, 64), num_classes=1000) <= TINY_ABOVE:
         return name
     spec = parse_name(name)
     if spec.family == "vit":

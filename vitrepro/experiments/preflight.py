@@ -11,20 +11,15 @@ from .jobs import Job
 from .params import DATASET_KEYS, DATASET_PARAMS, NotebookParams, PreflightError, runs_dir
 
 
-def _existing_ancestor(path: Path) -> Path:
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
 def _check_writable(path: Path, what: str, param: str, need_bytes: int) -> None:
     """`path` (perhaps not yet created) can be created and written, with `need_bytes` free."""
     import shutil
     import tempfile
 
+    from ..store import existing_ancestor
+
     path = Path(path)
-    base = _existing_ancestor(path)
+    base = existing_ancestor(path)
     if not base.is_dir():
         raise PreflightError(f"{what} {path} cannot be created: {base} is a file, not a folder; "
                              f"pass another with {param}=...")
@@ -66,17 +61,21 @@ def _param_hint(params: NotebookParams, dataset: str, columns: bool = False) -> 
     return f"it comes from profile {params.profile!r}; choose another profile=..."
 
 
-def _param_count(model: str, opts: dict, img_size: int | None) -> int:
+def param_count(model: str, opts: dict | None = None, sizes=(32,), num_classes: int = 10) -> int:
+    """Parameters of ``model`` built on the meta device (no memory) at the first of ``sizes`` it accepts;
+    0 where it cannot be built (an estimate only)."""
     import torch
 
     from ..models import create_model
 
-    try:
-        with torch.device("meta"):
-            m = create_model(model, img_size=img_size or 32, num_classes=10, **opts)
-        return sum(p.numel() for p in m.parameters())
-    except Exception:  # noqa: BLE001 - an estimate only
-        return 0
+    for size in sizes:
+        try:
+            with torch.device("meta"):
+                m = create_model(model, img_size=size, num_classes=num_classes, **(opts or {}))
+            return sum(p.numel() for p in m.parameters())
+        except Exception:  # noqa: BLE001 - not at this size (or not at all)
+            continue
+    return 0
 
 
 def preflight(jobs: Sequence[Job], params: NotebookParams, workers: int = 1) -> dict:
@@ -197,7 +196,7 @@ def _bytes_needed(cfgs: list, dry_run: bool = False, workers: int = 1) -> int:
     for job, c in cfgs:
         key = (c.model, tuple(sorted(c.model_options().items())), c.img_size)
         if key not in counts:
-            counts[key] = _param_count(c.model, c.model_options(), c.img_size)
+            counts[key] = param_count(c.model, c.model_options(), (c.img_size or 32,))
         need += (4 if dry_run else 16) * counts[key]
     if dry_run and counts:
         need += 12 * sum(sorted(counts.values())[-workers:])
