@@ -164,27 +164,22 @@ def _summary(failed: list[tuple[Job, dict]], total: int, keys: dict[str, list[st
 
 def _stop_pool(pool) -> None:
     """Terminate every worker of a ProcessPoolExecutor now (their runs stay resumable): this process's
-    multiprocessing children, which are the pool's workers."""
+    multiprocessing children, which are the pool's workers (multiprocessing joins them, so none is left a
+    zombie or reaped behind its back)."""
+    import contextlib
     import multiprocessing as mp
 
     procs = mp.active_children()
-    for p in procs:
-        try:
+    with contextlib.suppress(Exception):
+        for p in procs:
             p.terminate()
-        except Exception:  # noqa: BLE001
-            pass
-    try:
         pool.shutdown(wait=False, cancel_futures=True)
-    except Exception:  # noqa: BLE001
-        pass
     for p in procs:
-        try:
+        with contextlib.suppress(Exception):
             p.join(5)
             if p.is_alive():
                 p.kill()
                 p.join(1)
-        except Exception:  # noqa: BLE001
-            pass
 
 
 class _StopOnSignals:
