@@ -89,15 +89,11 @@ def standin_root(names: Sequence[str] | None = None) -> Path:
     for name in names or SCHEMAS:
         if (root / name / ".complete").exists():
             continue
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root if root.exists() else None))
-        if not root.exists():
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))  # written aside, then renamed into place
         write_standin(tmp, name)
         (tmp / name / ".complete").write_text("ok\n")
-        if (root / name).exists():
-            shutil.rmtree(root / name, ignore_errors=True)
+        shutil.rmtree(root / name, ignore_errors=True)  # an incomplete one
         os.replace(tmp / name, root / name)
         shutil.rmtree(tmp, ignore_errors=True)
     return root
