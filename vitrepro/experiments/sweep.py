@@ -2,6 +2,7 @@
 parent, in this process or a pool of workers that die with it; failures summarised loudly."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -166,7 +167,6 @@ def _stop_pool(pool) -> None:
     """Terminate every worker of a ProcessPoolExecutor now (their runs stay resumable): this process's
     multiprocessing children, which are the pool's workers (multiprocessing joins them, so none is left a
     zombie or reaped behind its back)."""
-    import contextlib
     import multiprocessing as mp
 
     procs = mp.active_children()
@@ -182,35 +182,29 @@ def _stop_pool(pool) -> None:
                 p.join(1)
 
 
-class _StopOnSignals:
-    """While active (main thread only), SIGTERM/SIGHUP raise KeyboardInterrupt, so that the sweep
-    stops its workers first; the previous handlers come back afterwards and `run_jobs` then re-sends
-    the signal to itself, so that it has its usual effect (a SIGTERM'd kernel still exits)."""
+@contextlib.contextmanager
+def _signals_interrupt():
+    """While active (main thread only), SIGTERM/SIGHUP raise KeyboardInterrupt, so that the sweep stops its
+    workers first; yields the list of signals received (the caller re-sends the first to itself once the
+    previous handlers are back, so that it has its usual effect: a SIGTERM'd kernel still exits)."""
+    import signal
+    import threading
 
-    def __enter__(self):
-        import signal
-        import threading
+    received, old = [], {}
 
-        self.old, self.received = {}, None
-        if threading.current_thread() is threading.main_thread():
-            def handler(signum, frame):
-                self.received = signum
-                raise KeyboardInterrupt(f"signal {signum}")
+    def handler(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt(f"signal {signum}")
 
-            for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-                if sig is not None:
-                    try:
-                        self.old[sig] = signal.signal(sig, handler)
-                    except (ValueError, OSError):
-                        pass
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        for sig, h in self.old.items():
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            with contextlib.suppress(ValueError, OSError, TypeError):  # TypeError: no SIGHUP here
+                old[sig] = signal.signal(sig, handler)
+    try:
+        yield received
+    finally:
+        for sig, h in old.items():
             signal.signal(sig, h)
-        return False
 
 
 def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], None] | None = None,
@@ -434,14 +428,14 @@ class _Sweep:
         self.log(f"training with {workers} parallel workers, 1 thread each")
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                    initargs=(POOL_THREADS, os.getpid(), settings.overrides()))
-        stopper = _StopOnSignals()
+        received: list = []
         try:
-            with stopper:
+            with _signals_interrupt() as received:
                 self._schedule(pool, workers)
         except BaseException:
             _stop_pool(pool)
-            if stopper.received is not None:  # the workers are stopped: now the signal's own effect
-                os.kill(os.getpid(), stopper.received)
+            if received:  # the workers are stopped: now the signal's own effect
+                os.kill(os.getpid(), received[0])
             raise
         else:
             pool.shutdown(wait=True)
