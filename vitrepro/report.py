@@ -23,12 +23,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from .experiments import NOTEBOOKS
 from .experiments.params import REPO_ROOT
 from .experiments.results import SCHEMA, atomic_write_text  # SCHEMA: results.csv's long-form columns
 from . import stats
 from .verdicts import VERDICTS, Verdict, correct, gap_table
-
-NOTEBOOKS = ("scaling", "position_embeddings", "transfer", "attention")
 
 
 def paper_numbers() -> pd.DataFrame:
