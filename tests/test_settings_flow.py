@@ -48,7 +48,7 @@ def test_notebook_sweep_writes_to_the_run_store_of_vitrepro_toml(toml_store, one
 def test_dry_run_steers_through_settings_not_the_environment(tmp_path, monkeypatch):
     """Validating a dry run's parameters points this process's settings (not os.environ) at the stand-ins;
     the overrides travel to pool workers as an argument and to torchrun children as their environment."""
-    from vitrepro.experiments import dryrun, scaling, torchrun
+    from vitrepro.experiments import dryrun, scaling, sweep
 
     monkeypatch.setattr(dryrun, "standin_root", lambda names=None: tmp_path / "standins")
     before_env, before = dict(os.environ), settings.overrides()
@@ -61,7 +61,7 @@ def test_dry_run_steers_through_settings_not_the_environment(tmp_path, monkeypat
         child = settings.as_environment(s)
         assert child["VITREPRO_DATA"] == str(tmp_path / "standins") and child["VITREPRO_CACHE"] == "off"
         assert settings.get({**os.environ, **child}).data_dir == s.data_dir  # what a torchrun child resolves
-        assert not hasattr(torchrun, "ENV")  # no VITREPRO_LAUNCHER: the sweep passes torchrun=N
+        assert not hasattr(sweep, "ENV")  # no VITREPRO_LAUNCHER: the sweep passes torchrun=N
     finally:
         settings.override(before)
     assert settings.get().data_dir != tmp_path / "standins"

@@ -1,10 +1,15 @@
 """Running a sweep (`run_jobs`): every job trained once through the run store, fine-tunes after their
-parent, in this process or a pool of workers that die with it; failures summarised loudly."""
+parent, in this process, a pool of workers that die with it, or one torchrun per run (launcher='torchrun',
+`torchrun_train`); failures summarised loudly."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -60,7 +65,6 @@ def _train_one(cfg: dict, root: str, force: bool, torchrun: int | None = None) -
     torchrun with that many processes instead (launcher='torchrun')."""
     from .. import train
     from ..store import DamagedRunError, RunStore
-    from .torchrun import torchrun_train
 
     if torchrun:
         return torchrun_train(cfg, root, force, torchrun)
@@ -83,6 +87,47 @@ def _train_one(cfg: dict, root: str, force: bool, torchrun: int | None = None) -
     return _failed(cfg, "unreachable", rid)
 
 
+def omp_threads(env: dict) -> int:
+    """The intra-op threads of a torchrun process ($OMP_NUM_THREADS; 1 where unset, what `torchrun_train` sets)."""
+    try:
+        return max(1, int(env.get("OMP_NUM_THREADS") or 1))
+    except ValueError:  # e.g. a nested "4,2": torch takes the first
+        return max(1, int(str(env["OMP_NUM_THREADS"]).split(",")[0] or 1))
+
+
+def torchrun_command(config_file: str, root: str, force: bool, n: int) -> list[str]:
+    where = shlex.split(os.environ.get("VITREPRO_TORCHRUN_ARGS", "")) or ["--standalone"]
+    return ([sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={n}", "-m", "vitrepro.train",
+             "--config", config_file, "--store", root, "--progress", "log"] + (["--force"] if force else []))
+
+
+def torchrun_train(cfg: dict, root: str, force: bool, n: int) -> dict:
+    """Train one configuration under torchrun with ``n`` processes (launcher='torchrun'): the same run
+    store, run id and record as a local run; a failure becomes a failed record. The children read this
+    process's settings (a dry run's stand-in data included) from their environment."""
+    from .. import settings, train
+    from ..store import RunStore
+
+    env = {**os.environ, **settings.as_environment(settings.get())}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    rid = train.run_id_of(cfg, threads=omp_threads(env))  # the id the torchrun processes compute
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(cfg, f)
+    try:
+        proc = subprocess.run(torchrun_command(f.name, root, force, n), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    finally:
+        os.unlink(f.name)
+    lines = (proc.stdout or "").strip().splitlines()
+    if lines:
+        print("\n".join(lines[-40:]), flush=True)
+    rec = RunStore(root).record(cfg["experiment"], rid)
+    if rec is not None and (rec.get("status") != "ok" or proc.returncode == 0):
+        return rec
+    return {"status": "failed", "run_id": rid, "experiment": cfg.get("experiment"),
+            "error": f"torchrun exited with {proc.returncode}: {' | '.join(lines[-3:])}"}
+
+
 POOL_THREADS = 1  # intra-op threads of a pool worker (set by `_worker_init` before it computes any run id)
 
 
@@ -90,8 +135,6 @@ def run_threads(params: NotebookParams, workers: int | None = None) -> int | Non
     """The intra-op thread count the runs of a sweep train with, part of a CPU run's id: a torchrun process's
     ($OMP_NUM_THREADS, 1 by default), a pool worker's (`POOL_THREADS`) or, None, this process's own. The
     scheduler and `results.collect` compute run ids with it, so they find the runs the workers wrote."""
-    from .torchrun import omp_threads
-
     if getattr(params, "launcher", "local") == "torchrun":
         return omp_threads(os.environ)
     if getattr(params, "launcher", "local") == "local" and (workers or default_workers(params)) > 1:
