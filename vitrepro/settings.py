@@ -37,14 +37,15 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 __all__ = ["Settings", "get", "hub_reachable", "REPO_ROOT", "CONFIG_NAME", "KEYS"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_NAME = "vitrepro.toml"
-KEYS = ("data", "runs", "cache", "offline", "hub_timeout")
+KEYS = ("data", "runs", "cache", "offline", "hub_timeout")  # in vitrepro.toml
+NAMES = ("data_dir", "runs_dir", "cache_dir", "offline", "hub_timeout")  # of `Settings`
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
@@ -64,9 +65,8 @@ class Settings:
     origin: dict = field(default_factory=dict, compare=False)  # setting -> where it came from
 
     def describe(self) -> str:
-        rows = [("data_dir", self.data_dir), ("runs_dir", self.runs_dir), ("cache_dir", self.cache_dir),
-                ("offline", self.offline), ("hub_timeout", self.hub_timeout)]
-        lines = [f"{k:12s} {'(none)' if v is None else v}    [{self.origin.get(k, '')}]" for k, v in rows]
+        lines = [f"{k:12s} {'(none)' if v is None else v}    [{self.origin.get(k, '')}]"
+                 for k, v in ((k, getattr(self, k)) for k in NAMES)]
         lines.append(f"config file  {self.config_file or '(none: ' + str(REPO_ROOT / CONFIG_NAME) + ' absent)'}")
         return "\n".join(lines)
 
@@ -167,9 +167,7 @@ def get(env=None) -> Settings:
     start and pass the values on; a changed environment (tests, ``%env`` in a notebook) takes effect."""
     if env is None and _OVERRIDES:
         s = get(os.environ)
-        return Settings(**{**{k: getattr(s, k) for k in ("data_dir", "runs_dir", "cache_dir", "offline",
-                                                          "hub_timeout", "config_file")}, **_OVERRIDES},
-                        origin={**s.origin, **{k: "override (dry run)" for k in _OVERRIDES}})
+        return replace(s, **_OVERRIDES, origin={**s.origin, **{k: "override (dry run)" for k in _OVERRIDES}})
     env = os.environ if env is None else env
     cfg_path = _config_path(env)
     cfg = _read_config(cfg_path)
@@ -374,7 +372,7 @@ def launch_kernel() -> None:
 def main(argv=None) -> None:
     import argparse
     ap = argparse.ArgumentParser(prog="python -m vitrepro.settings", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--get", choices=["data_dir", "runs_dir", "cache_dir", "offline", "hub_timeout"],
+    ap.add_argument("--get", choices=NAMES,
                     help="print one value only (for scripts and the Makefile)")
     ap.add_argument("--check-hub", action="store_true", help="also try the Hub once")
     args = ap.parse_args(argv)
