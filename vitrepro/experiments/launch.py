@@ -1,21 +1,6 @@
-"""How a notebook's sweep runs: locally, under torchrun, or as a dry run on stand-in data.
-
-Parameters every experiment takes on top of `NotebookParams` (`ExperimentParams`):
-
-* ``dry_run``: every configuration of the profile for a couple of steps on synthetic stand-in data
-  (`dryrun.py`), in a temporary run store;
-* ``launcher``: ``local`` (in the notebook's process or its pool workers) or ``torchrun``: each
-  configuration of the sweep is trained by ``torchrun --standalone --nproc_per_node=N -m vitrepro.train``
-  (DDP; NCCL on GPU, gloo on CPU) into the same run store, so reuse, resume and records are those of a
-  local run; configurations run one after another;
-* ``nproc_per_node``: processes per configuration under torchrun (None: every visible GPU, else 1).
-
-* ``tiny`` (with ``dry_run``): the largest models swapped for tiny ones of the same families.
-
-Multi-node: set ``VITREPRO_TORCHRUN_ARGS`` (e.g. ``--nnodes=2 --node_rank=0 --rdzv_backend=c10d
---rdzv_endpoint=head:29500``; it replaces ``--standalone``) and run the same notebook on every node with
-a run store on a shared file system (README, "Profiles").
-"""
+"""How a notebook's sweep runs (`ExperimentParams`, on top of `NotebookParams`): locally (in the notebook's
+process or its pool workers), each configuration under torchrun (``launcher``, ``nproc_per_node``; several
+nodes: README, "Several GPUs and nodes"), or as a dry run on stand-in data (``dry_run``, ``tiny``: dryrun.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
