@@ -10,7 +10,7 @@ NB ?=
 NOTEBOOKS := scaling position_embeddings transfer attention
 LAB_PORT ?= 8888
 
-.PHONY: reproduce test venv kernel lab notebook settings bench clean-venv
+.PHONY: reproduce test venv kernel lab notebook settings bench clean-venv figures
 
 venv: .venv/.installed
 .venv/.installed: pyproject.toml env/constraints.txt env/kernel/kernel.json.in
@@ -37,6 +37,12 @@ test: venv
 
 reproduce: venv
 	$(PY) -m vitrepro.experiments.run_all --profile $(PROFILE)
+
+# Every committed table, figure and results/REPORT.md rebuilt from results/ alone (no run store, no training;
+# seconds): `python -m vitrepro.report --redraw`. A redraw of unchanged results leaves `git status` clean. Each
+# notebook does the same with `-p source results`.
+figures: venv
+	$(PY) -m vitrepro.report --redraw
 
 # JupyterLab at the repository root; open notebooks/<name>.ipynb (its .py twin is the same notebook, paired
 # by jupytext). Kernels read the data directory and run store from vitrepro.settings.

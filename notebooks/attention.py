@@ -23,6 +23,7 @@
 # Profiles, expected outcomes and commands: `vitrepro/experiments/attention.py`.
 #
 #     papermill notebooks/attention.ipynb out.ipynb -p profile cpu
+#     papermill notebooks/attention.ipynb out.ipynb -p source results   # redraw the committed results, no training
 
 # %% tags=["parameters"]
 profile: str = "cpu"  # smoke (seconds, digits) | cpu (minutes, Fashion-MNIST) | gpu | paper
@@ -30,6 +31,7 @@ dataset: "Optional[Union[str, dict]]" = None  # training dataset and source of s
 model_run: "Optional[str]" = None  # analyse a stored run instead: "run:<experiment>/<run_id>"
 pretrained: "Optional[str]" = None  # or released weights: "timm:vit_base_patch16_224.orig_in21k" or a local file
 pretrained_model: "Optional[str]" = None  # our model name for `pretrained`, e.g. "ViT-B/16"
+model: "Optional[str]" = None  # the ViT this notebook trains and analyses, e.g. "ViT-Micro/4"; None: from the profile (cpu: ViT-Nano/4, the scaling notebook's 55k runs)
 num_images: "Optional[int]" = None  # test images averaged for attention distance; None: from the profile
 seeds: "Optional[int]" = None  # models trained (one per seed); None: from the profile (cpu: 3)
 results_dir: "Optional[str]" = None  # where tables and figures go; None: <runs_dir>/results/attention/<profile>/ (not the committed results/)
@@ -41,6 +43,7 @@ dry_run: bool = False  # True: every configuration of the profile a couple of st
 launcher: str = "local"  # local | torchrun: each configuration under torchrun --standalone (DDP), same run store
 nproc_per_node: "Optional[int]" = None  # torchrun processes per configuration; None: all visible GPUs (CPU: 1)
 tiny: bool = False  # with dry_run: models above 25 M parameters swapped for tiny ones of the same family
+source: str = "train"  # train: the run store, training what is missing | results: redraw every table, figure and verdict from results/<notebook>/results.csv and the analysis tables beside it (no run store, no training) | a path to a results.csv or its folder
 
 # %%
 import pandas as pd
@@ -51,11 +54,11 @@ params = attention.validate_params(dict(globals()))
 params
 
 # %%
-df = attention.run(params)
+df = attention.run(params)  # source="results": read from the results file instead, training nothing
 df.head()
 
 # %%
-analysed, figures = attention.analyse(params, df)
+analysed, figures, extra = attention.analyse(params, df)  # extra: the figures' data, written beside results.csv
 analysed.head()
 
 # %% [markdown]
@@ -75,5 +78,5 @@ for title, table in tables.items():
 
 # %%
 written = common.write_results(common.results_dir(params, "attention"), pd.concat([df, analysed], ignore_index=True),
-                               tables, figures, notes=f"Profile `{params.profile}`.")
+                               tables, figures, notes=f"Profile `{params.profile}`.", analysis=extra)
 [str(p) for p in written]

@@ -2,6 +2,7 @@
 
     python -m vitrepro.report            # rebuild results/REPORT.md from results/<notebook>/results.csv
     python -m vitrepro.report --export   # first re-export each notebook's CSV from the run store
+    python -m vitrepro.report --redraw   # first redraw every notebook's tables.md and figures (`make figures`)
 
 Every notebook writes its long-form `results.csv` from the run store (one row per run, seed and
 metric, columns described in `SCHEMA`). The report reads only those files, the paper's numbers
@@ -192,14 +193,64 @@ def _paper_table(table: str, p: pd.DataFrame) -> str:
     return wide.to_markdown(index=False) + f"\n\nSource: {src}."
 
 
+# ------------------------------------------------------------------------------------ redraw
+def redraw_outputs(nb: str, csv: Path) -> tuple[dict, dict, str]:
+    """(tables, figures, notes) of notebook `nb` rebuilt from a results.csv and the analysis tables beside it,
+    as the notebook's own cells build them with `source=<that file>`: no run store, no training."""
+    from .experiments import module
+    from .verdicts import position_embedding_pairs, scaling_pairs
+
+    mod = module(nb)
+    frame = pd.read_csv(csv)
+    profile = str(frame.profile.dropna().iloc[0]) if frame.profile.notna().any() else "cpu"
+    params = mod.validate_params(dict(profile=profile, source=str(csv)))
+    notes = f"Profile `{profile}`. Values: mean ± std over seeds."
+    df = mod.run(params)
+    if nb == "attention":
+        analysed, figures, _ = mod.analyse(params, df)
+        tracked, tracked_figures = mod.over_training(params, df)
+        figures.update(tracked_figures)
+        analysed = pd.concat([analysed, tracked], ignore_index=True)
+        return mod.tables(df, analysed), figures, f"Profile `{profile}`."
+    tables, figures = mod.tables(df), mod.figures(df)
+    if nb == "scaling":
+        tables.update(scaling_pairs(df))
+    if nb == "position_embeddings":
+        tables.update(position_embedding_pairs(df))
+        figures.update(mod.similarity_figures(mod.similarity_tables(params, df)))
+    return tables, figures, notes
+
+
+def redraw(results: Path) -> list[Path]:
+    """Every notebook's tables.md and figures under `results/` rebuilt from its committed CSVs (`make figures`);
+    results.csv and the analysis tables are read, never written. A figure whose data is not committed (one
+    drawn from model weights before its table was written) is left as it is."""
+    import matplotlib
+
+    from .experiments.results import write_results
+
+    matplotlib.use("Agg")
+    written = []
+    for nb in NOTEBOOKS:
+        csv = Path(results) / nb / "results.csv"
+        if csv.exists():
+            tables, figures, notes = redraw_outputs(nb, csv)
+            written += write_results(csv.parent, pd.read_csv(csv), tables, figures, notes=notes, redraw=True)
+    return written
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=str(REPO_ROOT / "results"))
     ap.add_argument("--export", action="store_true", help="re-export results CSVs from the run store first")
+    ap.add_argument("--redraw", action="store_true",
+                    help="first rebuild every notebook's tables.md and figures from its CSVs (no run store)")
     args = ap.parse_args(argv)
     if args.export:
         from .experiments import export_all
         export_all(Path(args.results))
+    if args.redraw:
+        print(f"redrew {len(redraw(Path(args.results)))} files under {args.results}")
     text = build_report(Path(args.results))
     atomic_write_text(Path(args.results) / "REPORT.md", text)
     print(f"wrote {Path(args.results) / 'REPORT.md'}")

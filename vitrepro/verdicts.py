@@ -466,3 +466,80 @@ VERDICTS: dict[str, Callable[[pd.DataFrame], list[Verdict]]] = {
     "transfer": transfer_verdicts,
     "attention": attention_verdicts,
 }
+
+
+# ----------------------------------------------------------------- every pair of what a user trained
+def pair_verdict(a: np.ndarray, b: np.ndarray, names: tuple[str, str], base: float = math.nan) -> dict:
+    """One row of a pairwise table: A - B with its 90% Welch interval, the one-sided Welch p of the larger
+    mean, and a verdict under REPORT.md's rules (`stats.beats` at 5%, `stats.alike` within ±1 pp, invalid
+    when either model is below the pixel baseline of the same split)."""
+    alike, up, down = stats.alike(a, b), stats.beats(a, b), stats.beats(b, a)
+    lo, hi = alike.ci if alike.ci else (math.nan, math.nan)
+    p = up.p if (up.diff if not math.isnan(up.diff) else 0) >= 0 else down.p
+    if alike.verdict == "too few seeds":
+        verdict = f"too few seeds (need {stats.MIN_SEEDS} each)"
+    elif below(a, base) or below(b, base):
+        verdict = INVALID
+    elif up.verdict == "reproduced" or down.verdict == "reproduced":
+        hi_name, lo_name = names if up.verdict == "reproduced" else names[::-1]
+        verdict = f"{hi_name} above {lo_name}" + (f" (within ±{100 * stats.EQUIVALENCE_MARGIN:g} pp)"
+                                                    if alike.verdict == "reproduced" else "")
+    elif alike.verdict == "reproduced":
+        verdict = f"alike within ±{100 * stats.EQUIVALENCE_MARGIN:g} pp"
+    else:
+        verdict = "inconclusive"
+    return {"A": names[0], "B": names[1], "A (%)": pct(a), "B (%)": pct(b),
+            "A - B (pp)": round(100 * alike.diff, 2) if not math.isnan(alike.diff) else math.nan,
+            "90% interval (pp)": "-" if math.isnan(lo) else f"[{100 * lo:+.2f}, {100 * hi:+.2f}]",
+            "p (Welch, one-sided)": "-" if p is None else f"{p:.3g}", "verdict": verdict}
+
+
+def pairwise(groups: dict[str, np.ndarray], base: float = math.nan) -> pd.DataFrame:
+    """Every pair of the named per-seed value arrays, in the order given (`pair_verdict` per row)."""
+    names = [k for k, v in groups.items() if np.asarray(v).size]
+    return pd.DataFrame([pair_verdict(groups[a], groups[b], (a, b), base)
+                         for i, a in enumerate(names) for b in names[i + 1:]])
+
+
+def position_embedding_pairs(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Every pair of the Table 8 variants the sweep trained (kind and placement), per metric."""
+    from .experiments.position_embeddings import VARIANTS, variant_label
+
+    grid, out = table8_runs(df), {}
+    for metric, label in (("fewshot5", "5-shot linear accuracy"), ("top1", "top-1 on the test split")):
+        d = select(grid, metric=metric)
+        if d.empty:
+            continue
+        n = d.upstream_examples.dropna().iloc[0] if d.upstream_examples.notna().any() else None
+        base = floor(df, metric, d.dataset.iloc[0], n if metric == "top1" else None)
+        groups = {variant_label(k, at): seeds(d, pos_embed=k, pos_embed_at=at) for k, at in VARIANTS}
+        table = pairwise(groups, base)
+        if len(table):
+            out[f"Every pair of the variants trained: {label} (A - B, 90% interval, verdict)"] = table
+    return out
+
+
+def scaling_pairs(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Every pair of the models trained, per pre-training size: 5-shot (Fig. 4) and fine-tuned (Fig. 3)."""
+    out = {}
+    for metric, stage, label in (("fewshot5", "pretrain", "5-shot linear accuracy"),
+                                 ("top1", "finetune", "fine-tuned top-1")):
+        d = select(df, metric=metric, stage=stage)
+        rows = []
+        for n in sorted(d.upstream_examples.dropna().unique()):
+            at = select(d, upstream_examples=n)
+            base = floor(df, metric, at.dataset.iloc[0], n if metric == "fewshot5" else None)
+            groups = {m: seeds(at, model=m) for m in sorted(at.model.unique(), key=_model_order)}
+            t = pairwise(groups, base)
+            if len(t):
+                rows.append(t.assign(**{"pre-training examples": f"{int(n):,}"}))
+        if rows:
+            t = pd.concat(rows, ignore_index=True)
+            out[f"Every pair of the models trained, per pre-training size: {label} (A - B, 90% interval, verdict)"] = \
+                t[["pre-training examples"] + [c for c in t.columns if c != "pre-training examples"]]
+    return out
+
+
+def _model_order(model: str) -> tuple:
+    """ViTs, then hybrids, then ResNets (the paper's figure order), by name within each."""
+    return ("+" in model, model.startswith("BiT"), model)

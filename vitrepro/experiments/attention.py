@@ -33,8 +33,12 @@ class Params(launch.ExperimentParams):
     pretrained: str | None = None  # or released weights: a timm name with tag, or a local file
     pretrained_model: str | None = None  # our model name for `pretrained`, e.g. "ViT-B/16"
     num_images: int | None = None  # images averaged for attention distance (None = the profile's)
+    model: str | None = None  # the ViT this notebook trains and analyses (None = the profile's)
 
     def check(self):
+        skeleton.check_models("model", self.model, families=("vit",), single=True)
+        if self.model and (self.model_run or self.pretrained):
+            raise ParameterError("give model (a ViT this notebook trains), model_run or pretrained, not several")
         skeleton.check_datasets(self.dataset)
         if self.model_run and self.pretrained:
             raise ParameterError("give model_run or pretrained, not both")
@@ -95,7 +99,7 @@ def paper() -> Profile:
 
 PROFILES = skeleton.profiles_by_name(smoke, cpu, gpu, paper)
 validate_params = skeleton.parameter_validator(Params)
-profile = skeleton.profile_chooser(PROFILES, "dataset", "seeds", "num_images")
+profile = skeleton.profile_chooser(PROFILES, "dataset", "seeds", "num_images", "model")
 
 
 def jobs(params: Params) -> list[Job]:
@@ -141,48 +145,93 @@ def sample_images(params: Params, model: torch.nn.Module, n: int) -> tuple[torch
     return raw, preprocess(raw, model.img_size, model.in_chans)
 
 
-def analyse(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """Attention distances, position-similarity statistics and the Fig. 6/7 figures."""
+SAMPLE_IMAGES = 8  # Fig. 6: test images shown with their attention rollout
+ANALYSIS_TABLES = ("similarity", "filters", "rollout_images", "rollout_maps")  # written beside results.csv
+
+
+def analyse(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, dict, dict]:
+    """Attention distances and position-similarity statistics of every analysed model; the small tables the
+    weight-dependent figures are drawn from (`ANALYSIS_TABLES`, of the first model); and the Fig. 6/7 figures,
+    drawn from those two (`figures`), so that `source="results"` draws the same ones without the weights."""
     from .. import analysis
 
-    rows, figs = [], {}
+    if params.source != "train":  # the committed rows and tables: no weights needed
+        analysed = _committed(params, "analysis")
+        extra = {name: skeleton.read_results(params, NOTEBOOK, analysis=name) for name in ANALYSIS_TABLES}
+        extra = {k: v for k, v in extra.items() if v is not None}
+        return analysed, figures(analysed, extra), extra
+    rows, extra = [], {}
     p = profile(params)
+    stored = df[df.stage == "pretrain"].drop_duplicates("run_id").sort_values("seed") if len(df) else df
     for i, (label, model) in enumerate(models(params, df)):
         raw, x = sample_images(params, model, p.num_images)
         dist = analysis.model_attention_distance(model, x, batch_size=64)
-        run_id = df[df.stage == "pretrain"].drop_duplicates("run_id").sort_values("seed").run_id.iloc[i] if len(df) else label
-        for r in dist.itertuples():
-            rows.append(dict(notebook=NOTEBOOK, profile=params.profile, run_id=run_id, stage="analysis", model=label,
-                             family="ViT", dataset=p.dataset, seed=i, metric="attention_distance", value=r.distance,
-                             layer=r.layer, head=r.head))
+        run_id = stored.run_id.iloc[i] if len(stored) else label
+        keys = dict(notebook=NOTEBOOK, profile=params.profile, run_id=run_id, stage="analysis", model=label,
+                    family="ViT", dataset=p.dataset, seed=i)
+        rows += [dict(keys, metric="attention_distance", value=r.distance, layer=r.layer, head=r.head)
+                 for r in dist.itertuples()]
         grid = analysis._model_grid(model)
         pix = analysis._model_patch_pixels(model, grid)
-        rows.append(dict(notebook=NOTEBOOK, profile=params.profile, run_id=run_id, stage="analysis", model=label,
-                         family="ViT", dataset=p.dataset, seed=i, metric="uniform_attention_distance",
-                         value=analysis.uniform_attention_distance(grid, pix)))
+        rows.append(dict(keys, metric="uniform_attention_distance", value=analysis.uniform_attention_distance(grid, pix)))
         sim = analysis.model_position_similarity(model)
         if sim is not None:
-            r = analysis.position_similarity_vs_distance(sim)
-            rows.append(dict(notebook=NOTEBOOK, profile=params.profile, run_id=run_id, stage="analysis", model=label,
-                             family="ViT", dataset=p.dataset, seed=i, metric="pos_similarity_vs_distance", value=r))
+            rows.append(dict(keys, metric="pos_similarity_vs_distance",
+                             value=analysis.position_similarity_vs_distance(sim)))
         if i == 0:
-            figs["fig7_left_filters"] = analysis.plot_filters(analysis.model_filter_components(model),
-                                                              title=f"Fig. 7 left: embedding filter PCs ({label})")
-            if sim is not None:
-                figs["fig7_centre_position_similarity"] = analysis.plot_position_similarity(
-                    sim, title=f"Fig. 7 centre: position-embedding similarity ({label})")
-            maps = analysis.model_rollout(model, x[:8])
-            figs["fig6_attention_rollout"] = analysis.plot_rollout(raw[:8], maps)
-    dist_df = pd.DataFrame(rows)
-    if len(dist_df):
-        d = dist_df[dist_df.metric == "attention_distance"].rename(columns={"value": "distance"})
+            extra = first_model_tables(model, raw, x, label, run_id)
+    analysed = pd.DataFrame(rows)
+    return analysed, figures(analysed, extra), extra
+
+
+def first_model_tables(model, raw: torch.Tensor, x: torch.Tensor, label: str, run_id: str) -> dict[str, pd.DataFrame]:
+    """The data of Fig. 7 left (filter principal components), Fig. 7 centre (position-embedding similarity)
+    and Fig. 6 (sample test images and their attention rollout) as long-form tables (`common.grid_rows`)."""
+    from .. import analysis
+    from .results import grid_rows
+
+    out = {"filters": grid_rows(analysis.model_filter_components(model).components, ("component", "channel", "y", "x"),
+                                model=label, run_id=run_id)}
+    sim = analysis.model_position_similarity(model)
+    if sim is not None:
+        out["similarity"] = grid_rows(sim, ("row", "col", "other_row", "other_col"), model=label, run_id=run_id)
+    out["rollout_images"] = grid_rows(raw[:SAMPLE_IMAGES], ("image", "channel", "y", "x"), model=label, run_id=run_id)
+    out["rollout_maps"] = grid_rows(analysis.model_rollout(model, x[:SAMPLE_IMAGES]), ("image", "row", "col"),
+                                    model=label, run_id=run_id)
+    return out
+
+
+def figures(analysed: pd.DataFrame, extra: dict) -> dict:
+    """Fig. 6, Fig. 7 left/centre/right from the analysis rows and tables (`analyse`, or the committed CSVs);
+    a figure whose table is missing (None) is left out."""
+    from .. import analysis
+    from .results import grid_array
+
+    figs, extra = {}, {k: v for k, v in (extra or {}).items() if v is not None and len(v)}
+    if "filters" in extra:
+        f = extra["filters"]
+        figs["fig7_left_filters"] = analysis.plot_filters(
+            torch.tensor(grid_array(f, ("component", "channel", "y", "x"))),
+            title=f"Fig. 7 left: embedding filter PCs ({f.model.iloc[0]})")
+    if "similarity" in extra:
+        f = extra["similarity"]
+        figs["fig7_centre_position_similarity"] = analysis.plot_position_similarity(
+            torch.tensor(grid_array(f, ("row", "col", "other_row", "other_col"))),
+            title=f"Fig. 7 centre: position-embedding similarity ({f.model.iloc[0]})")
+    if "rollout_images" in extra and "rollout_maps" in extra:
+        raw = torch.tensor(grid_array(extra["rollout_images"], ("image", "channel", "y", "x"))).to(torch.uint8)
+        figs["fig6_attention_rollout"] = analysis.plot_rollout(
+            raw, torch.tensor(grid_array(extra["rollout_maps"], ("image", "row", "col"))))
+    d = analysed[analysed.metric == "attention_distance"] if len(analysed) else analysed
+    if len(d):
+        d = d.rename(columns={"value": "distance"}).astype({"layer": int, "head": int})
         fig = analysis.plot_attention_distance(d, hue="head", title="Fig. 7 right: mean attention distance")
-        uniform = dist_df[dist_df.metric == "uniform_attention_distance"]["value"]
+        uniform = analysed[analysed.metric == "uniform_attention_distance"]["value"]
         if len(uniform):
             fig.axes[0].axhline(float(uniform.iloc[0]), color="grey", ls="--", lw=1, label="uniform attention")
             fig.axes[0].legend(fontsize=7)
         figs["fig7_right_attention_distance"] = fig
-    return dist_df, figs
+    return figs
 
 
 def baseline_rows(params: Params, log=print) -> pd.DataFrame | None:
@@ -195,7 +244,14 @@ def baseline_rows(params: Params, log=print) -> pd.DataFrame | None:
     return floors.rows(params, NOTEBOOK, trained_on=[(p.dataset, None, hold)], log=log)
 
 
-run, collect = skeleton.run_and_collect(NOTEBOOK, jobs, baseline_rows)
+_run, collect = skeleton.run_and_collect(NOTEBOOK, jobs, baseline_rows)
+
+
+def run(params: Params, log=None) -> pd.DataFrame:
+    """Train or reuse the analysed runs; their long-form results with the pixel baseline (with `source` other
+    than "train": those rows of the committed results.csv, its analysis rows left to `analyse`)."""
+    frame = _run(params, log=log)
+    return frame if params.source == "train" else frame[~frame.stage.isin(ANALYSED_STAGES)].reset_index(drop=True)
 
 
 def tables(df: pd.DataFrame, analysed: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -220,7 +276,9 @@ def tables(df: pd.DataFrame, analysed: pd.DataFrame) -> dict[str, pd.DataFrame]:
             index="step", columns="what", values="value", aggfunc="mean").round(3).reset_index()
     t = df[df.metric == "top1"] if len(df) else df
     if len(t):
-        out["Analysed models and the pixel baseline: top-1 on the test split"] = t[["model", "seed", "value"]].round(4)
+        t = t[["model", "seed", "value"]].round(4)  # a seed read back from a CSV is a float (NaN for the baseline)
+        out["Analysed models and the pixel baseline: top-1 on the test split"] = t.assign(
+            seed=["" if pd.isna(v) else str(int(v)) for v in t.seed])
     return out
 
 
@@ -228,11 +286,12 @@ def over_training(params: Params, df: pd.DataFrame, num_images: int = 128) -> tu
     """Attention distance by layer and the position-similarity correlation at every stored snapshot of
     the analysed runs (cpu profile: 8 per run), so a user sees whether the structure is emerging.
     Returns long-form rows (run_id, seed, step, layer, metric, value) and the figure."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     from .. import analysis
     from ..store import RunStore
+
+    if params.source != "train":  # the committed rows; the uniform line from the analysis rows
+        tracked = _committed(params, "over_training")
+        return tracked, over_training_figure(tracked, _uniform(_committed(params, "analysis")))
 
     store = RunStore(common.runs_dir(params))
     rows = []
@@ -255,13 +314,39 @@ def over_training(params: Params, df: pd.DataFrame, num_images: int = 128) -> tu
     out = pd.DataFrame(rows)
     if out.empty:
         return out, {}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    d = out[out.metric == "attention_distance_during_training"]
-    sns.lineplot(data=d, x="step", y="value", hue="layer", errorbar="sd", palette="viridis", ax=axes[0])
     model = common.load_run_model(params, out.run_id.iloc[0])
     grid = analysis._model_grid(model)
-    axes[0].axhline(analysis.uniform_attention_distance(grid, analysis._model_patch_pixels(model, grid)),
-                    color="grey", ls="--", lw=1, label="uniform")
+    uniform = analysis.uniform_attention_distance(grid, analysis._model_patch_pixels(model, grid))
+    return out, over_training_figure(out, uniform)
+
+
+ANALYSED_STAGES = ("analysis", "over_training")  # rows of results.csv computed from the runs' weights
+
+
+def _committed(params: Params, stage: str) -> pd.DataFrame:
+    """`source="results"`: the rows of one analysed stage of the committed results.csv."""
+    frame = skeleton.read_results(params, NOTEBOOK)
+    return frame[frame.stage == stage].reset_index(drop=True)
+
+
+def _uniform(analysed: pd.DataFrame) -> float | None:
+    u = analysed[analysed.metric == "uniform_attention_distance"]["value"] if len(analysed) else []
+    return float(u.iloc[0]) if len(u) else None
+
+
+def over_training_figure(tracked: pd.DataFrame, uniform: float | None) -> dict:
+    """The over-training figure from `over_training`'s rows (or the committed CSV's `over_training` rows)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    out = tracked
+    if out.empty:
+        return {}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    d = out[out.metric == "attention_distance_during_training"].astype({"layer": int})
+    sns.lineplot(data=d, x="step", y="value", hue="layer", errorbar="sd", palette="viridis", ax=axes[0])
+    if uniform is not None:
+        axes[0].axhline(uniform, color="grey", ls="--", lw=1, label="uniform")
     axes[0].set_ylabel("mean attention distance (px)")
     axes[0].set_title("attention distance over training (mean over heads, ± sd over seeds)")
     axes[0].legend(fontsize=7, title="layer")
@@ -272,4 +357,4 @@ def over_training(params: Params, df: pd.DataFrame, num_images: int = 128) -> tu
         axes[1].set_ylabel("Pearson r (similarity, distance)")
         axes[1].set_title("position-embedding structure over training")
     fig.tight_layout()
-    return out, {"fig7_over_training": fig}
+    return {"fig7_over_training": fig}

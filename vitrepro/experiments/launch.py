@@ -1,6 +1,7 @@
 """How a notebook's sweep runs (`ExperimentParams`, on top of `NotebookParams`): locally (in the notebook's
 process or its pool workers), each configuration under torchrun (``launcher``, ``nproc_per_node``; several
-nodes: README, "Several GPUs and nodes"), or as a dry run on stand-in data (``dry_run``, ``tiny``: dryrun.py)."""
+nodes: README, "Several GPUs and nodes"), or as a dry run on stand-in data (``dry_run``, ``tiny``: dryrun.py); with
+``source`` other than "train", no sweep: the committed results are redrawn (`skeleton.read_results`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ class ExperimentParams(NotebookParams):
     launcher: str = "local"  # local | torchrun (each configuration under torchrun --standalone, DDP)
     nproc_per_node: int | None = None  # torchrun processes per configuration; None: all visible GPUs (CPU: 1)
     tiny: bool = False  # with dry_run: models above 25 M parameters swapped for tiny ones of the same family
+    source: str = "train"  # train (the run store, training what is missing) | results | <a results.csv or its folder>
 
 
 def check(params) -> None:

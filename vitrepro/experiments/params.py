@@ -98,7 +98,8 @@ def positive_ints(name: str, value: Any) -> None:
 
 
 # Variables the notebooks themselves define after validation (so re-running that cell still works).
-NOTEBOOK_VARIABLES = {"params", "df", "tables", "figures", "written", "analysed", "sim_figures"}
+NOTEBOOK_VARIABLES = {"params", "df", "tables", "figures", "written", "analysed", "sim_figures", "comparisons",
+                      "similarity", "extra", "tracked", "tracked_figures", "explorer"}
 
 
 def _is_parameter_like(name: str, value: Any) -> bool:

@@ -24,18 +24,37 @@ from .common import Job
 
 NOTEBOOK = "position_embeddings"
 
-# Table 8's grid: (kind, placement) pairs that are defined.
+# Table 8's grid: (kind, placement) pairs that are defined (no embedding and relative ones: at the stem only).
 VARIANTS = (("none", "stem"), ("1d", "stem"), ("1d", "every_layer"), ("1d", "every_layer_shared"),
             ("2d", "stem"), ("2d", "every_layer"), ("2d", "every_layer_shared"), ("relative", "stem"))
+POS_EMBEDS = ("none", "1d", "2d", "relative")
+PLACEMENTS = ("stem", "every_layer", "every_layer_shared")
+POOLINGS = ("token", "gap")
 
 
 @dataclass
 class Params(launch.ExperimentParams):
     dataset: str | None = None  # training set (None = the profile's)
     fewshot_dataset: str | None = None  # 5-shot linear probe set (None = the profile's)
+    model: str | None = None  # the ViT of every run (None = the profile's)
+    pos_embeds: list | None = None  # subset of POS_EMBEDS (None = the profile's: all)
+    placements: list | None = None  # subset of PLACEMENTS (None = the profile's: all)
+    poolings: list | None = None  # App. D.3's poolings; fewer than two: no D.3 sweep (None = the profile's)
+    train_examples: int | None = None  # Table 8's pre-training examples (None = the profile's)
+    steps: int | None = None  # pre-training steps per run, the budget (None = the profile's recipe)
 
     def check(self):
+        skeleton.check_models("model", self.model, families=("vit",), single=True)
+        skeleton.check_choices("pos_embeds", self.pos_embeds, POS_EMBEDS)
+        skeleton.check_choices("placements", self.placements, PLACEMENTS)
+        skeleton.check_choices("poolings", self.poolings, POOLINGS)
+        skeleton.check_positive("train_examples", self.train_examples)  # against the dataset's size: in preflight
+        skeleton.check_positive("steps", self.steps)
         skeleton.check_datasets(self.dataset, self.fewshot_dataset)
+        if not variants(profile(self)):
+            raise common.ParameterError(
+                f"pos_embeds={self.pos_embeds} with placements={self.placements} leave no defined variant: 'none' "
+                "and 'relative' are at the stem only; defined pairs: " + ", ".join(f"{k}/{a}" for k, a in VARIANTS))
 
 
 @dataclass
@@ -50,6 +69,10 @@ class Profile:
     train_examples: int | None = None  # Table 8's pre-training examples (None: the whole set)
     pooling_train_examples: int | None = None  # D.3's (None: Table 8's)
     variants: tuple = VARIANTS  # Table 8's (kind, placement) cells trained (default: all eight)
+    pos_embeds: tuple[str, ...] = POS_EMBEDS  # of `variants`, the cells with these kinds and placements
+    placements: tuple[str, ...] = PLACEMENTS
+    poolings: tuple[str, ...] = POOLINGS  # App. D.3's (fewer than two: no D.3 sweep)
+    steps: int | None = None  # pre-training steps per run (None: the recipe's own schedule)
 
     @property
     def pooling_examples(self) -> int | None:
@@ -113,7 +136,13 @@ def paper() -> Profile:
 
 PROFILES = skeleton.profiles_by_name(smoke, cpu, gpu, paper)
 validate_params = skeleton.parameter_validator(Params)
-profile = skeleton.profile_chooser(PROFILES, "dataset", "fewshot_dataset", "seeds")
+profile = skeleton.profile_chooser(PROFILES, "dataset", "fewshot_dataset", "seeds", "model", "pos_embeds",
+                                   "placements", "poolings", "train_examples", "steps")
+
+
+def variants(p: Profile) -> list[tuple[str, str]]:
+    """Table 8's (kind, placement) pairs this sweep trains: the defined ones among the chosen kinds and placements."""
+    return [(k, at) for k, at in p.variants if k in p.pos_embeds and at in p.placements]
 
 
 def _config(params: Params, p: Profile, seed: int, n: int | None, **overrides) -> dict:
@@ -121,9 +150,13 @@ def _config(params: Params, p: Profile, seed: int, n: int | None, **overrides) -
         options = {k: v for k, v in overrides.items() if v not in (None, "1d", "stem", "token") or k == "lr"}
         lr = options.pop("lr", None)
         return recipes.upstream_config(params.profile, p.model, seed, n=n, dataset=p.dataset,
-                                       img_size=p.img_size, lr=lr, **options)
+                                       img_size=p.img_size, lr=lr, steps=p.steps, **options)
     t = dict(p.train)
     t.update(overrides)
+    if p.steps is not None:  # the budget in steps replaces the recipe's epochs or steps
+        t = {k: v for k, v in t.items() if k != "epochs"} | {"steps": p.steps}
+        if t.get("warmup_steps", 0) >= p.steps:  # a short budget keeps a tenth of it for warm-up
+            t["warmup_steps"] = p.steps // 10
     return common.train_config(
         experiment=f"{NOTEBOOK}-{params.profile}", model=p.model, dataset=p.dataset, img_size=p.img_size,
         train_examples=n, seed=seed, fewshot_dataset=p.fewshot_dataset, fewshot_shots=(5,), **t)
@@ -138,13 +171,13 @@ def jobs(params: Params) -> list[Job]:
     p = profile(params)
     out = []
     for seed in range(p.seeds):
-        for kind, at in p.variants:
+        for kind, at in variants(p):
             out.append(Job(_config(params, p, seed, p.train_examples, pos_embed=kind, pos_embed_at=at),
                            stage="pretrain", upstream=p.dataset))
         n = p.pooling_examples
-        for pool in ("token", "gap"):
+        for pool in p.poolings if len(p.poolings) > 1 else ():  # D.3 compares poolings: one alone is no sweep
             for lr in p.gap_lrs:
-                if pool == "token" and lr == grid_lr(p) and n == p.train_examples:
+                if pool == "token" and lr == grid_lr(p) and n == p.train_examples and ("1d", "stem") in variants(p):
                     continue  # the (1d, stem) run above
                 if p.train is None:  # cpu: everything else equal, the same head for both poolings
                     cfg = _config(params, p, seed, n, pos_embed="1d", pos_embed_at="stem", pool=pool, lr=lr)
@@ -172,6 +205,11 @@ def _label(kind: str) -> str:
     return {"none": "None", "1d": "1-D", "2d": "2-D", "relative": "Relative"}[kind]
 
 
+def variant_label(kind: str, at: str) -> str:
+    """A Table 8 cell's name in the paper's words, e.g. "2-D, every layer"."""
+    return f"{_label(kind)}, {at.replace('_', ' ')}"
+
+
 def _at_size_of(df: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """The rows of ``df`` pre-trained on as many examples as ``runs`` (NaN = the whole set)."""
     if runs.empty:
@@ -185,11 +223,12 @@ def table8_runs(df: pd.DataFrame) -> pd.DataFrame:
 
     Every (kind, placement) pair trains at the profile's learning rate; the extra (1-D, stem) runs at
     other rates or with GAP belong to the D.3 sweep. The grid's rate is the one most token runs share,
-    its size that of its runs without a position embedding (D.3 may pre-train on fewer examples)."""
+    its size that of its runs other than (1-D, stem) (D.3 trains only those, perhaps on fewer examples)."""
     d = df[(df.pool == "token") & (df.stage == "pretrain")]
     if d.empty:
         return d
-    d = _at_size_of(d, d[d.pos_embed == "none"]) if (d.pos_embed == "none").any() else d
+    others = d[(d.pos_embed != "1d") | (d.pos_embed_at != "stem")]
+    d = _at_size_of(d, others) if len(others) else d
     runs = d.drop_duplicates("run_id")
     return d[d.lr == runs["lr"].mode().iloc[0]]
 
@@ -273,21 +312,39 @@ def figures(df: pd.DataFrame, store_records: list | None = None) -> dict:
     return figs
 
 
-def similarity_figures(params: Params, df: pd.DataFrame) -> dict:
-    """Fig. 7 centre: cosine similarity of learned position embeddings (1-D and 2-D, stem, seed 0)."""
+def similarity_tables(params: Params, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Fig. 7 centre's data: the cosine similarity of the learned position embeddings of the (1-D, stem) and
+    (2-D, stem) runs of seed 0, as one long-form table `similarity` (kind, run_id, row, col, other_row,
+    other_col, value; written beside results.csv so that `source="results"` redraws the figure)."""
     from .. import analysis
+    from .results import grid_rows
 
-    figs = {}
+    if params.source != "train":  # the committed table beside results.csv (absent: no figure)
+        table = skeleton.read_results(params, NOTEBOOK, analysis="similarity")
+        return {} if table is None else {"similarity": table}
+
+    frames = []
     for kind in ("1d", "2d"):
         d = table8_runs(df)
         d = d[(d.pos_embed == kind) & (d.pos_embed_at == "stem") & (d.seed == 0)]
         if d.empty:
             continue
-        model = common.load_run_model(params, d.iloc[0]["run_id"])
-        pos = model.position_embeddings()
-        if pos is None:
-            continue
-        fig = analysis.plot_position_similarity(analysis.position_similarity(pos.detach()))
+        pos = common.load_run_model(params, d.iloc[0]["run_id"]).position_embeddings()
+        if pos is not None:
+            sim = analysis.position_similarity(pos.detach())
+            frames.append(grid_rows(sim, ("row", "col", "other_row", "other_col"), kind=kind, run_id=d.iloc[0]["run_id"]))
+    return {"similarity": pd.concat(frames, ignore_index=True)} if frames else {}
+
+
+def similarity_figures(tables: dict) -> dict:
+    """Fig. 7 centre: one figure per kind of the `similarity` table (`similarity_tables`, or the committed CSV)."""
+    from .. import analysis
+    from .results import grid_array
+
+    figs, sim = {}, (tables or {}).get("similarity")
+    for kind, g in ([] if sim is None else sim.groupby("kind", sort=True)):
+        fig = analysis.plot_position_similarity(grid_array(g, ("row", "col", "other_row", "other_col")))
         fig.suptitle(f"Fig. 7 centre: {_label(kind)} position-embedding similarity")
         figs[f"fig7_position_similarity_{kind}"] = fig
     return figs
+

@@ -192,13 +192,15 @@ def fewshot_on_heldout(dataset: str, shots=(5,), seeds=(0, 1, 2)) -> dict:
 def upstream_config(profile: str, model: str, seed: int, *, n: int | None = None, img_size: int = 28,
                     dataset: str = "fashion_mnist", epochs: float = CPU_EPOCHS, lr: float | None = None,
                     data_seed: int | None = CPU_DATA_SEED, fewshot_shots: tuple[int, ...] = CPU_FEWSHOT_SHOTS,
-                    fewshot_draws: int = CPU_FEWSHOT_DRAWS, **model_options) -> dict:
+                    fewshot_draws: int = CPU_FEWSHOT_DRAWS, steps: int | None = None,
+                    **model_options) -> dict:
     """The pre-training run on ``n`` examples of the cpu profile's upstream set (all 55k when None).
 
     Every notebook that needs this model asks for it here, so the configuration (and its run id)
     is the same and the run store trains it once. A ViT on the whole set also stores 8 evenly spaced
-    copies of itself during training (the attention notebook follows its structure over training)."""
-    steps = pretrain_steps(FASHION_TRAIN if n is None else n, epochs)
+    copies of itself during training (the attention notebook follows its structure over training).
+    `steps` replaces the schedule's length (a notebook's `steps` parameter; None: `pretrain_steps`)."""
+    steps = steps or pretrain_steps(FASHION_TRAIN if n is None else n, epochs)
     # 4 validation checks per run (5k images each, plus the last step): a check costs ~20 training steps, so
     # 8 checks took ~20 % of a 1.8k run (cProfile: 9.5 of ~50 s), and under the cosine decay the best check is
     # one of the last (a 1.8k ViT: 70.88 % at step 364 of 422, 70.82 % at the end)

@@ -30,13 +30,46 @@ def save_figure(fig, path: Path) -> Path:
     """Write a matplotlib figure atomically as PNG."""
     from ..store import atomic_write
 
-    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    # no "Software" entry (matplotlib's version): a redraw of unchanged results is byte-identical
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight",
+                                                   metadata={"Software": None}))
     return Path(path)
 
 
+def grid_rows(values, dims: Sequence[str], **keys):
+    """A small array (a similarity grid, filter components, attention maps) as a long-form frame: one column
+    per axis (`dims`, the index along it), `value`, and the constant `keys` (e.g. seed, run_id) first."""
+    import numpy as np
+    import pandas as pd
+
+    a = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
+    if a.ndim != len(dims):
+        raise ValueError(f"an array of shape {a.shape} needs {a.ndim} axis names, got {list(dims)}")
+    index = np.indices(a.shape).reshape(a.ndim, -1)
+    frame = pd.DataFrame({d: index[i] for i, d in enumerate(dims)})
+    frame["value"] = a.reshape(-1)
+    for i, (k, v) in enumerate(keys.items()):
+        frame.insert(i, k, v)
+    return frame
+
+
+def grid_array(frame, dims: Sequence[str]):
+    """The array `grid_rows` wrote (rows of one key combination), back as a numpy array."""
+    import numpy as np
+
+    shape = tuple(int(frame[d].max()) + 1 for d in dims)
+    out = np.full(shape, np.nan)
+    out[tuple(frame[d].astype(int).to_numpy() for d in dims)] = frame["value"].to_numpy(dtype=float)
+    return out
+
+
 def write_results(out: Path, frame, tables: dict[str, Any], figures: dict[str, Any], notes: str = "",
-                  partial: str | None = None) -> list[Path]:
-    """Write `<out>/results.csv` (long form), `<out>/tables.md` and one PNG per figure.
+                  partial: str | None = None, analysis: dict[str, Any] | None = None,
+                  redraw: bool = False) -> list[Path]:
+    """Write `<out>/results.csv` (long form), `<out>/tables.md`, one PNG per figure and one `<name>.csv` per
+    frame of `analysis` (what figures that need model weights are drawn from: similarity grids, filters,
+    attention maps; small, so that `source="results"` redraws them without the run store). With `redraw`, the
+    CSVs are where they were read from (`make figures`): only tables.md and the figures are rewritten.
 
     Refuses an empty frame (nothing finished: no header-only files). Partial results (a sweep run
     with `allow_partial=True` where some runs failed; `partial` defaults to what `run_jobs` reported)
@@ -49,8 +82,9 @@ def write_results(out: Path, frame, tables: dict[str, Any], figures: dict[str, A
     if partial is None:
         partial = (getattr(frame, "attrs", {}) or {}).get("partial") or LAST_SWEEP.get("partial")
     written = []
-    atomic_write_text(out / "results.csv", frame.to_csv(index=False))
-    written.append(out / "results.csv")
+    if not redraw:
+        atomic_write_text(out / "results.csv", frame.to_csv(index=False))
+        written.append(out / "results.csv")
     md = [notes.strip(), ""] if notes else []
     if partial:
         md = ["> **Partial results** (`allow_partial=True`): these tables leave out the runs below.", ">"] + \
@@ -60,6 +94,9 @@ def write_results(out: Path, frame, tables: dict[str, Any], figures: dict[str, A
         md += [f"## {title}", "", table.to_markdown(index=False) if hasattr(table, "to_markdown") else str(table), ""]
     atomic_write_text(out / "tables.md", "\n".join(md))
     written.append(out / "tables.md")
+    for name, table in ({} if redraw else analysis or {}).items():
+        atomic_write_text(out / f"{name}.csv", table.to_csv(index=False, float_format="%.6g"))
+        written.append(out / f"{name}.csv")
     for name, fig in figures.items():
         written.append(save_figure(fig, out / f"{name}.png"))
         plt.close(fig)

@@ -32,9 +32,13 @@ class Params(launch.ExperimentParams):
     upstream: str | None = None  # pre-training dataset (None = the profile's)
     downstream: str | None = None  # transfer dataset for few-shot and fine-tuning (None = the profile's)
     sizes: list | None = None  # pre-training subset sizes, positive ints (None = the profile's)
+    models: list | None = None  # model names of the registry's grammar (None = the profile's)
+    steps: int | None = None  # pre-training steps per run, the budget (None = the profile's recipe)
 
     def check(self):
         common.positive_ints("sizes", self.sizes)  # against the dataset's size: in preflight
+        skeleton.check_models("models", self.models)
+        skeleton.check_positive("steps", self.steps)
         skeleton.check_datasets(self.upstream, self.downstream)
 
 
@@ -59,6 +63,7 @@ class Profile:
     finetuned_sizes: tuple | None = None  # the sizes whose models are also fine-tuned (None: every size)
     model_sizes: dict = field(default_factory=dict)  # a model's own pre-training sizes (default: `sizes`)
     finetuned_models: tuple | None = None  # the models that are also fine-tuned (None: every model)
+    steps: int | None = None  # pre-training steps per run (None: the recipe's own schedule)
 
 
 def smoke() -> Profile:
@@ -142,13 +147,18 @@ def paper() -> Profile:
 
 PROFILES = skeleton.profiles_by_name(smoke, cpu, gpu, paper)
 validate_params = skeleton.parameter_validator(Params)
-profile = skeleton.profile_chooser(PROFILES, "upstream", "downstream", "seeds", "sizes")
+profile = skeleton.profile_chooser(PROFILES, "upstream", "downstream", "seeds", "sizes", "models", "steps")
 
 
 def _pretrain_config(params: Params, p: Profile, model: str, n: int | None, seed: int) -> dict:
     if p.pretrain is None:  # cpu: the shared upstream runs of recipes.py (validation-selected, early-stopped)
-        return recipes.upstream_config(params.profile, model, seed, n=n, dataset=p.upstream, img_size=p.img_size)
+        return recipes.upstream_config(params.profile, model, seed, n=n, dataset=p.upstream, img_size=p.img_size,
+                                       steps=p.steps)
     pretrain = {**p.pretrain, **p.family_pretrain.get(parse_name(model).family, {})}
+    if p.steps is not None:  # the budget in steps replaces the recipe's epochs or steps
+        pretrain = {k: v for k, v in pretrain.items() if k != "epochs"} | {"steps": p.steps}
+        if pretrain.get("warmup_steps", 0) >= p.steps:  # a short budget keeps a tenth of it for warm-up
+            pretrain["warmup_steps"] = p.steps // 10
     if n is not None and n == recipes.TRAIN_IMAGES.get(p.upstream):
         n = None  # the whole set (streamed: no subset to draw)
     return common.train_config(

@@ -14,12 +14,14 @@ plus the few helpers their parameters and tables repeat: `check_datasets`, `held
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Sequence
 
 import pandas as pd
 
 from . import launch, recipes
 from .params import PROFILES as PROFILE_NAMES
+from .params import REPO_ROOT, ParameterError
 from .params import validate_params as validate_notebook_params
 from .results import collect as collect_finished
 from .results import fmt_pm, mean_spread, tidy
@@ -39,7 +41,9 @@ def parameter_validator(params_class: type) -> Callable[[dict], object]:
     launch parameters (a dry run switches this process to stand-in data here)."""
 
     def validate(values: dict):
-        return launch.validated(validate_notebook_params(params_class, values))
+        params = validate_notebook_params(params_class, values)
+        check_source(params)
+        return params if params.source != "train" else launch.validated(params)
 
     validate.__doc__ = f"Notebook globals -> a checked `{params_class.__qualname__}` (unknown names fail)."
     return validate
@@ -53,8 +57,9 @@ def profile_chooser(profiles: dict[str, Callable], *overrides: str) -> Callable:
         chosen = profiles[params.profile]()
         for name in overrides:
             value = getattr(params, name)
-            if value:  # None (and an empty list) keep the profile's own choice
-                setattr(chosen, name, tuple(value) if isinstance(getattr(chosen, name), tuple) else value)
+            if value is None or value in ("", [], ()):  # None keeps the profile's own choice (empty: refused by check)
+                continue
+            setattr(chosen, name, tuple(value) if isinstance(value, (list, tuple)) else value)
         return chosen
 
     profile.__doc__ = f"The profile's sweep, with {', '.join(overrides)} from the parameters where given."
@@ -64,13 +69,17 @@ def profile_chooser(profiles: dict[str, Callable], *overrides: str) -> Callable:
 def run_and_collect(notebook: str, jobs: Callable, baseline_rows: Callable) -> tuple[Callable, Callable]:
     """`run(params, log=None)` trains (or reuses) every job; `collect(params)` reads back the finished runs
     only, training nothing. Both return the long-form frame of the runs followed by the pixel baselines
-    (`baseline_rows(params)`; None where there are none, e.g. an analysis of released weights)."""
+    (`baseline_rows(params)`; None where there are none, e.g. an analysis of released weights).
+    With `params.source` other than "train", `run` reads the committed results instead (`read_results`):
+    no run store, no training."""
 
     def with_baselines(frame: pd.DataFrame, params) -> pd.DataFrame:
         baselines = baseline_rows(params)
         return frame if baselines is None else pd.concat([frame, baselines], ignore_index=True)
 
     def run(params, log=None) -> pd.DataFrame:
+        if getattr(params, "source", "train") != "train":
+            return read_results(params, notebook)
         results = launch.run_jobs(jobs(params), params, log=log)
         return with_baselines(tidy(results, notebook, params.profile), params)
 
@@ -80,6 +89,83 @@ def run_and_collect(notebook: str, jobs: Callable, baseline_rows: Callable) -> t
     run.__doc__ = f"Train or reuse every run of the {notebook} sweep; its long-form results with the pixel baselines."
     collect.__doc__ = f"The finished runs of the {notebook} sweep, read back from the run store (no training)."
     return run, collect
+
+
+def results_csv(params, notebook: str) -> Path:
+    """The results a notebook redraws with `source="results"` (results/<notebook>/results.csv) or
+    `source=<path>` (a results.csv, or a folder holding one)."""
+    source = getattr(params, "source", "train")
+    path = REPO_ROOT / "results" / notebook / "results.csv" if source == "results" else Path(source).expanduser()
+    return path / "results.csv" if path.is_dir() else path
+
+
+def read_results(params, notebook: str, *, analysis: str | None = None) -> pd.DataFrame:
+    """The long-form frame of `results_csv(params, notebook)` (with `analysis`, the table of that name beside
+    it, e.g. "similarity" for similarity.csv; None where it was never written)."""
+    path = results_csv(params, notebook)
+    if analysis is not None:
+        path = path.with_name(f"{analysis}.csv")
+        return pd.read_csv(path) if path.exists() else None
+    return pd.read_csv(path)
+
+
+def check_source(params) -> None:
+    """`source`: "train", "results" or a results.csv (or its folder) that exists, checked before compute."""
+    source = getattr(params, "source", "train")
+    if source in ("train", "results"):
+        return
+    if not isinstance(source, str) or not results_csv(params, "").exists():
+        raise ParameterError(f"source={source!r}: use 'train' (the run store, training what is missing), 'results' "
+                             "(results/<notebook>/results.csv) or the path of a results.csv or of its folder")
+
+
+def check_models(name: str, value, *, families: Sequence[str] = ("vit", "hybrid", "bit"), single: bool = False) -> None:
+    """Model names (a list, or one with `single`) that the registry's grammar accepts, of the given families;
+    None = the profile's."""
+    from ..models.registry import parse_name
+
+    if value is None:
+        return
+    names = [value] if single else value
+    if single and not isinstance(value, str) or not single and (not isinstance(value, (list, tuple)) or not value):
+        what = "a model name" if single else "a non-empty list of model names"
+        raise ParameterError(f"{name} must be {what} such as {EXAMPLE_MODELS}, got {value!r}")
+    if not single:
+        check_choices(name, names)
+    for model in names:
+        try:
+            family = parse_name(model).family
+        except (ValueError, TypeError) as e:
+            raise ParameterError(f"{name}: {e}") from e
+        if family not in families:
+            raise ParameterError(f"{name}: {model!r} is a {family} model; this notebook takes {' / '.join(families)} "
+                                 f"models, e.g. 'ViT-Nano/4'")
+
+
+def check_choices(name: str, value, allowed: Sequence | None = None) -> None:
+    """A non-empty list without repeats, each value one of `allowed` (when given); None = the profile's."""
+    if value is None:
+        return
+    what = f"a non-empty list of {', '.join(map(repr, allowed))}" if allowed else "a non-empty list"
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ParameterError(f"{name} must be {what}, got {value!r}")
+    bad = [v for v in value if allowed is not None and v not in allowed]
+    if bad:
+        raise ParameterError(f"{name}: {', '.join(map(repr, bad))} not one of {', '.join(map(repr, allowed))}")
+    if len(set(map(str, value))) != len(value):
+        raise ParameterError(f"{name} has repeated values: {list(value)!r}")
+
+
+def check_positive(name: str, value, kind: type = int) -> None:
+    """One positive number (an int, or a float with kind=float); None = the profile's."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool) and value > 0
+    if not ok:
+        raise ParameterError(f"{name} must be a positive {'number' if kind is float else 'integer'}, got {value!r}")
+
+
+EXAMPLE_MODELS = "'ViT-Nano/4', 'R14x0.25+ViT-Nano/4', 'BiT-R14x0.25'"
 
 
 def check_datasets(*names: str | None) -> None:

@@ -43,10 +43,19 @@ class Params(launch.ExperimentParams):
     downstream: list | None = None  # list of downstream datasets (None = the profile's)
     pretrained: str | None = None  # timm name with tag, or a local .pth/.safetensors/.npz: fine-tune released weights
     pretrained_model: str | None = None  # our model name for a local `pretrained` file, e.g. "ViT-B/16"
+    models: list | None = None  # model names of the registry's grammar (None = the profile's)
+    upstream_sizes: list | None = None  # [small, large] upstream subset sizes, positive ints (None = the profile's)
+    finetune_sizes: list | None = None  # fine-tuning resolutions in px (None = the profile's)
+    scratch: bool | None = None  # train the from-scratch rows (None = the profile's: yes)
 
     def check(self):
         from ..models import registry
 
+        skeleton.check_models("models", self.models)
+        common.positive_ints("upstream_sizes", self.upstream_sizes)  # against the dataset's size: in preflight
+        common.positive_ints("finetune_sizes", self.finetune_sizes)  # against the patch size: in preflight
+        if self.downstream is not None and not self.downstream:
+            raise ParameterError("downstream must be a non-empty list of datasets, got []")
         skeleton.check_datasets(self.upstream, *(self.downstream or []))
         if self.pretrained:
             model = pretrained_model_name(self.pretrained, self.pretrained_model)
@@ -84,6 +93,7 @@ class Profile:
     resolution_pretrain: int | None = None  # cpu: a ViT pre-trained at this lower resolution ...
     resolution_finetune: tuple[int, ...] = ()  # ... fine-tuned at these (real extra pixels)
     upsampled_finetune: tuple[int, ...] = ()  # cpu: the whole-set model also fine-tuned at these (upsampled)
+    scratch: bool = True  # the from-scratch rows
 
 
 def smoke() -> Profile:
@@ -154,7 +164,8 @@ def paper() -> Profile:
 
 PROFILES = skeleton.profiles_by_name(smoke, cpu, gpu, paper)
 validate_params = skeleton.parameter_validator(Params)
-profile = skeleton.profile_chooser(PROFILES, "upstream", "downstream", "seeds")
+profile = skeleton.profile_chooser(PROFILES, "upstream", "downstream", "seeds", "models", "upstream_sizes",
+                                   "finetune_sizes", "scratch")
 
 
 def pretrained_recipe(params: Params, p: Profile, model: str, dataset: str) -> dict:
@@ -208,7 +219,7 @@ def jobs(params: Params) -> list[Job]:
                             experiment=exp, model=model, dataset=ds, img_size=size, seed=seed,
                             augment=_augment(p, ds, size), train_examples=p.finetune_examples, **ft),
                             stage="finetune", upstream=p.upstream, upstream_examples=n, parent=pre))
-            for ds in p.downstream:  # from scratch: the pre-training recipe on the downstream budget
+            for ds in p.downstream if p.scratch else ():  # from scratch: the pre-training recipe, downstream budget
                 steps = _finetune_recipe(p, ds).get("steps", p.pretrain.get("steps"))
                 scratch = dict(p.pretrain, steps=steps)
                 scratch.pop("epochs", None)
@@ -232,19 +243,12 @@ def _cpu_jobs(params: Params, p: Profile) -> list[Job]:
                 out.append(pre)
                 up = p.upsampled_finetune if n is None and model == first else ()  # more tokens, no new pixels
                 for ds in p.downstream:
-                    for size in (p.img_size, *up):
+                    for size in (*p.finetune_sizes, *up):  # the profile's: the pre-training resolution (+ upsampled)
                         out.append(Job(recipes.finetune_config(prof, model, ds, seed, size), stage="finetune",
                                        upstream=p.upstream, upstream_examples=n, parent=pre))
-            for ds in p.downstream:  # from scratch with the fine-tuning budget
-                steps = recipes.cpu_finetune_steps(ds)
-                out.append(Job(recipes.scratch_config(prof, model, ds, seed, steps), stage="scratch",
-                               upstream=f"none ({steps} steps, the fine-tuning budget)"))
+            out += _cpu_scratch_jobs(params, p, model, seed) if p.scratch else []
             if model != first:
                 continue
-            steps = recipes.cpu_finetune_steps(p.downstream[0])
-            small = recipes.pretrain_steps(p.upstream_sizes[0]) + steps  # ... and with pre-training's budget too
-            out.append(Job(recipes.scratch_config(prof, model, p.downstream[0], seed, small), stage="scratch",
-                           upstream=f"none ({small} steps, {p.upstream_sizes[0]} pre-training + fine-tuning)"))
             if p.resolution_pretrain:  # real extra pixels: pre-train low, fine-tune at the native size
                 low = f"{p.upstream} at {p.resolution_pretrain} px"
                 pre = Job(recipes.upstream_config(prof, model, seed, dataset=p.upstream, img_size=p.resolution_pretrain),
@@ -253,6 +257,22 @@ def _cpu_jobs(params: Params, p: Profile) -> list[Job]:
                 for size in p.resolution_finetune:
                     out.append(Job(recipes.finetune_config(prof, model, p.downstream[0], seed, size), stage="finetune",
                                    upstream=low, parent=pre))
+    return out
+
+
+def _cpu_scratch_jobs(params: Params, p: Profile, model: str, seed: int) -> list[Job]:
+    """From scratch with the fine-tuning budget on every downstream set and, for the first model, on the first
+    set with the budget of the small pre-training plus fine-tuning."""
+    out = []
+    for ds in p.downstream:
+        steps = recipes.cpu_finetune_steps(ds)
+        out.append(Job(recipes.scratch_config(params.profile, model, ds, seed, steps), stage="scratch",
+                       upstream=f"none ({steps} steps, the fine-tuning budget)"))
+    if model == p.models[0]:
+        steps = recipes.cpu_finetune_steps(p.downstream[0])
+        small = recipes.pretrain_steps(p.upstream_sizes[0]) + steps
+        out.append(Job(recipes.scratch_config(params.profile, model, p.downstream[0], seed, small), stage="scratch",
+                       upstream=f"none ({small} steps, {p.upstream_sizes[0]} pre-training + fine-tuning)"))
     return out
 
 
@@ -297,8 +317,10 @@ def figures(df: pd.DataFrame) -> dict:
     if d.empty:
         return {}
     d["upstream set"] = ["all" if pd.isna(n) else str(int(n)) for n in d.upstream_examples]
+    d["img_size"] = d["img_size"].astype(int)  # 28, not 28.0, whether the frame came from the runs or a CSV
     g = sns.catplot(data=d, x="img_size", y="value", hue="upstream set", col="dataset", row="model", kind="point",
                     errorbar="sd", height=2.8, aspect=1.1, sharey=False)
     g.set_axis_labels("fine-tuning resolution (px)", "top-1")
+    g.set_titles("{row_name}\n{col_name}", size=8)  # one line each overlapped its neighbour's
     g.figure.suptitle("Table 5 analogue: upstream size and fine-tuning resolution", y=1.02)
     return {"table5_transfer": g.figure}
