@@ -76,6 +76,19 @@ for title, table in tables.items():
     print(title)
     display(table)
 
+# %% [markdown]
+# ## Explorer
+#
+# Pick a stored run, a layer, a head and a test image: the head's attention on the image, every head's mean
+# attention distance (the chosen one ringed) and the run's position-embedding similarity. In JupyterLab the
+# controls redraw the figure; run headless (papermill) this cell leaves the figure of the default choice.
+
+# %%
+from vitrepro.experiments import explorer
+
+explored = explorer.explore(params, explorer.stored_runs(df, lambda r: f"{r.model}, seed {int(r.seed)}"),
+                            attention.profile(params).dataset)
+
 # %%
 written = common.write_results(common.results_dir(params, "attention"), pd.concat([df, analysed], ignore_index=True),
                                tables, figures, notes=f"Profile `{params.profile}`.", analysis=extra)

@@ -83,6 +83,18 @@ figures = pe.figures(df)
 similarity = pe.similarity_tables(params, df)  # Fig. 7 centre's grids: from the runs' weights, or similarity.csv
 figures.update(pe.similarity_figures(similarity))
 
+# %% [markdown]
+# ## Explorer
+#
+# Pick a stored run, a layer, a head and a test image: the head's attention on the image, every head's mean
+# attention distance (the chosen one ringed) and the run's position-embedding similarity. In JupyterLab the
+# controls redraw the figure; run headless (papermill) this cell leaves the figure of the default choice.
+
+# %%
+from vitrepro.experiments import explorer
+
+explored = explorer.explore(params, explorer.stored_runs(pe.table8_runs(df), pe.run_label), pe.profile(params).dataset)
+
 # %%
 written = common.write_results(common.results_dir(params, "position_embeddings"), df, tables, figures,
                                notes=f"Profile `{params.profile}`. Values: mean ± std over seeds.",

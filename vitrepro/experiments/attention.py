@@ -131,18 +131,9 @@ def models(params: Params, df: pd.DataFrame | None = None) -> list[tuple[str, to
 
 def sample_images(params: Params, model: torch.nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n test images: (uint8 originals, model inputs in [-1, 1] at the model's resolution)."""
-    from ..data import DATASETS, load_arrays, preprocess, stream_arrays
+    from .explorer import test_images
 
-    p = profile(params)
-    spec = DATASETS.get(p.dataset)
-    if spec is not None and spec.streaming:  # imagenet-1k: the first n test images, by streaming
-        arrays = stream_arrays(p.dataset, "test", n, size=model.img_size)
-        return arrays.images, preprocess(arrays.images, model.img_size, model.in_chans)
-    arrays = load_arrays(p.dataset, "test")
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(arrays.labels), generator=g)[:n]
-    raw = arrays.images[idx]
-    return raw, preprocess(raw, model.img_size, model.in_chans)
+    return test_images(profile(params).dataset, model, n)
 
 
 SAMPLE_IMAGES = 8  # Fig. 6: test images shown with their attention rollout

@@ -99,7 +99,7 @@ def positive_ints(name: str, value: Any) -> None:
 
 # Variables the notebooks themselves define after validation (so re-running that cell still works).
 NOTEBOOK_VARIABLES = {"params", "df", "tables", "figures", "written", "analysed", "sim_figures", "comparisons",
-                      "similarity", "extra", "tracked", "tracked_figures", "explorer"}
+                      "similarity", "extra", "tracked", "tracked_figures", "explored"}
 
 
 def _is_parameter_like(name: str, value: Any) -> bool:

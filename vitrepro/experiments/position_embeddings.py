@@ -210,6 +210,11 @@ def variant_label(kind: str, at: str) -> str:
     return f"{_label(kind)}, {at.replace('_', ' ')}"
 
 
+def run_label(row) -> str:
+    """A stored run of Table 8's grid for the explorer: its variant and seed."""
+    return f"{variant_label(row.pos_embed, row.pos_embed_at)}, seed {int(row.seed)}"
+
+
 def _at_size_of(df: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """The rows of ``df`` pre-trained on as many examples as ``runs`` (NaN = the whole set)."""
     if runs.empty:

@@ -41,12 +41,30 @@ def parameter_validator(params_class: type) -> Callable[[dict], object]:
     launch parameters (a dry run switches this process to stand-in data here)."""
 
     def validate(values: dict):
-        params = validate_notebook_params(params_class, values)
+        params = validate_notebook_params(params_class, json_lists(params_class, values))
         check_source(params)
         return params if params.source != "train" else launch.validated(params)
 
     validate.__doc__ = f"Notebook globals -> a checked `{params_class.__qualname__}` (unknown names fail)."
     return validate
+
+
+def json_lists(params_class: type, values: dict) -> dict:
+    """`papermill -p models '["ViT-Nano/4", "BiT-R14x0.25"]'` passes the list as its JSON text (papermill's -p
+    parses numbers, booleans and None only): the text of a list parameter becomes the list it spells."""
+    import dataclasses
+    import json
+
+    lists = {f.name for f in dataclasses.fields(params_class) if str(f.type).startswith("list")}
+    out = dict(values)
+    for name in lists & set(values):
+        text = values[name]
+        if isinstance(text, str) and text.lstrip().startswith("["):
+            try:
+                out[name] = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ParameterError(f"{name}={text!r} is not a JSON list such as '[\"a\", \"b\"]': {e}") from e
+    return out
 
 
 def profile_chooser(profiles: dict[str, Callable], *overrides: str) -> Callable:
