@@ -149,7 +149,8 @@ def explore(params, runs: dict[str, str], dataset: str, num_images: int = 16, *,
     def redraw(_=None):
         layers, heads = ex.shape(run.value)  # another variant may have another depth or width
         layer.max, head.max = layers, heads - 1
-        handle.update(ex.figure(run.value, layer.value, head.value, image.value))
+        if handle is not None:  # None: no IPython (a dry run executes the cells in a plain process)
+            handle.update(ex.figure(run.value, layer.value, head.value, image.value))
 
     for control in (run, layer, head, image):
         control.observe(redraw, names="value")

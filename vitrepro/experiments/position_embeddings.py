@@ -258,8 +258,8 @@ def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         title += _pretrained_on(d)
         if d.empty:
             continue
-        w = skeleton.percent_table(d, "pos_embed", "pos_embed_at", digits=2).reindex(
-            columns=["stem", "every_layer", "every_layer_shared"]).astype(object).fillna("N/A").reset_index()
+        w = skeleton.percent_table(d, "pos_embed", "pos_embed_at", digits=2)
+        w = w.reindex(columns=[at for at in PLACEMENTS if at in w.columns]).astype(object).fillna("N/A").reset_index()  # trained
         w["pos_embed"] = w["pos_embed"].map(_label)
         b = df[(df.stage == "baseline") & (df.metric == metric)]
         n = d.upstream_examples.dropna()
