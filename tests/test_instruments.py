@@ -120,7 +120,7 @@ def test_a_size_larger_than_the_dataset_fails_before_any_run_folder(nb, values, 
 def test_pair_verdicts_follow_the_report_rules():
     import numpy as np
 
-    from vitrepro.verdicts import INVALID, pair_verdict, pairwise
+    from vitrepro.verdicts import BELOW, pair_verdict, pairwise
 
     a, b = np.array([0.80, 0.81, 0.82]), np.array([0.70, 0.71, 0.72])
     assert pair_verdict(a, b, ("1-D", "2-D"))["verdict"] == "1-D above 2-D"
@@ -128,7 +128,9 @@ def test_pair_verdicts_follow_the_report_rules():
     tight = np.array([0.800, 0.801, 0.802])
     same = pair_verdict(tight, tight + np.array([0.0005, -0.0005, 0.0]), ("1-D", "2-D"))
     assert same["verdict"] == "alike within ±1 pp" and same["90% interval (pp)"].startswith("[")
-    assert pair_verdict(a, b, ("1-D", "2-D"), base=0.9)["verdict"] == INVALID
+    flagged = pair_verdict(a, b, ("1-D", "2-D"), base=0.9)
+    assert flagged["verdict"] == "1-D above 2-D" and flagged["flag"].startswith(BELOW)  # flagged beside it
+    assert pair_verdict(a, b, ("1-D", "2-D"), base=0.5)["flag"] == ""
     assert pair_verdict(a[:2], b[:2], ("1-D", "2-D"))["verdict"].startswith("too few seeds")
     noisy = pair_verdict(np.array([0.7, 0.8, 0.9]), np.array([0.72, 0.85, 0.8]), ("x", "y"))
     assert noisy["verdict"] == "inconclusive"

@@ -471,15 +471,13 @@ VERDICTS: dict[str, Callable[[pd.DataFrame], list[Verdict]]] = {
 # ----------------------------------------------------------------- every pair of what a user trained
 def pair_verdict(a: np.ndarray, b: np.ndarray, names: tuple[str, str], base: float = math.nan) -> dict:
     """One row of a pairwise table: A - B with its 90% Welch interval, the one-sided Welch p of the larger
-    mean, and a verdict under REPORT.md's rules (`stats.beats` at 5%, `stats.alike` within ±1 pp, invalid
-    when either model is below the pixel baseline of the same split)."""
+    mean, a verdict under REPORT.md's rules (`stats.beats` at 5%, `stats.alike` within ±1 pp) and, beside it,
+    a flag where either model is below the pixel baseline of the same split (`below_flag`)."""
     alike, up, down = stats.alike(a, b), stats.beats(a, b), stats.beats(b, a)
     lo, hi = alike.ci if alike.ci else (math.nan, math.nan)
     p = up.p if (up.diff if not math.isnan(up.diff) else 0) >= 0 else down.p
     if alike.verdict == "too few seeds":
         verdict = f"too few seeds (need {stats.MIN_SEEDS} each)"
-    elif below(a, base) or below(b, base):
-        verdict = INVALID
     elif up.verdict == "reproduced" or down.verdict == "reproduced":
         hi_name, lo_name = names if up.verdict == "reproduced" else names[::-1]
         verdict = f"{hi_name} above {lo_name}" + (f" (within ±{100 * stats.EQUIVALENCE_MARGIN:g} pp)"
@@ -491,7 +489,8 @@ def pair_verdict(a: np.ndarray, b: np.ndarray, names: tuple[str, str], base: flo
     return {"A": names[0], "B": names[1], "A (%)": pct(a), "B (%)": pct(b),
             "A - B (pp)": round(100 * alike.diff, 2) if not math.isnan(alike.diff) else math.nan,
             "90% interval (pp)": "-" if math.isnan(lo) else f"[{100 * lo:+.2f}, {100 * hi:+.2f}]",
-            "p (Welch, one-sided)": "-" if p is None else f"{p:.3g}", "verdict": verdict}
+            "p (Welch, one-sided)": "-" if p is None else f"{p:.3g}", "verdict": verdict,
+            "flag": below_flag({names[0]: (a, base), names[1]: (b, base)})}
 
 
 def pairwise(groups: dict[str, np.ndarray], base: float = math.nan) -> pd.DataFrame:
