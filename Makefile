@@ -20,17 +20,15 @@ venv: .venv/.installed
 	$(MAKE) --no-print-directory kernel
 	touch $@
 
-# The project's Jupyter kernel "Python (vitrepro)", installed for the user (~/.local/share/jupyter/kernels)
-# so any JupyterLab finds it; it runs this clone's .venv/bin/python. The notebooks name it in their
-# metadata. ipykernel copies the output of child processes (the training workers) to the kernel's own
+# The project's Jupyter kernel "Python (vitrepro)", installed into this clone's .venv
+# (.venv/share/jupyter/kernels/vitrepro), running this clone's .venv/bin/python: Jupyter looks in a virtual
+# environment's own prefix before the user's folder, so `make lab` and .venv/bin/papermill of each clone start
+# that clone's kernel and one clone never re-points another's (vitrepro/jupyter.py). The notebooks name it in
+# their metadata. ipykernel copies the output of child processes (the training workers) to the kernel's own
 # stdout as well as to the notebook; under papermill that stdout is the terminal, so with --log-output
 # every line showed twice: the kernel's stdout goes to /dev/null (env/kernel/kernel.json.in).
 kernel:
-	rm -rf .venv/share/jupyter/kernels/vitrepro   # an older Makefile's --sys-prefix copy would shadow it
-	$(PY) -m ipykernel install --user --name vitrepro --display-name "Python (vitrepro)" >/dev/null
-	sed 's|@PYTHON@|$(abspath $(PY))|' env/kernel/kernel.json.in \
-	    > "$$($(PY) -c 'from jupyter_core.paths import jupyter_data_dir; print(jupyter_data_dir())')/kernels/vitrepro/kernel.json"
-	@$(PY) -m jupyter kernelspec list | grep -w vitrepro
+	$(PY) -m vitrepro.jupyter install-kernel
 
 test: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests
