@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine: `make reproduce` (the cpu profile of every notebook
-# plus results/REPORT.md) and `make test`. Each creates .venv/ when it is missing.
+# plus results/REPORT.md) and `make test`
+# (`make test-slow`: the slow tier). Each creates .venv/ when it is missing.
 # Then: `make lab` (JupyterLab on the project kernel) or `make notebook NB=scaling PROFILE=cpu`.
 # Data directory, run store and offline mode come from vitrepro/settings.py (environment variables,
 # then vitrepro.toml, then defaults; ../shared/data is found by itself): `make settings` shows them.
@@ -10,7 +11,7 @@ NB ?=
 NOTEBOOKS := scaling position_embeddings transfer attention
 LAB_PORT ?= 8888
 
-.PHONY: reproduce test venv kernel lab notebook settings bench clean-venv
+.PHONY: reproduce test test-slow venv kernel lab notebook settings bench clean-venv
 
 venv: .venv/.installed
 .venv/.installed: pyproject.toml env/constraints.txt env/kernel/kernel.json.in
@@ -30,8 +31,18 @@ venv: .venv/.installed
 kernel:
 	$(PY) -m vitrepro.jupyter install-kernel
 
+# Two tiers of the offline test suite. `make test`, the default: every test but those marked slow, a few
+# minutes on 2 cores. `make test-slow`: the slow ones (each profile's full dry run, torchrun, compile, the
+# notebooks beyond the smoke canary), about 20 minutes on 2 cores. CI (.ci/run) runs both.
+# PYTEST_ARGS adds pytest options, e.g. make test PYTEST_ARGS='tests/test_store.py -x'.
+PYTEST := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest
+PYTEST_ARGS ?=
+
 test: venv
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
+
+test-slow: venv
+	$(PYTEST) -m slow $(PYTEST_ARGS)
 
 reproduce: venv
 	$(PY) -m vitrepro.experiments.run_all --profile $(PROFILE)
