@@ -425,8 +425,9 @@ class _Sweep:
         self.log(f"[{len(self.out)}/{self.total} {_fmt_s(time.time() - self.t0)}, {eta}] {status}{how} "
                  f"{self.describe(job, cfg)}{ref}{extra}")
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{eta}, last: {status}{how} {self.describe(job, cfg)}", refresh=False)
+            self.bar.set_postfix_str(eta, refresh=False)  # which run: the log line below the bar
             self.bar.update(1)
+            self.bar.refresh()  # tqdm skips the redraw of updates that come faster than its average
         self.pending += self.release()
         if str(record.get("error", "")).startswith(("NoSpaceError:", "NotWritableError:")):
             self.halt(record["error"])
