@@ -82,10 +82,7 @@ def fresh_clone(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTER", "PYTEST", "VIRTUAL_ENV", "PYTHON"))}
     env.update(VITREPRO_RUNS=str(clone / "runs"), JUPYTER_DATA_DIR=str(clone / "user-jupyter"),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MAKEFLAGS="", NODE_RANK="0")
-    # --ignore-installed: never touch the vitrepro of the environment the packages come from
-    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", "--no-index",
-                        "--no-build-isolation", "-e", str(clone)], cwd=clone, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    _install(py, clone, Path(site), env)
     jup = venv / "share" / "jupyter"
     jup.mkdir(parents=True)
     for entry in Path(sys.prefix, "share", "jupyter").glob("*"):
@@ -103,6 +100,30 @@ def fresh_clone(tmp_path_factory):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     return clone, env
+
+
+def _install(py: Path, clone: Path, site: Path, env: dict) -> None:
+    """``pip install -e`` the clone into its venv (``--ignore-installed``: never touching the vitrepro of the
+    environment the packages come from). Without setuptools here (pip builds offline, so it needs it), what
+    the install leaves that the commands use: the clone on sys.path and its entry points (papermill.io)."""
+    import importlib.util
+
+    if importlib.util.find_spec("setuptools") is not None:
+        r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", "--no-index",
+                            "--no-build-isolation", "-e", str(clone)], cwd=clone, env=env, capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr
+        return
+    import tomllib
+
+    project = tomllib.loads((clone / "pyproject.toml").read_text())["project"]
+    (site / "vitrepro-clone.pth").write_text(f"{clone}\n")
+    info = site / f"vitrepro-{project['version']}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vitrepro\nVersion: {project['version']}\n")
+    groups = {"console_scripts": project.get("scripts", {}), **project.get("entry-points", {})}
+    (info / "entry_points.txt").write_text("".join(
+        f"[{g}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) + "\n" for g, eps in groups.items()))
 
 
 def _sh(cmd: str, clone: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
