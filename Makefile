@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine: `make reproduce` (the cpu profile of every notebook
-# plus results/REPORT.md) and `make test`. Each creates .venv/ when it is missing.
+# plus results/REPORT.md) and `make test`
+# (`make test-slow`: the slow tier). Each creates .venv/ when it is missing.
 # Then: `make lab` (JupyterLab on the project kernel) or `make notebook NB=scaling PROFILE=cpu`.
 # Data directory, run store and offline mode come from vitrepro/settings.py (environment variables,
 # then vitrepro.toml, then defaults; ../shared/data is found by itself): `make settings` shows them.
@@ -10,7 +11,7 @@ NB ?=
 NOTEBOOKS := scaling position_embeddings transfer attention
 LAB_PORT ?= 8888
 
-.PHONY: reproduce test venv kernel lab notebook settings bench clean-venv figures
+.PHONY: reproduce test test-slow venv kernel lab notebook settings bench clean-venv figures
 
 venv: .venv/.installed
 .venv/.installed: pyproject.toml env/constraints.txt env/kernel/kernel.json.in
@@ -20,20 +21,28 @@ venv: .venv/.installed
 	$(MAKE) --no-print-directory kernel
 	touch $@
 
-# The project's Jupyter kernel "Python (vitrepro)", installed for the user (~/.local/share/jupyter/kernels)
-# so any JupyterLab finds it; it runs this clone's .venv/bin/python. The notebooks name it in their
-# metadata. ipykernel copies the output of child processes (the training workers) to the kernel's own
+# The project's Jupyter kernel "Python (vitrepro)", installed into this clone's .venv
+# (.venv/share/jupyter/kernels/vitrepro), running this clone's .venv/bin/python: Jupyter looks in a virtual
+# environment's own prefix before the user's folder, so `make lab` and .venv/bin/papermill of each clone start
+# that clone's kernel and one clone never re-points another's (vitrepro/jupyter.py). The notebooks name it in
+# their metadata. ipykernel copies the output of child processes (the training workers) to the kernel's own
 # stdout as well as to the notebook; under papermill that stdout is the terminal, so with --log-output
 # every line showed twice: the kernel's stdout goes to /dev/null (env/kernel/kernel.json.in).
 kernel:
-	rm -rf .venv/share/jupyter/kernels/vitrepro   # an older Makefile's --sys-prefix copy would shadow it
-	$(PY) -m ipykernel install --user --name vitrepro --display-name "Python (vitrepro)" >/dev/null
-	sed 's|@PYTHON@|$(abspath $(PY))|' env/kernel/kernel.json.in \
-	    > "$$($(PY) -c 'from jupyter_core.paths import jupyter_data_dir; print(jupyter_data_dir())')/kernels/vitrepro/kernel.json"
-	@$(PY) -m jupyter kernelspec list | grep -w vitrepro
+	$(PY) -m vitrepro.jupyter install-kernel
+
+# Two tiers of the offline test suite. `make test`, the default: every test but those marked slow, a few
+# minutes on 2 cores. `make test-slow`: the slow ones (each profile's full dry run, torchrun, compile, the
+# notebooks beyond the smoke canary), about 20 minutes on 2 cores. CI (.ci/run) runs both.
+# PYTEST_ARGS adds pytest options, e.g. make test PYTEST_ARGS='tests/test_store.py -x'.
+PYTEST := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest
+PYTEST_ARGS ?=
 
 test: venv
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
+
+test-slow: venv
+	$(PYTEST) -m slow $(PYTEST_ARGS)
 
 reproduce: venv
 	$(PY) -m vitrepro.experiments.run_all --profile $(PROFILE)

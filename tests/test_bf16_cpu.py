@@ -81,6 +81,7 @@ def test_bit_smoke_pretraining_8px_bf16_is_finite(run_store, seed):
     assert math.isfinite(rec["metrics"]["train/loss"])
 
 
+@pytest.mark.slow  # torch.compile: ~55 s on 2 cores
 @pytest.mark.skipif(_cxx_compiler() is None,
                     reason="torch.compile on a CPU needs a C++ compiler")
 def test_bit_smoke_pretraining_8px_bf16_compiled_is_finite(run_store):

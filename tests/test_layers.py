@@ -7,7 +7,7 @@ so its imports are left out.
 
 The layers, lowest first. A module may import its own layer and the ones below, never one above:
 
-    foundation   settings, store, stats, machine (what the machine is good at), the package itself
+    foundation   settings, jupyter, store, stats, machine (what the machine is good at), the package itself
     models       vitrepro.models.*
     data         vitrepro.data
     evaluate     evaluate, analysis, baselines (evaluators, and the analyses of trained models)
@@ -28,8 +28,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vitrepro"
 MAX_FUNCTION_LINES = 80
 
 LAYERS = [
-    ("foundation", ["vitrepro", "vitrepro.settings", "vitrepro.store", "vitrepro.stats", "vitrepro.machine",
-                    "vitrepro.typed"]),
+    ("foundation", ["vitrepro", "vitrepro.settings", "vitrepro.jupyter", "vitrepro.store", "vitrepro.stats",
+                    "vitrepro.machine", "vitrepro.typed"]),
     ("models", ["vitrepro.models", "vitrepro.models.*"]),
     ("data", ["vitrepro.data"]),
     ("evaluate", ["vitrepro.evaluate", "vitrepro.analysis", "vitrepro.baselines"]),

@@ -25,7 +25,7 @@ def test_makefile_targets():
     text = (ROOT / "Makefile").read_text()
     for target in ("venv", "kernel", "test", "reproduce", "lab", "notebook", "settings"):
         assert re.search(rf"^{target}:", text, re.M), target
-    assert "ipykernel install --user --name vitrepro" in text
+    assert "vitrepro.jupyter install-kernel" in text and "--user" not in text  # the kernel is the clone's own
     r = _make_n("lab")
     assert r.returncode == 0 and "jupyter lab" in r.stdout, r.stderr
     r = _make_n("notebook", "NB=scaling", "PROFILE=smoke")

@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["scaling", "position_embeddings", "transfer", "attention"]
+CANARY = "scaling"  # the one notebook smoke run of the default tier (`make test`); the others: `make test-slow`
 EXPECTED_FIGURES = {
     "scaling": {"fig3_finetune_vs_data.png", "fig4_fewshot_vs_data.png", "fig5_accuracy_vs_compute.png"},
     "position_embeddings": {"table8_position_embeddings.png", "d3_token_vs_gap.png",
@@ -30,7 +31,7 @@ def _papermill(nb, out, params, tmp_path):
                                kernel_name="python3", progress_bar=False, cwd=str(ROOT))
 
 
-@pytest.mark.parametrize("nb", NOTEBOOKS)
+@pytest.mark.parametrize("nb", [nb if nb == CANARY else pytest.param(nb, marks=pytest.mark.slow) for nb in NOTEBOOKS])
 def test_notebook_smoke(nb, tmp_path):
     out = tmp_path / f"{nb}.out.ipynb"
     _papermill(nb, out, {}, tmp_path)

@@ -538,6 +538,7 @@ def test_smoke_notebook_writes_outside_the_committed_results(tmp_path):
     assert _git_status_results() == before  # empty on a clean checkout
 
 
+@pytest.mark.slow  # a papermill process and its kernel: ~20 s
 def test_notebook_with_an_unusable_dataset_fails_before_compute(tmp_path):
     """A downstream folder with two label columns: papermill exits non-zero, nothing trained or written."""
     import datasets

@@ -47,6 +47,7 @@ def test_sweep_starts_the_longest_chain_of_work_first(tmp_path):
     assert sw.next_job() is tune and sw.next_job() is short and not sw.pending
 
 
+@pytest.mark.slow  # torch.compile: ~100 s on 2 cores
 @pytest.mark.skipif(machine._cxx_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_training_equals_eager(run_store):
     eager = train.run({**BASE, "compile": "off"}, store=run_store, progress="none")
@@ -115,6 +116,7 @@ def test_sweep_eta_weighs_runs_by_their_work(tmp_path, monkeypatch):
     assert sw.eta() == "done"
 
 
+@pytest.mark.slow  # torch.compile in a spawned worker: ~80 s
 @pytest.mark.skipif(machine._cxx_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler")
 def test_each_run_in_a_worker_is_compiled(run_store, monkeypatch):
     """A sweep worker trains many models in one process. Without a dynamo reset per run, every new model is a

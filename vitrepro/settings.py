@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -326,10 +327,22 @@ class PapermillDefaultOutput:
               file=sys.stderr, flush=True)
 
     def pretty_path(self, path):
+        """papermill names the output path once, before the first cell: where the CLI's missing output path
+        became ``-``, it also turned its log down to errors (meant for JSON on stdout), which silenced
+        ``--log-output`` for the whole run. The notebook goes to a file here, so the cells' output is
+        logged (on stderr, as papermill logs) when the user asked for it."""
+        import sys
+        if self._implicit(path) and "--log-output" in sys.argv[1:]:
+            import logging
+            logging.getLogger("papermill").setLevel(logging.INFO)
         return path
 
 
 papermill_output_handler = PapermillDefaultOutput()
+
+# papermill warns that "-" has no file extension each time it writes there (every papermill run without an
+# output path, through the handler above): "-" is the stdout / run-store path on purpose, not a typo.
+warnings.filterwarnings("ignore", message=r"the file is not specified with any extension : -$")
 
 
 # --------------------------------------------------------------------------- the project's Jupyter kernel
@@ -366,7 +379,19 @@ def launch_kernel() -> None:
     if "VITREPRO_PROGRESS" not in os.environ and not _parent_is_jupyter_server():
         os.environ["VITREPRO_PROGRESS"] = "log"
     from ipykernel import kernelapp
+    app = kernelapp.IPKernelApp.instance()  # the instance launch_new_instance() then starts
+    app.log.addFilter(_NoTcpWarning())
     kernelapp.launch_new_instance()
+
+
+class _NoTcpWarning:
+    """Drops ipykernel's "Kernel is running over TCP without encryption" warning, printed on every kernel start
+    (on the terminal under papermill): Lab and papermill start this kernel on 127.0.0.1 with a connection file
+    only the user can read, whose key signs every message; the warning concerns kernels reached over a network."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "running over TCP without encryption" not in record.getMessage()
 
 
 def main(argv=None) -> None:

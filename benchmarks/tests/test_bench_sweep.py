@@ -17,7 +17,7 @@ from vitrepro import machine
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py (benchmarks/tests/conftest.py)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])  # compiled: ~50 s
 def test_stacked_step_equals_separate_training(compiled):
     """The benchmark's stacked layouts (vmapped, and vmapped through torch.compile): S models in one step ==
     each trained alone (fp32)."""
@@ -53,6 +53,7 @@ def test_stacked_step_equals_separate_training(compiled):
                 assert ((got - want).abs() > 1e-5).float().mean() < 0.01, name
 
 
+@pytest.mark.slow  # a spawned pool and the peak measurement: ~45 s
 def test_sweep_benchmark_numbers_follow_from_its_fields():
     spec = bench_sweep.SweepSpec("ViT-Nano/7", jobs=2, img_size=14, batch=16, precision="fp32", dataset="digits",
                                  augment="crop_flip", steps=2, warmup=1)

@@ -276,11 +276,33 @@ def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], N
     sweep = _Sweep(jobs, params, log)
     sweep.torchrun = torchrun
     sweep.threads = run_threads(params, workers)  # the workers' thread count: the ids they will compute
-    if workers <= 1:
-        sweep.run_here()
-    else:
-        sweep.run_in_pool(workers)
-    return sweep.conclude()
+    sweep.bar = progress_bar(len(jobs))
+    try:
+        if workers <= 1:
+            sweep.run_here()
+        else:
+            sweep.run_in_pool(workers)
+        return sweep.conclude()
+    finally:
+        if sweep.bar is not None:
+            sweep.bar.close()
+
+
+def progress_bar(total: int):
+    """A tqdm widget bar over the runs of a sweep (runs done, time so far, the sweep's own ETA) where the kernel
+    has a widget front end (JupyterLab: `jupyter.widget_frontend`); None elsewhere (papermill, a terminal),
+    where the progress lines are the display. Each run's own steps stay log lines: the runs train in worker
+    processes, whose output reaches the notebook as text."""
+    from ..jupyter import widget_frontend
+
+    if not widget_frontend():
+        return None
+    try:
+        from tqdm.notebook import tqdm
+        return tqdm(total=total, desc="sweep", unit="run",
+                    bar_format="{desc}: {n_fmt}/{total_fmt} runs |{bar}| {elapsed}{postfix}")
+    except ImportError:  # no ipywidgets: tqdm.notebook cannot draw; the lines still show
+        return None
 
 
 def chain_work(jobs: Sequence[Job], work: dict[int, float]) -> dict[int, float]:
@@ -336,6 +358,7 @@ class _Sweep:
         self.priority = chain_work(jobs, self.work)
         self.threads: int | None = None  # intra-op threads of the processes that train (None: this one's)
         self.torchrun: int | None = None  # processes per run under torchrun (None: trained here or in the pool)
+        self.bar = None                   # `progress_bar` (JupyterLab), else None
 
     def describe(self, job: Job, cfg: dict) -> str:
         return _describe(job, cfg, self.keys)
@@ -398,8 +421,13 @@ class _Sweep:
         extra = "" if status == "ok" else f": {record.get('error')}"
         how = "" if was_trained else " (stored)"
         ref = f" [{record.get('experiment')}/{record.get('run_id')}]" if record.get("run_id") else ""
-        self.log(f"[{len(self.out)}/{self.total} {_fmt_s(time.time() - self.t0)}, {self.eta()}] {status}{how} "
+        eta = self.eta()
+        self.log(f"[{len(self.out)}/{self.total} {_fmt_s(time.time() - self.t0)}, {eta}] {status}{how} "
                  f"{self.describe(job, cfg)}{ref}{extra}")
+        if self.bar is not None:
+            self.bar.set_postfix_str(eta, refresh=False)  # which run: the log line below the bar
+            self.bar.update(1)
+            self.bar.refresh()  # tqdm skips the redraw of updates that come faster than its average
         self.pending += self.release()
         if str(record.get("error", "")).startswith(("NoSpaceError:", "NotWritableError:")):
             self.halt(record["error"])
@@ -425,6 +453,8 @@ class _Sweep:
                     self.out.append((j, {"status": "skipped", "error": "its pre-training run failed"}))
                     self.log(f"[{len(self.out)}/{self.total}] skip {self.describe(j, j.config)}: "
                              "its pre-training run failed")
+                    if self.bar is not None:
+                        self.bar.update(1)
             else:
                 still.append(j)
         self.waiting = still
@@ -501,7 +531,9 @@ class _Sweep:
                 running[pool.submit(_train_one, cfg, self.root, self.params.force)] = (job, cfg)
             if not running:
                 break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            finished, _ = wait(running, timeout=None if self.bar is None else 2.0, return_when=FIRST_COMPLETED)
+            if self.bar is not None:
+                self.bar.refresh()  # the time so far moves while the runs train
             for fut in finished:
                 job, cfg = running.pop(fut)
                 try:
