@@ -296,7 +296,8 @@ def test_recipes_use_what_their_committed_searches_chose():
     used = {"vit_pretrain": {"lr": recipes.CPU_LR["vit"]}, "bit_pretrain": {"lr": recipes.CPU_LR["bit"]},
             "finetune": {"lr": recipes.CPU_FINETUNE["lr"]},
             "finetune_budget": {"steps": recipes.CPU_FINETUNE["steps"], "augment": recipes.CPU_FINETUNE_AUGMENT},
-            "finetune_1k": {"steps": recipes.cpu_finetune_steps(recipes.MNIST_1K), "augment": recipes.CPU_FINETUNE_AUGMENT}}
+            "finetune_1k": {"steps": recipes.cpu_finetune_steps(recipes.MNIST_1K), "augment": recipes.CPU_FINETUNE_AUGMENT},
+            "finetune_bit": {"lr": recipes.CPU_FINETUNE_LR["bit"]}}
     assert set(used) | set(recipes.PENDING_SEARCHES) == set(recipes.SEARCHES)
     for name in recipes.PENDING_SEARCHES:  # once run, it must join `used` with the value the recipe took from it
         assert not (EXPERIMENTS.parents[1] / "results" / "recipes" / f"{name}.csv").exists(), name
