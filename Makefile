@@ -33,7 +33,7 @@ kernel:
 
 # Two tiers of the offline test suite. `make test`, the default: every test but those marked slow, a few
 # minutes on 2 cores. `make test-slow`: the slow ones (each profile's full dry run, torchrun, compile, the
-# notebooks beyond the smoke canary), about 20 minutes on 2 cores. CI (.ci/run) runs both.
+# notebooks beyond the smoke canary), about 12 minutes on 2 cores. CI (.ci/run) runs both.
 # PYTEST_ARGS adds pytest options, e.g. make test PYTEST_ARGS='tests/test_store.py -x'.
 PYTEST := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest
 PYTEST_ARGS ?=
