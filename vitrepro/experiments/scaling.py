@@ -237,6 +237,8 @@ def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     d = df[(df.metric == "fewshot5") & (df.stage == "pretrain")]
     if not d.empty:
         t = d.groupby(["family", "model"]).agg(params=("params", "max"), train_flops_at_largest=("train_flops", "max")).reset_index()
+        # results.csv stores FLOPs as floats (other rows leave the column empty): whole numbers either way.
+        t = t.astype({"params": "int64", "train_flops_at_largest": "int64"})
         out["Models: parameters and pre-training compute (FLOPs), Fig. 5 x-axis"] = t
     return out
 
