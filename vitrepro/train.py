@@ -1,23 +1,14 @@
 """The trainer: one strictly validated configuration -> one stored, resumable run.
 
-    from vitrepro.train import TrainConfig, run
     record = run({"experiment": "demo", "model": "ViT-Nano/4", "dataset": "digits", "steps": 300})
-
     python -m vitrepro.train experiment=demo model=ViT-Nano/4 dataset=digits steps=300
     torchrun --standalone --nproc_per_node=2 -m vitrepro.train ...      (DDP; gloo on CPU, NCCL on GPU)
 
-Determinism: the model is initialised from ``seed``; the data order of epoch e comes from
-(seed, e), the augmentation of a batch from (seed, epoch, index), and the dropout RNG is reseeded
-from (seed, step, rank) before every step. So a run killed and resumed from its checkpoint ends
-with exactly the parameters and metrics of an uninterrupted run (same device and world size).
-
-Optimisers: ``adam`` = torch AdamW (β 0.9/0.999, eps 1e-8, decoupled weight decay, i.e. the
-decay is multiplied by the current learning rate), the paper's pre-training optimiser (Table 3);
-``sgd`` = plain momentum 0.9 (not Nesterov), the fine-tuning optimiser (App. B.1.1). Weight decay
-applies to matrices / conv kernels only (not biases, norms, class token or position embeddings).
-Schedule (``lr_at``, as big_vision): linear warmup from exactly 0 at step 0 to ``lr`` at step
-``warmup_steps`` (lr * step / warmup_steps), then ``cosine`` or ``linear`` decay towards 0 at step
-``steps`` (or ``constant``). Gradients are clipped at global norm ``grad_clip`` (paper: 1).
+Determinism: the model is initialised from ``seed``, the data order and augmentation come from (seed, epoch,
+batch) and dropout is reseeded from (seed, step, rank) before every step, so a run resumed from its checkpoint
+ends with exactly the parameters and metrics of an uninterrupted run (same device and world size).
+Optimisers: ``adam`` = AdamW (paper Table 3, pre-training), ``sgd`` = momentum 0.9 (App. B.1.1, fine-tuning);
+weight decay applies to matrices and conv kernels only; schedule ``lr_at``; gradients clipped at ``grad_clip``.
 """
 from __future__ import annotations
 
@@ -39,10 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, typed
-from .data import AUGMENTATIONS, Batches, DataError, StreamBatches, ImageArrays, load_arrays, resolve_source, \
-    training_split
-from .machine import _cpu_flags, resolve_compile, resolve_precision, tune_cpu_allocator  # noqa: F401 (_cpu_flags: tests)
-from .store import RunStore, atomic_torch_save, code_versions, run_id_for
+from .data import (AUGMENTATIONS, Batches, DataError, ImageArrays, StreamBatches, data_fingerprint, load_arrays,
+                   resolve_source, training_split)
+from .evaluate import Accuracy, make_evaluator
+from .machine import _cpu_flags, resolve_compile, resolve_precision, tune_cpu_allocator  # noqa: F401 (tests)
+from .store import (DamagedRunError, NoSpaceError, NotWritableError, RunStore, atomic_torch_save, check_torch_content,
+                    check_torch_file, code_versions, load_weights, run_id_for)
 
 __all__ = ["TrainConfig", "ConfigError", "DivergedError", "run", "run_many", "run_id_of", "resolved_identity", "main",
            "resolve_precision", "lr_at"]
@@ -59,6 +52,11 @@ class DivergedError(RuntimeError):
 # The configuration keys that choose the architecture (create_model options beyond the name and shapes).
 ARCH_KEYS = ("pool", "pos_embed", "pos_embed_at", "head", "representation_size", "drop_rate", "attn_drop_rate",
              "drop_path_rate")
+
+
+def _hint(word, options, cutoff: float = 0.6) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @dataclass
@@ -112,7 +110,6 @@ class TrainConfig:
     checkpoint_every: int | None = 100      # None: only at the end
     device: str = "auto"                    # auto | cpu | cuda | cuda:N
 
-    # ------------------------------------------------------------------ construction
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         if isinstance(d, TrainConfig):
@@ -120,98 +117,64 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"a configuration is a dict, got {type(d).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in d if k not in names]
+        unknown = [f"{k!r}{_hint(k, names, 0.5)}" for k in d if k not in names]
         if unknown:
-            msgs = []
-            for k in unknown:
-                close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
-                msgs.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"unknown configuration key(s): {', '.join(msgs)}. Valid keys: {', '.join(names)}")
-        cfg = cls(**{k: typed.check(cls, k, v, ConfigError, widen=True) for k, v in d.items()})
+            raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}. Valid keys: {', '.join(names)}")
+        cfg = cls(**d)
         cfg.check()
         return cfg
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes) -> "TrainConfig":
-        return TrainConfig.from_dict({**self.to_dict(), **changes})
+    to_dict = dataclasses.asdict
 
     def model_options(self) -> dict:
         return {k: getattr(self, k) for k in ARCH_KEYS if getattr(self, k) is not None}
 
     def check(self) -> None:
-        """Static checks (no I/O)."""
-        def choice(name, options):
-            v = getattr(self, name)
-            if v not in options:
-                close = difflib.get_close_matches(str(v), [str(o) for o in options], n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"{name}={v!r} is not one of {list(options)}{hint}")
-
-        def positive(name, allow_none=False, strict=True):
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if v is None or (v <= 0 if strict else v < 0):
-                raise ConfigError(f"{name}={v!r} must be {'> 0' if strict else '>= 0'}")
-
+        """Static checks (no I/O), the fields' types first (an int for a float becomes a float, a tuple a list,
+        so that equal configurations have equal run ids)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, typed.check(type(self), f.name, getattr(self, f.name), ConfigError, widen=True))
         if not self.experiment or "/" in self.experiment or self.experiment.startswith("."):
             raise ConfigError(f"experiment={self.experiment!r} must be a non-empty name without '/'")
-        choice("optimizer", ("adam", "sgd"))
-        choice("schedule", ("cosine", "linear", "constant"))
-        choice("precision", ("auto", "fp32", "bf16"))
-        choice("compile", ("auto", "on", "off"))
-        choice("augment", AUGMENTATIONS)
+        for name, options in (("optimizer", ("adam", "sgd")), ("schedule", ("cosine", "linear", "constant")),
+                              ("precision", ("auto", "fp32", "bf16")), ("compile", ("auto", "on", "off")),
+                              ("augment", AUGMENTATIONS)):
+            v = getattr(self, name)
+            if v not in options:
+                raise ConfigError(f"{name}={v!r} is not one of {list(options)}{_hint(v, options)}")
         if self.select_on not in (None, "val"):
             raise ConfigError(f"select_on={self.select_on!r}: use 'val' (the held-out part of train) or None; "
                               "a selection on the test split is not offered")
-        if self.select_on == "val" and self.val_fraction <= 0:
-            raise ConfigError("select_on='val' needs val_fraction > 0 (the held-out part of train)")
-        positive("select_every", allow_none=True)
-        positive("snapshot_every", allow_none=True)
-        if self.eval_split == "val" and self.val_fraction <= 0:
-            raise ConfigError("eval_split='val' needs val_fraction > 0 (the held-out part of train)")
-        if not (0.0 <= self.val_fraction < 1.0):
-            raise ConfigError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        for what in ("select_on", "eval_split"):
+            if getattr(self, what) == "val" and self.val_fraction <= 0:
+                raise ConfigError(f"{what}='val' needs val_fraction > 0 (the held-out part of train)")
+        for name in ("val_fraction", "label_smoothing"):
+            if not (0.0 <= getattr(self, name) < 1.0):
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
         if (self.steps is None) == (self.epochs is None):
             raise ConfigError("give exactly one of steps and epochs "
                               f"(got steps={self.steps!r}, epochs={self.epochs!r})")
-        positive("steps", allow_none=True)
-        positive("epochs", allow_none=True)
-        positive("batch_size")
-        positive("accum_steps")
-        positive("lr")
-        positive("log_every")
-        positive("train_examples", allow_none=True)
-        positive("img_size", allow_none=True)
-        positive("checkpoint_every", allow_none=True)
-        positive("eval_every", allow_none=True)
-        positive("grad_clip", allow_none=True)
+        for name in ("select_every", "snapshot_every", "steps", "epochs", "batch_size", "accum_steps", "lr",
+                     "log_every", "train_examples", "img_size", "checkpoint_every", "eval_every", "grad_clip"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be > 0")
         for name in ("weight_decay", "warmup_steps"):
-            positive(name, strict=False)
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 0")
         if self.in_chans not in (None, 1, 3):
             raise ConfigError(f"in_chans={self.in_chans} must be 1, 3 or None")
-        if not (0.0 <= self.label_smoothing < 1.0):
-            raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
         if self.batch_size % self.accum_steps:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by accum_steps={self.accum_steps}")
         if self.steps is not None and self.warmup_steps >= self.steps and self.schedule != "constant":
             raise ConfigError(f"warmup_steps={self.warmup_steps} leaves no decay within steps={self.steps}")
-        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")
-                or self.device == "mps"):
+        if not (self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")):
             raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
-        from .evaluate import make_evaluator
         for e in self.evaluators:
-            if not isinstance(e, dict):
-                raise ConfigError(f"evaluators entries must be dicts like {{'type': 'accuracy'}}, got {e!r}")
             try:
-                make_evaluator({"dataset": self.dataset, **e})
+                make_evaluator({"dataset": self.dataset, **e} if isinstance(e, dict) else e)
             except ValueError as err:
-                raise ConfigError(str(err)) from err
+                raise ConfigError(f"evaluators: {err}") from err
 
-
-# ---------------------------------------------------------------------- helpers
 
 def init_names_a_file(init: str | None) -> bool:
     """Whether ``init`` is a weights file path, not a stored run (``run:``) or a hub model (``timm:``, ``hf-hub:``)."""
@@ -219,14 +182,9 @@ def init_names_a_file(init: str | None) -> bool:
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based; ``total`` steps in all).
-
-    As the official code: big_vision/utils.py ``create_learning_rate_schedule`` (and vit_jax/utils.py)
-    multiplies by min(1, step / warmup_steps) and decays over progress = (step - w) / (total - w), and is
-    called with the optimizer's update count, which starts at 0 (optax ``scale_by_schedule``; big_vision's
-    train.py logs ``sched_fn(step - 1)`` for its 1-based update ``step``). So warm-up starts at exactly 0
-    (the first update has lr 0) and reaches ``cfg.lr`` at step ``w``; linear decay ends at 0 (big_vision's
-    default ``linear_end``)."""
+    """Learning rate of optimiser update ``step`` (0-based, of ``total``), as big_vision's
+    ``create_learning_rate_schedule`` called with optax's update count: warm-up from exactly 0 (the first update
+    has lr 0) to ``cfg.lr`` at ``warmup_steps``, then cosine, linear (to 0) or constant."""
     w = cfg.warmup_steps
     if step < w:
         return cfg.lr * step / w
@@ -239,45 +197,35 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 
 def _git_revision() -> str | None:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip()
     try:
-        root = Path(__file__).resolve().parent.parent
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (rev + ("+dirty" if dirty else "")) if rev else None
+        rev = git("rev-parse", "HEAD")
+        return (rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) if rev else None
     except Exception:  # noqa: BLE001
         return None
 
 
 def _versions() -> dict:
-    import numpy
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-           "vitrepro": __version__}
-    for mod in ("timm", "datasets"):
-        try:
+    out = {"python": platform.python_version(), "vitrepro": __version__}
+    for mod in ("torch", "numpy", "timm", "datasets"):
+        with contextlib.suppress(Exception):
             out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            pass
     return out
 
 
 def _dist_env() -> tuple[int, int, int]:
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
 def _resolve_device(spec: str, local_rank: int) -> torch.device:
     if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     d = torch.device(spec)
-    if d.type == "cuda" and d.index is None:
-        d = torch.device("cuda", local_rank)
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={spec!r} but CUDA is not available")
-    return d
+    return torch.device("cuda", local_rank) if d.type == "cuda" and d.index is None else d
 
 
 def _progress_mode(progress: str) -> str:
@@ -286,10 +234,8 @@ def _progress_mode(progress: str) -> str:
         return progress
     if os.environ.get("PAPERMILL_EXECUTION") or os.environ.get("PAPERMILL"):
         return "log"
-    if "ipykernel" in sys.modules:
-        return "bar"
     try:
-        return "bar" if sys.stderr.isatty() else "log"
+        return "bar" if "ipykernel" in sys.modules or sys.stderr.isatty() else "log"
     except Exception:  # noqa: BLE001
         return "log"
 
@@ -301,11 +247,9 @@ def _seed_for(*parts: int) -> int:
     return s
 
 
-# ---------------------------------------------------------------------- preparation
-
 @dataclass
 class TrainingPlan:
-    """What `prepare` found out before any compute: the data, the evaluators and the shapes to build."""
+    """What `_prepare` found out before any compute: the data, the evaluators and the shapes to build."""
     cfg: TrainConfig
     train: ImageArrays | None       # None: streamed
     evaluators: list
@@ -318,25 +262,9 @@ class TrainingPlan:
     selector: Any = None            # Accuracy on the held-out split when cfg.select_on == "val"
 
 
-def _check_sources(cfg: TrainConfig) -> None:
-    """The datasets can be found and the model name parses (ConfigError otherwise)."""
-    from . import models
-    try:
-        resolve_source(cfg.dataset)
-        for e in cfg.evaluators:
-            if e.get("dataset"):
-                resolve_source(e["dataset"])
-    except DataError as e:
-        raise ConfigError(str(e)) from e
-    try:
-        models.parse_name(cfg.model)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-
-
 def _find_init_run(cfg: TrainConfig, store: RunStore) -> tuple[Path | None, dict | None]:
-    """For ``init=run:<experiment>/<id>``: that run's folder and stored config (it must have finished and
-    be the same model); (None, None) for any other init. A missing init file is a ConfigError."""
+    """For ``init=run:<experiment>/<id>``: that run's folder and stored config (it must have finished, with
+    weights that read back, and be the same model); (None, None) for any other init."""
     if init_names_a_file(cfg.init) and not Path(cfg.init).exists():
         raise ConfigError(f"init={cfg.init!r}: no such file (use run:<experiment>/<run_id>, timm:<name>.<tag> "
                           "or a .pth/.safetensors/.npz path)")
@@ -346,12 +274,14 @@ def _find_init_run(cfg: TrainConfig, store: RunStore) -> tuple[Path | None, dict
         init_run = store.resolve(cfg.init)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from e
-    if not (init_run / "model.pt").exists():
-        raise ConfigError(f"init={cfg.init!r}: that run has no model.pt (not finished?)")
-    from .store import DamagedRunError
-    exp, rid = cfg.init[4:].strip("/").split("/", 1)
     try:
-        init_config = store.config(exp, rid)
+        check_torch_file(init_run / "model.pt", cfg.init[4:])
+    except FileNotFoundError:
+        raise ConfigError(f"init={cfg.init!r}: that run has no model.pt (not finished?)") from None
+    except DamagedRunError as e:
+        raise ConfigError(f"init={cfg.init!r}: the parent run's weights cannot be loaded: {e}") from e
+    try:
+        init_config = store.config(init_run.parent.name, init_run.name)
     except DamagedRunError as e:
         raise ConfigError(f"init={cfg.init!r}: the parent run's configuration cannot be read: {e}") from e
     if not isinstance(init_config.get("_resolved"), dict):  # rebuilt from a checkpoint by `store repair`
@@ -363,72 +293,65 @@ def _find_init_run(cfg: TrainConfig, store: RunStore) -> tuple[Path | None, dict
 
 
 def _prepare(cfg: TrainConfig, store: RunStore) -> TrainingPlan:
-    """Every check that needs I/O (data location, model shapes), before any compute or store write."""
-    from .evaluate import Accuracy
-    _check_sources(cfg)
-    if cfg.img_size:  # shape check before touching any data (num_classes does not matter here)
-        check_shapes(cfg, cfg.img_size, cfg.in_chans or 3, 10)
+    """Every check that needs I/O (the init run, the subset, the model's shapes), before any compute or store
+    write (the data reads: `resolved_identity` fingerprinted it)."""
     init_run, init_config = _find_init_run(cfg, store)
+    parent = init_config["_resolved"] if init_config else {}
     src = resolve_source(cfg.dataset)
-    if src.spec is not None and src.spec.streaming:
-        return _prepare_streamed(cfg, src, init_run, init_config)
-    try:
-        arrays = load_arrays(cfg.dataset, cfg.train_split)
-    except DataError as e:
-        raise ConfigError(str(e)) from e
-    data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-    try:
-        arrays, val = training_split(arrays, cfg.val_fraction, cfg.train_examples, data_seed)
-    except DataError as e:
-        raise ConfigError(f"{cfg.dataset}: {e}") from e
-    if cfg.batch_size > len(arrays):
-        raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(arrays)} training examples")
-    img_size = cfg.img_size or (init_config["_resolved"]["img_size"] if init_config else arrays.img_size)
-    in_chans = cfg.in_chans or (init_config["_resolved"]["in_chans"] if init_config else
-                                (3 if cfg.init else arrays.in_chans))
-    num_classes = arrays.num_classes
-    steps = cfg.steps if cfg.steps is not None else int(round(cfg.epochs * (len(arrays) // cfg.batch_size)))
-    if steps <= 0:
-        raise ConfigError(f"epochs={cfg.epochs} gives 0 steps with {len(arrays)} examples and batch {cfg.batch_size}")
-    if cfg.warmup_steps >= steps and cfg.schedule != "constant":
-        raise ConfigError(f"warmup_steps={cfg.warmup_steps} >= steps={steps}")
+    if src.spec is not None and src.spec.streaming:  # imagenet-1k: streamed (`data.stream_batches`)
+        if cfg.steps is None:
+            raise ConfigError(f"{cfg.dataset} is streamed: give steps, not epochs")
+        if cfg.val_fraction > 0:
+            raise ConfigError(f"{cfg.dataset} is streamed: val_fraction is not supported; "
+                              "use a split expression in train_split (e.g. 'train[:99%]')")
+        arrays = val = None
+        img_size, in_chans = cfg.img_size or parent.get("img_size", 224), cfg.in_chans or parent.get("in_chans", 3)
+        num_classes, steps = src.spec.num_classes, cfg.steps
+    else:
+        try:
+            arrays, val = training_split(load_arrays(cfg.dataset, cfg.train_split), cfg.val_fraction,
+                                         cfg.train_examples, cfg.seed if cfg.data_seed is None else cfg.data_seed)
+        except DataError as e:
+            raise ConfigError(f"{cfg.dataset}: {e}") from e
+        if cfg.batch_size > len(arrays):
+            raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(arrays)} training examples")
+        img_size = cfg.img_size or parent.get("img_size", arrays.img_size)
+        in_chans = cfg.in_chans or parent.get("in_chans", 3 if cfg.init else arrays.in_chans)
+        num_classes = arrays.num_classes
+        steps = cfg.steps if cfg.steps is not None else int(round(cfg.epochs * (len(arrays) // cfg.batch_size)))
+        if steps <= 0:
+            raise ConfigError(f"epochs={cfg.epochs} gives 0 steps with {len(arrays)} examples and batch "
+                              f"{cfg.batch_size}")
+        if cfg.warmup_steps >= steps and cfg.schedule != "constant":
+            raise ConfigError(f"warmup_steps={cfg.warmup_steps} >= steps={steps}")
     check_shapes(cfg, img_size, in_chans, num_classes)
-    evaluators = _make_evaluators(cfg, val)
     selector = Accuracy(cfg.dataset, "val", arrays=val) if cfg.select_on == "val" else None
-    return TrainingPlan(cfg, arrays, evaluators, img_size, in_chans, num_classes, steps, init_run, init_config,
-                        selector)
+    return TrainingPlan(cfg, arrays, _make_evaluators(cfg, val), img_size, in_chans, num_classes, steps, init_run,
+                        init_config, selector)
 
 
 def _make_evaluators(cfg: TrainConfig, val: ImageArrays | None) -> list:
-    """The configured evaluators; accuracy on ``val`` and few-shot shots from ``val`` use the held-out
-    part of this run's training set."""
-    from .evaluate import Accuracy, FewShot, make_evaluator
+    """The configured evaluators; an accuracy on ``val`` and few-shot shots from ``val`` use this run's hold-out."""
     evaluators = []
     for e in cfg.evaluators:
-        e = dict(e)
-        if e.get("type") == "accuracy" and not e.get("dataset"):
-            e["dataset"] = cfg.dataset
+        own = not e.get("dataset")  # this run's dataset, by default
+        e = dict(e, dataset=e.get("dataset") or cfg.dataset)
+        if e.get("type") == "accuracy" and own:
             e.setdefault("split", cfg.eval_split)
             if e["split"] == "val":
-                evaluators.append(Accuracy(cfg.dataset, "val", arrays=val,
-                                           **{k: v for k, v in e.items() if k not in ("type", "dataset", "split")}))
-                continue
+                e["arrays"] = val
         if e.get("type") == "fewshot" and e.get("train_split") == "val":
             # shots from the held-out part of this run's training set: images the model never trained on
-            if e.get("dataset", cfg.dataset) != cfg.dataset or val is None:
+            if e["dataset"] != cfg.dataset or val is None:
                 raise ConfigError(f"few-shot train_split='val' draws its shots from the held-out part of "
                                   f"dataset={cfg.dataset!r}: give val_fraction > 0 and no other dataset")
-            evaluators.append(FewShot(cfg.dataset, train_arrays=val,
-                                      **{k: v for k, v in e.items() if k not in ("type", "dataset")}))
-            continue
-        e.setdefault("dataset", cfg.dataset)
+            e["train_arrays"] = val
         evaluators.append(make_evaluator(e))
     return evaluators
 
 
 def check_shapes(cfg: TrainConfig, img_size: int, in_chans: int, num_classes: int) -> None:
-    """Build the model on the meta device (no memory, no compute) so that impossible shapes
-    (patch size not dividing img_size, bad options) fail before anything runs."""
+    """Build the model on the meta device (no memory, no compute): impossible shapes or options fail early."""
     from . import models
     try:
         with torch.device("meta"):
@@ -438,24 +361,6 @@ def check_shapes(cfg: TrainConfig, img_size: int, in_chans: int, num_classes: in
         raise ConfigError(f"model {cfg.model!r} at img_size={img_size}, in_chans={in_chans}: {e}") from e
     except (RuntimeError, NotImplementedError):
         pass  # an op without meta support: create_model validates its arguments before allocating
-
-
-def _prepare_streamed(cfg: TrainConfig, src, init_run, init_config) -> TrainingPlan:
-    """Large datasets (imagenet-1k): streamed through `datasets`; steps only; a class-balanced subset
-    (train_examples) is drawn by streaming (`data.stream_batches`), no validation hold-out."""
-    from . import models
-    from .evaluate import make_evaluator
-    if cfg.steps is None:
-        raise ConfigError(f"{cfg.dataset} is streamed: give steps, not epochs")
-    if cfg.val_fraction > 0:
-        raise ConfigError(f"{cfg.dataset} is streamed: val_fraction is not supported; "
-                          "use a split expression in train_split (e.g. 'train[:99%]')")
-    img_size = cfg.img_size or (init_config["_resolved"]["img_size"] if init_config else 224)
-    in_chans = cfg.in_chans or (init_config["_resolved"]["in_chans"] if init_config else 3)
-    check_shapes(cfg, img_size, in_chans, src.spec.num_classes)
-    evs = [make_evaluator({"dataset": cfg.dataset, **({"split": cfg.eval_split} if e.get("type") == "accuracy"
-                                                      else {}), **e}) for e in cfg.evaluators]
-    return TrainingPlan(cfg, None, evs, img_size, in_chans, src.spec.num_classes, cfg.steps, init_run, init_config)
 
 
 def _build_model(plan: TrainingPlan, device: torch.device):
@@ -471,8 +376,7 @@ def _build_model(plan: TrainingPlan, device: torch.device):
         opts.update(cfg.model_options())
         model = models.create_model(cfg.model, img_size=r["img_size"], in_chans=r["in_chans"],
                                     num_classes=r["num_classes"], **opts)
-        state = torch.load(plan.init_run / "model.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        model.load_state_dict(torch.load(plan.init_run / "model.pt", map_location="cpu", weights_only=True))
         report = {"source": cfg.init}
         if r["img_size"] != plan.img_size:
             models.resize(model, plan.img_size)
@@ -498,22 +402,15 @@ def _param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _fused_ok(model) -> bool:
-    """torch's fused optimizer kernels (one kernel for all parameters) run on CPU and CUDA, fp32/bf16/fp16."""
-    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
-
-
 def _make_optimizer(model, cfg: TrainConfig):
     # fused=True: the same update rule, computed in one multi-tensor kernel (on CPU ~5x faster than the
     # default per-parameter loop: 15 -> 3 ms per step for ViT-Nano, ~5% of its training step).
     groups = _param_groups(model, cfg.weight_decay)
-    fused = True if _fused_ok(model) else None
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters()) or None
     if cfg.optimizer == "adam":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=False, fused=fused)
 
-
-# ---------------------------------------------------------------------- run
 
 def data_used(cfg: TrainConfig) -> list[tuple[str, str]]:
     """(dataset, split) pairs a configuration reads: its training split and every evaluator's splits
@@ -532,29 +429,22 @@ def data_used(cfg: TrainConfig) -> list[tuple[str, str]]:
 
 
 def resolved_identity(cfg: TrainConfig | dict, threads: int | None = None) -> dict:
-    """What a configuration resolves to on this machine, with this data: device type, precision
-    (``auto`` resolved as ``resolve_precision`` does), on CPU the intra-op thread count (``threads``, else
-    ``torch.get_num_threads()`` now: 1 and 2 threads split the reductions differently, so their results differ
-    in the last bits; a CUDA run does not depend on it), a fingerprint of every dataset split it reads
-    (``data.data_fingerprint``: source, size, content hash; cached per process) and, for an ``init``
-    file, its size and modification time. Part of the run id and kept in the record."""
-    from .data import data_fingerprint
-    cfg = TrainConfig.from_dict(cfg) if not isinstance(cfg, TrainConfig) else cfg
+    """What a configuration resolves to on this machine and data (part of the run id; docs/design.md): device
+    type, precision, CPU threads (``threads``, else this process's), whether the step is compiled, a fingerprint
+    of every split it reads and, for an ``init`` file, its size and modification time."""
+    cfg = TrainConfig.from_dict(cfg)
     device = _resolve_device(cfg.device, 0)
     precision = resolve_precision(cfg.precision, device)
     ident: dict[str, Any] = {"device_type": device.type, "precision": precision}
     if device.type == "cpu":
         ident["cpu_threads"] = int(threads if threads is not None else torch.get_num_threads())
-    data = {}
+    ident["data"] = data = {}
     for ds, split in data_used(cfg):
         try:
             data[f"{ds}:{split}"] = data_fingerprint(ds, split)
-        except DataError as e:
-            raise ConfigError(str(e)) from e
-        except Exception as e:  # noqa: BLE001 - a corrupt file: name the dataset and the split
-            raise ConfigError(f"dataset {ds!r}, split {split!r} cannot be read: {type(e).__name__}: {e}") from e
-    ident["data"] = data
-    # compiled kernels round differently from eager ones: whether this run compiles is part of its identity
+        except Exception as e:  # noqa: BLE001 - DataError says what is wrong; any other: name the dataset and split
+            raise ConfigError(str(e) if isinstance(e, DataError) else
+                              f"dataset {ds!r}, split {split!r} cannot be read: {type(e).__name__}: {e}") from e
     ident["compile"] = resolve_compile(cfg.compile, device, precision, _family(cfg.model),
                                        _expected_steps(cfg, data.get(f"{cfg.dataset}:{cfg.train_split}")))
     if init_names_a_file(cfg.init) and Path(cfg.init).is_file():
@@ -572,25 +462,21 @@ def _family(model: str) -> str:
 
 
 def _expected_steps(cfg: TrainConfig, fingerprint: dict | None) -> int | None:
-    """The optimiser steps a configuration will take, from its data fingerprint (``_prepare``'s rule:
-    epochs x whole batches of the training part); None where the size is unknown (streamed)."""
+    """The optimiser steps a configuration will take (``_prepare``'s rule; the stratified hold-out rounds per
+    class, so a few examples off: enough for a threshold); None where the size is unknown (streamed)."""
     if cfg.steps is not None:
         return cfg.steps
     n = (fingerprint or {}).get("n")
     if n is None:
         return None
-    # the stratified hold-out rounds per class, so this can be off by a few examples: enough for a threshold
     n_train = cfg.train_examples or int(round(n * (1.0 - cfg.val_fraction)))
     return int(round(cfg.epochs * (n_train // cfg.batch_size)))
 
 
 def run_id_of(config: TrainConfig | dict, threads: int | None = None) -> str:
-    """The store id of a configuration (normalised through ``from_dict``, so lr=1 and lr=1.0 agree):
-    the configuration, the code's numerics version (``store.NUMERICS_VERSION``) and what it resolves to
-    here (``resolved_identity``). Cheap after the first call per dataset in a process. ``threads``: the
-    intra-op thread count of the process that trains it (None: this process's), for a scheduler that
-    looks up the runs its workers train."""
-    cfg = TrainConfig.from_dict(config) if not isinstance(config, TrainConfig) else config
+    """The store id of a configuration (normalised through ``from_dict``, so lr=1 and lr=1.0 agree) and what it
+    resolves to here; ``threads``: the intra-op thread count of the process that trains it (None: this one's)."""
+    cfg = TrainConfig.from_dict(config)
     return run_id_for(cfg.to_dict(), resolved=resolved_identity(cfg, threads))
 
 
@@ -602,20 +488,12 @@ def _arch_of(cfg: TrainConfig, init_config: dict | None) -> dict:
     from . import models
     arch: dict[str, Any] = {}
     if init_config is not None:
-        arch.update({k: v for k, v in ((init_config.get("_resolved") or {}).get("arch") or {}).items()})
+        arch.update((init_config.get("_resolved") or {}).get("arch") or {})
         arch.update({k: init_config[k] for k in ARCH_KEYS if init_config.get(k) is not None})
     arch.update(cfg.model_options())
-    try:
-        family = models.parse_name(cfg.model).family
-        cls = models.bit.BiTResNet if family == "bit" else models.vit.VisionTransformer
-        sig = inspect.signature(cls.__init__).parameters
-        for k in ARCH_KEYS:
-            if k in sig and k not in arch:
-                arch[k] = sig[k].default
-        arch = {k: v for k, v in arch.items() if k in sig}
-    except Exception:  # noqa: BLE001 - the explicit options are still right
-        pass
-    return {k: arch[k] for k in ARCH_KEYS if k in arch}
+    cls = models.bit.BiTResNet if _family(cfg.model) == "bit" else models.vit.VisionTransformer
+    sig = inspect.signature(cls.__init__).parameters
+    return {k: arch.get(k, sig[k].default) for k in ARCH_KEYS if k in sig}
 
 
 def _say(msg: str) -> None:
@@ -625,7 +503,6 @@ def _say(msg: str) -> None:
 def finished_record(store: RunStore, exp: str, rid: str, quiet: bool = False) -> dict | None:
     """The record of a finished run whose files read back, else None; a damaged record or model is
     reported (naming the file) and the run is done again (it resumes from its final checkpoint)."""
-    from .store import DamagedRunError, check_torch_file
     say = (lambda m: None) if quiet else _say
     try:
         rec = store.record(exp, rid)
@@ -652,29 +529,13 @@ def finished_record(store: RunStore, exp: str, rid: str, quiet: bool = False) ->
     return rec
 
 
-def _check_init_run(cfg: TrainConfig, store: RunStore) -> None:
-    """A fine-tune's parent weights must read back: a damaged parent model.pt is named, with its remedy."""
-    from .store import DamagedRunError, check_torch_file
-    if not (cfg.init and cfg.init.startswith("run:")):
-        return
-    d = store.root / cfg.init[4:]
-    if (d / "model.pt").exists():
-        try:
-            check_torch_file(d / "model.pt", cfg.init[4:])
-        except DamagedRunError as e:
-            raise ConfigError(f"init={cfg.init!r}: the parent run's weights cannot be loaded: {e}") from e
-
-
 def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool = False,
         progress: str = "auto") -> dict:
-    """Train (or resume, or return the stored record of) one configuration. Returns the record.
-
-    The run folder is owned by one process at a time (``RunStore.lock``, an OS lock released when
-    the owner dies): a second process of the same configuration waits for the first and then returns
-    its record (or resumes the run, if the owner died). Under torchrun (DDP) rank 0 takes the lock and
-    decides, for every rank (`_agree`): return the finished record, or train."""
-    cfg = TrainConfig.from_dict(config) if not isinstance(config, TrainConfig) else config
-    cfg.check()
+    """Train (or resume, or return the stored record of) one configuration. Returns the record. A second
+    process of the same configuration waits for the run folder's owner (``RunStore.lock``), then returns its
+    record or takes the run over; under DDP rank 0 takes the lock and decides for every rank (`_agree`)."""
+    cfg = TrainConfig.from_dict(config)
+    cfg.check()  # a TrainConfig built directly
     store = store if store is not None else RunStore()
     identity = resolved_identity(cfg)
     rid = run_id_for(cfg.to_dict(), resolved=identity)
@@ -685,7 +546,6 @@ def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool =
         rec = _agree(finished_record(store, cfg.experiment, rid) if rank == 0 else None, world)
         if rec is not None:
             return rec
-    _check_init_run(cfg, store)
     plan = _prepare(cfg, store)
     if cfg.batch_size % (world * cfg.accum_steps):
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by world_size*accum_steps "
@@ -698,7 +558,7 @@ def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool =
     try:
         rec = None
         if lock is not None and (lock.waited or not force):
-            rec = finished_record(store, cfg.experiment, rid, quiet=not lock.waited)  # finished by the owner we waited for
+            rec = finished_record(store, cfg.experiment, rid, quiet=not lock.waited)  # by the owner we waited for
             if rec is None and lock.waited:
                 _say(f"run {cfg.experiment}/{rid}: its owner ({owners[0] if owners else 'unknown'}) let go of it "
                      "without finishing it (it died or failed); this process takes it over"
@@ -724,8 +584,7 @@ def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool =
 
 
 def _agree(record: dict | None, world: int) -> dict | None:
-    """Rank 0's decision, made collective: the finished record every rank returns, or None (every rank
-    trains). A collective call: every rank must reach it (under DDP)."""
+    """Rank 0's decision for every rank (a collective call): the finished record to return, or None (train)."""
     if world <= 1:
         return record
     box = [record]
@@ -736,16 +595,14 @@ def _agree(record: dict | None, world: int) -> dict | None:
 def _start_distributed(world: int, device: torch.device) -> None:
     """Join the torchrun process group (gloo on CPU, NCCL on CUDA) when there is more than one process."""
     if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def _resolved_facts(plan: TrainingPlan, identity: dict) -> dict:
-    """What the configuration resolved to for this run: shapes, steps, the full architecture, whether the
-    head was reset, plus ``resolved_identity`` and the numerics version. Stored under the key ``_resolved``
-    of config.json and ``resolved`` of record.json (the on-disk names stored runs keep)."""
+    """What the configuration resolved to: shapes, steps, the full architecture, whether the head was reset,
+    ``resolved_identity`` and the numerics version (config.json's ``_resolved``, record.json's ``resolved``)."""
     cfg = plan.cfg
     head_reset = bool(cfg.init) and (cfg.reset_head is not False or (
         plan.init_config is not None and plan.init_config["_resolved"]["num_classes"] != plan.num_classes))
@@ -758,12 +615,10 @@ def _resolved_facts(plan: TrainingPlan, identity: dict) -> dict:
 def _open_run_folder(store: RunStore, cfg: TrainConfig, rid: str, facts: dict, force: bool) -> None:
     """Rank 0, holding the run's lock: start clean where forced or never checkpointed, check a checkpoint
     to resume from, and write config.json (with ``_resolved``)."""
-    from .store import check_torch_file
-    run_dir = store.run_dir(cfg.experiment, rid)
-    if force and run_dir.exists():
+    if force:
         for n in ("record.json", "checkpoint.pt", "metrics.jsonl", "model.pt"):
             store.drop(cfg.experiment, rid, n)
-    checkpoint = run_dir / "checkpoint.pt"
+    checkpoint = store.run_dir(cfg.experiment, rid) / "checkpoint.pt"
     if checkpoint.exists():
         check_torch_file(checkpoint, f"{cfg.experiment}/{rid}")  # DamagedRunError names it and the remedy
     else:
@@ -772,36 +627,31 @@ def _open_run_folder(store: RunStore, cfg: TrainConfig, rid: str, facts: dict, f
     store.create(cfg.experiment, rid, {**cfg.to_dict(), "_resolved": facts})
 
 
+def _record_base(store: RunStore, cfg: TrainConfig, rid: str, facts: dict, status: str) -> dict:
+    return {"run_id": rid, "experiment": cfg.experiment, "status": status, "config": cfg.to_dict(), "resolved": facts,
+            "run_dir": str(store.run_dir(cfg.experiment, rid)), "versions": _versions(),
+            "git_revision": _git_revision(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
 def _record_failure(store: RunStore, cfg: TrainConfig, rid: str, facts: dict, error: Exception) -> None:
-    rec = {"run_id": rid, "experiment": cfg.experiment, "status": "failed",
-           "error": f"{type(error).__name__}: {error}", "error_type": type(error).__name__, "config": cfg.to_dict(),
-           "resolved": facts, "run_dir": str(store.run_dir(cfg.experiment, rid)), "versions": _versions(),
-           "git_revision": _git_revision(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    try:
+    rec = {**_record_base(store, cfg, rid, facts, "failed"), "error": f"{type(error).__name__}: {error}",
+           "error_type": type(error).__name__}
+    with contextlib.suppress(OSError):  # e.g. the disk is full: the original error says so
         store.write_record(cfg.experiment, rid, rec)
-    except OSError:
-        pass  # e.g. the disk is full: the original error says so
 
-
-# ---------------------------------------------------------------------- training: build, loop, evaluate, record
 
 def _train(plan: TrainingPlan, store: RunStore, rid: str, device: torch.device, rank: int, world: int,
            progress: str, facts: dict) -> dict:
     """Build (or resume), run the training loop, evaluate and write the record (rank 0)."""
-    t = _build(plan, store, rid, device, rank, world)
-    t.compiled = bool(facts.get("compile"))
+    t = _build(plan, store, rid, device, rank, world, facts)
     _resume(t)
     _loop(t, progress)
-    t.best.restore(t.model)  # early stopping: evaluate (and store) the parameters chosen on validation
-    record = None
-    if rank == 0:
-        t_eval = time.time()
-        metrics = _evaluate(t)
-        record = _record(t, metrics, facts, eval_time=time.time() - t_eval)
+    if t.best.best_state is not None:  # early stopping: evaluate (and store) the parameters chosen on validation
+        t.model.load_state_dict(t.best.best_state)
+    record = _record(t, facts) if rank == 0 else {"run_id": rid, "experiment": plan.cfg.experiment, "status": "ok",
+                                                  "rank": rank}
     if world > 1:
         torch.distributed.barrier()
-        if record is None:
-            record = {"run_id": rid, "experiment": plan.cfg.experiment, "status": "ok", "rank": rank}
     return record
 
 
@@ -818,20 +668,17 @@ class _Training:
     train_model: torch.nn.Module    # the model, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
     batches: Any
-    precision: str
     amp: Any                        # torch.bfloat16 under bf16 autocast, else None
     best: "_BestOnValidation"
     init_report: Any
-    flops_per_image: int | None
-    flops_error: str | None
     t_start: float
+    compiled: bool                  # train_model is torch.compile'd (resolved_identity's "compile")
     step: int = 0
     elapsed_before: float = 0.0     # training seconds before the checkpoint this run resumed from
     loss_sum: Any = None            # sum of the step losses since the last log row (a tensor on the device)
     loss_n: int = 0
     resumed_from: int | None = None
     train_time: float = 0.0         # seconds of training in all (this process and the ones it resumed)
-    compiled: bool = False          # train_model is torch.compile'd (resolved_identity's "compile")
     rows: int = 0                   # metrics rows written (rank 0); a checkpoint keeps the count to resume to
 
     @property
@@ -852,20 +699,14 @@ class _Training:
             self.rows += 1
 
 
-def _build(plan: TrainingPlan, store: RunStore, rid: str, device: torch.device, rank: int, world: int) -> _Training:
-    """The model (initialised from the seed, or from ``init``), its optimiser, the batch stream and the
-    validation selector."""
-    from . import models
+def _build(plan: TrainingPlan, store: RunStore, rid: str, device: torch.device, rank: int, world: int,
+           facts: dict) -> _Training:
+    """The model (from the seed, or from ``init``), its optimiser, the batch stream and the selection."""
     cfg = plan.cfg
     t_start = time.time()
     if device.type == "cpu":
         tune_cpu_allocator()
     model, init_report = _build_model(plan, device)
-    flops_error = None
-    try:
-        flops_per_image = int(models.flops(model, plan.img_size))
-    except Exception as e:  # noqa: BLE001 - recorded, not fatal
-        flops_per_image, flops_error = None, f"{type(e).__name__}: {e}"
     optimizer = _make_optimizer(model, cfg)
     if plan.train is not None:
         batches = Batches(plan.train, cfg.batch_size, plan.img_size, plan.in_chans, augment=cfg.augment,
@@ -875,18 +716,16 @@ def _build(plan: TrainingPlan, store: RunStore, rid: str, device: torch.device, 
                                 augment=cfg.augment, seed=cfg.seed, rank=rank, world_size=world, device=device,
                                 train_examples=cfg.train_examples, num_classes=plan.num_classes,
                                 subset_seed=cfg.seed if cfg.data_seed is None else cfg.data_seed)
-    train_size = len(plan.train) if plan.train is not None else None
-    precision = resolve_precision(cfg.precision, device)
-    amp = torch.bfloat16 if precision == "bf16" else None
-    best = _BestOnValidation(plan.selector, cfg.select_every or max(1, (train_size or 0) // cfg.batch_size), amp)
-    return _Training(plan, store, rid, device, rank, world, model, model, optimizer, batches, precision, amp, best,
-                     init_report, flops_per_image, flops_error, t_start, loss_sum=torch.zeros((), device=device))
+    amp = torch.bfloat16 if facts["precision"] == "bf16" else None
+    epoch = max(1, len(plan.train) // cfg.batch_size) if plan.train is not None else 1
+    best = _BestOnValidation(plan.selector, cfg.select_every or epoch, amp)
+    return _Training(plan, store, rid, device, rank, world, model, model, optimizer, batches, amp, best, init_report,
+                     t_start, bool(facts["compile"]), loss_sum=torch.zeros((), device=device))
 
 
 def _resume(t: _Training) -> None:
     """Continue from the run's checkpoint when there is one (model, optimiser, data order, loss sums, RNG,
     selection), then wrap the model for DDP and put it in training mode."""
-    from .store import check_torch_content, load_weights
     path = t.run_dir / "checkpoint.pt"
     if path.exists():
         ref = f"{t.cfg.experiment}/{t.rid}"
@@ -897,8 +736,7 @@ def _resume(t: _Training) -> None:
         t.batches.load_state_dict(checkpoint["data"])
         t.step = t.resumed_from = int(checkpoint["step"])
         t.elapsed_before = float(checkpoint.get("elapsed", 0.0))
-        t.loss_sum = checkpoint["loss_sum"].to(t.device)
-        t.loss_n = int(checkpoint["loss_n"])
+        t.loss_sum, t.loss_n = checkpoint["loss_sum"].to(t.device), int(checkpoint["loss_n"])
         torch.set_rng_state(checkpoint["rng_cpu"])
         t.best.load_state_dict(checkpoint.get("selection"))
         if t.rank == 0:  # the rows the checkpoint had written: a final evaluation row after it is written again
@@ -907,31 +745,28 @@ def _resume(t: _Training) -> None:
         t.train_model = torch.nn.parallel.DistributedDataParallel(
             t.model, device_ids=[t.device.index] if t.device.type == "cuda" else None)
     if t.compiled:  # the training step only: evaluation, selection and checkpoints use the eager t.model
-        # a sweep worker trains many models in one process: without a reset each new model counts as a
-        # recompile of the same frame, and after dynamo's recompile limit (8) later runs train eagerly while
-        # their record says compile=on. Compiled kernels stay cached on disk (inductor), so this costs seconds.
+        # a sweep worker trains many models in one process: without a reset, each new model counts as a recompile
+        # of the same frame, and past dynamo's recompile limit later runs train eagerly while recorded as compiled
         torch._dynamo.reset()
         t.train_model = torch.compile(t.train_model)
     t.model.train()
 
 
 def _save_checkpoint(t: _Training) -> None:
-    if t.rank != 0:
-        return
-    atomic_torch_save(t.run_dir / "checkpoint.pt", {
-        "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "data": t.batches.state_dict(),
-        "step": t.step, "elapsed": t.elapsed_before + time.time() - t.t_start, "loss_sum": t.loss_sum.cpu(),
-        "loss_n": t.loss_n, "rng_cpu": torch.get_rng_state(), "config": t.cfg.to_dict(),
-        "selection": t.best.state_dict(), "metrics_rows": t.rows})
+    if t.rank == 0:
+        atomic_torch_save(t.run_dir / "checkpoint.pt", {
+            "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "data": t.batches.state_dict(),
+            "step": t.step, "elapsed": t.elapsed_before + time.time() - t.t_start, "loss_sum": t.loss_sum.cpu(),
+            "loss_n": t.loss_n, "rng_cpu": torch.get_rng_state(), "config": t.cfg.to_dict(),
+            "selection": t.best.state_dict(), "metrics_rows": t.rows})
 
 
 def _check_finite(t: _Training, value: float) -> None:
     if not math.isfinite(value):
         raise DivergedError(f"training loss became {value} by step {t.step} "
-                            f"(lr={lr_at(t.step - 1, t.cfg, t.plan.steps):.3g}); "
-                            "try a lower learning rate, warmup or grad_clip"
-                            + ("; if precision=fp32 trains, it is a bf16 numerics problem, not the "
-                               "learning rate" if t.precision == "bf16" else ""))
+                            f"(lr={lr_at(t.step - 1, t.cfg, t.plan.steps):.3g}); try a lower learning rate, warmup or "
+                            "grad_clip" + ("; if precision=fp32 trains, it is a bf16 numerics problem, not the "
+                                           "learning rate" if t.amp is not None else ""))
 
 
 def _train_step(t: _Training) -> float:
@@ -966,42 +801,35 @@ class _Progress:
     """Progress output of rank 0: a tqdm bar, one printed line per logged step, or nothing."""
 
     def __init__(self, t: _Training, progress: str):
+        from tqdm.auto import tqdm
         self.mode = _progress_mode(progress) if t.rank == 0 else "none"
-        self.bar = None
-        self.name = f"{t.cfg.experiment}/{t.rid}"
-        if self.mode == "bar":
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=t.plan.steps, initial=t.step, desc=self.name, dynamic_ncols=True)
-        self.t_log, self.step_log = time.time(), t.step
+        self.name, self.t_log, self.step_log = f"{t.cfg.experiment}/{t.rid}", time.time(), t.step
+        self.bar = tqdm(total=t.plan.steps, initial=t.step, desc=self.name, dynamic_ncols=True,
+                        disable=self.mode != "bar")  # a disabled bar ignores every call
 
-    def images_per_s(self, step: int, batch_size: int) -> float:
+    def show(self, t: _Training, loss: float, lr: float) -> float:
+        """Shows the loss, the lr and the images per second since the last call; returns the latter."""
         now = time.time()
-        ips = (step - self.step_log) * batch_size / max(1e-9, now - self.t_log)
-        self.t_log, self.step_log = now, step
+        ips = (t.step - self.step_log) * t.cfg.batch_size / max(1e-9, now - self.t_log)
+        self.t_log, self.step_log = now, t.step
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+        if self.mode == "log":
+            print(f"[{self.name}] step {t.step}/{t.plan.steps} loss {loss:.4f} lr {lr:.3g} {ips:.0f} img/s", flush=True)
         return ips
-
-    def show(self, step: int, steps: int, loss: float, lr: float, ips: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-        elif self.mode == "log":
-            print(f"[{self.name}] step {step}/{steps} loss {loss:.4f} lr {lr:.3g} {ips:.0f} img/s", flush=True)
 
 
 def _log_loss(t: _Training, lr: float, progress: _Progress) -> None:
     """A metrics row with the mean loss since the last row (averaged over DDP ranks); resets the sums."""
-    cfg = t.cfg
     mean_loss = float(t.loss_sum) / max(1, t.loss_n)
     if t.world > 1:
         total = torch.tensor([mean_loss], device=t.device)
         torch.distributed.all_reduce(total)
         mean_loss = float(total) / t.world
     _check_finite(t, mean_loss)
-    ips = progress.images_per_s(t.step, cfg.batch_size)
+    ips = progress.show(t, mean_loss, lr)
     t.log_row({"step": t.step, "loss": mean_loss, "lr": lr, "images_per_s": round(ips, 2),
-               "epoch": round(t.step * cfg.batch_size / t.train_size, 4) if t.train_size else None})
-    progress.show(t.step, t.plan.steps, mean_loss, lr, ips)
-    t.loss_sum = torch.zeros((), device=t.device)
-    t.loss_n = 0
+               "epoch": round(t.step * t.cfg.batch_size / t.train_size, 4) if t.train_size else None})
+    t.loss_sum, t.loss_n = torch.zeros((), device=t.device), 0
 
 
 def _loop(t: _Training, progress: str) -> None:
@@ -1013,9 +841,8 @@ def _loop(t: _Training, progress: str) -> None:
         last = t.step == t.plan.steps
         if t.step % cfg.log_every == 0 or last:
             _log_loss(t, lr, shown)
-        if shown.bar is not None:
-            shown.bar.update(1)
-        if t.best.due(t.step, last):
+        shown.bar.update(1)
+        if t.best.selector is not None and (t.step % t.best.every == 0 or last):
             t.log_row({"step": t.step, "select/val": t.best.update(t.model, t.step)})
         if cfg.snapshot_every and t.step % cfg.snapshot_every == 0 and t.rank == 0:
             atomic_torch_save(t.run_dir / "snapshots" / f"step_{t.step:07d}.pt", t.model.state_dict())
@@ -1027,95 +854,84 @@ def _loop(t: _Training, progress: str) -> None:
             if not last:
                 _check_finite(t, float(t.loss_sum) if t.loss_n else 0.0)
             _save_checkpoint(t)
-    if shown.bar is not None:
-        shown.bar.close()
+    shown.bar.close()
     t.train_time = t.elapsed_before + time.time() - t.t_start
 
 
 def _evaluate(t: _Training) -> dict[str, float]:
-    """Every evaluator on the final (or validation-chosen) parameters, the last logged training loss and
-    the best validation accuracy; logged as the run's last metrics row."""
+    """Every evaluator on the final (or chosen) parameters, the last training loss and the best validation
+    accuracy: the run's last metrics row."""
     metrics: dict[str, float] = {}
     for ev in t.plan.evaluators:
-        metrics.update(ev(t.model, autocast_dtype=t.amp) if t.amp is not None else ev(t.model))
-    losses = [r["loss"] for r in t.store.metrics(t.cfg.experiment, t.rid) if "loss" in r]
-    if losses:
-        metrics["train/loss"] = losses[-1]
+        metrics.update(ev(t.model, autocast_dtype=t.amp))
+    # the last logged training loss (a later row's value replaces an earlier one)
+    metrics.update({"train/loss": r["loss"] for r in t.store.metrics(t.cfg.experiment, t.rid) if "loss" in r})
     if t.best.selector is not None:
         metrics[t.best.selector.name] = t.best.best_acc
     t.log_row({"step": t.step, **metrics})
     return metrics
 
 
-def _record(t: _Training, metrics: dict, facts: dict, eval_time: float) -> dict:
-    """Store the model and write record.json: metrics, cost (steps, images, FLOPs, time), versions."""
-    cfg, device = t.cfg, t.device
+def _record(t: _Training, facts: dict) -> dict:
+    """Evaluate, store the model and write record.json: metrics, cost (steps, images, FLOPs, time), versions."""
+    from . import models
+    t_eval = time.time()
+    metrics = _evaluate(t)
+    eval_time = time.time() - t_eval
+    cfg, device, flops, flops_error = t.cfg, t.device, None, None
+    try:
+        flops = int(models.flops(t.model, t.plan.img_size))
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal
+        flops_error = f"{type(e).__name__}: {e}"
     atomic_torch_save(t.run_dir / "model.pt", t.model.state_dict())
     images_seen = t.plan.steps * cfg.batch_size
-    flops = t.flops_per_image
     record = {
-        "run_id": t.rid, "experiment": cfg.experiment, "status": "ok", "config": cfg.to_dict(), "resolved": facts,
+        **_record_base(t.store, cfg, t.rid, facts, "ok"),
         "metrics": metrics, "steps": t.plan.steps, "images_seen": images_seen,
         "epochs_seen": images_seen / t.train_size if t.train_size else None, "wall_time_s": t.train_time,
-        "eval_time_s": eval_time, "flops_per_image": flops, "flops_error": t.flops_error,
+        "eval_time_s": eval_time, "flops_per_image": flops, "flops_error": flops_error,
         "train_flops": (3 * flops * images_seen) if flops else None,
         "params": sum(p.numel() for p in t.model.parameters()),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "precision": t.precision, "world_size": t.world, "resumed_from_step": t.resumed_from,
-        "init_report": _json_safe(t.init_report), "versions": _versions(), "git_revision": _git_revision(),
-        "hostname": platform.node(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "run_dir": str(t.run_dir), "selection": t.best.summary(),
+        "precision": facts["precision"], "world_size": t.world, "resumed_from_step": t.resumed_from,
+        "init_report": _json_safe(t.init_report), "hostname": platform.node(), "selection": t.best.summary(),
     }
     t.store.write_record(cfg.experiment, t.rid, record)
     return record
 
 
 class _BestOnValidation:
-    """Early stopping on held-out data ([P] §4.3: "we ... use early-stopping, and report the best
-    validation accuracy achieved during training"): every ``every`` steps and at the end, accuracy on
-    the validation part of the training set; the parameters with the best value are the run's result.
-    Without a selector (``select_on=None``) it does nothing and the final parameters are kept."""
+    """Early stopping on held-out data ([P] §4.3: "we ... use early-stopping, and report the best validation
+    accuracy achieved during training"): every ``every`` steps and at the end, accuracy on the validation part
+    of the training set; the best parameters are the run's result (without a selector: the final ones)."""
+    _STATE = ("best_acc", "best_step", "best_state", "curve")  # what a checkpoint keeps
 
     def __init__(self, selector, every: int, amp):
         self.selector, self.every, self.amp = selector, every, amp
         self.best_acc, self.best_step, self.best_state, self.curve = -1.0, None, None, []
 
-    def due(self, step: int, last: bool) -> bool:
-        return self.selector is not None and (step % self.every == 0 or last)
-
     def update(self, model, step: int) -> float:
-        kw = {"autocast_dtype": self.amp} if self.amp is not None else {}
-        acc = float(next(iter(self.selector(model, **kw).values())))
+        acc = float(next(iter(self.selector(model, autocast_dtype=self.amp).values())))
         self.curve.append([step, acc])
         if acc > self.best_acc:  # ties keep the earlier (cheaper) parameters
             self.best_acc, self.best_step = acc, step
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return acc
 
-    def restore(self, model) -> None:
-        if self.best_state is not None:
-            model.load_state_dict(self.best_state)
-
     def summary(self) -> dict | None:
-        if self.selector is None:
-            return None
-        return {"on": self.selector.name, "best_step": self.best_step, "best_val": self.best_acc,
-                "curve": self.curve}
+        return None if self.selector is None else {"on": self.selector.name, "best_step": self.best_step,
+                                                   "best_val": self.best_acc, "curve": self.curve}
 
     def state_dict(self) -> dict:
-        return {"best_acc": self.best_acc, "best_step": self.best_step, "best_state": self.best_state,
-                "curve": self.curve}
+        return {k: getattr(self, k) for k in self._STATE}
 
     def load_state_dict(self, state: dict | None) -> None:
-        if state:
-            self.best_acc, self.best_step = state["best_acc"], state["best_step"]
-            self.best_state, self.curve = state["best_state"], state["curve"]
+        for k in self._STATE if state else ():
+            setattr(self, k, state[k])
 
 
 def _json_safe(report):
     """A load report as stored in the record: itself when it is JSON, else its text (at most 2,000 characters)."""
-    if report is None:
-        return None
     try:
         json.dumps(report)
         return report
@@ -1136,11 +952,9 @@ def run_many(configs: Iterable[TrainConfig | dict], store: RunStore | None = Non
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - recorded by run(); carry on
-            rid = run_id_of(c)
-            try:
+            rid, rec = run_id_of(c), None
+            with contextlib.suppress(Exception):  # a damaged record: the error below says what happened
                 rec = store.record(c.experiment, rid)
-            except Exception:  # noqa: BLE001 - a damaged record: the error below says what happened
-                rec = None
             rec = rec or {"run_id": rid, "experiment": c.experiment, "status": "failed",
                           "error": f"{type(e).__name__}: {e}"}
             print(f"[vitrepro] run {c.experiment}/{rid} failed: {rec.get('error')}", file=sys.stderr)
@@ -1148,54 +962,43 @@ def run_many(configs: Iterable[TrainConfig | dict], store: RunStore | None = Non
     return out
 
 
-# ---------------------------------------------------------------------- CLI
-
-def _parse_value(s: str):
-    try:
-        return json.loads(s)
-    except json.JSONDecodeError:
-        return s
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from .store import DamagedRunError, NoSpaceError, NotWritableError
-    p = argparse.ArgumentParser(prog="python -m vitrepro.train",
-                                description="Train one configuration: key=value pairs (values parsed as JSON "
-                                            "when possible) on top of an optional --config JSON file.",
-                                epilog="exit status: 0 finished (or reused), 2 configuration error, 3 diverged, "
-                                       "4 run-store error (a damaged run file, no space left, a folder that "
-                                       "cannot be written), each with its remedy")
+    p = argparse.ArgumentParser(prog="python -m vitrepro.train", description="Train one configuration: key=value "
+                                "pairs (values parsed as JSON when possible) on top of an optional --config JSON file.",
+                                epilog="exit status: 0 finished (or reused), 2 configuration error, 3 diverged, 4 "
+                                "run-store error (a damaged run file, no space left, a folder that cannot be written), "
+                                "each with its remedy")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. model=ViT-Nano/4 steps=300 lr=1e-3")
     p.add_argument("--config", help="JSON file with a configuration dict")
-    p.add_argument("--store", help="run store root (default: vitrepro.settings: $VITREPRO_RUNS, vitrepro.toml, <repo>/runs)")
+    p.add_argument("--store", help="run store root (default: vitrepro.settings: $VITREPRO_RUNS, vitrepro.toml, "
+                                   "<repo>/runs)")
     p.add_argument("--force", action="store_true", help="re-run even if a finished record exists")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "log", "none"])
     a = p.parse_intermixed_args(argv)  # key=value pairs before and after the options
     d: dict[str, Any] = {}
     if a.config:
         try:
-            with open(a.config) as f:
-                d.update(json.load(f))
+            d.update(json.loads(Path(a.config).read_text()))
         except (OSError, ValueError) as e:
             p.error(f"--config {a.config}: cannot be read as a JSON configuration ({e})")
     for o in a.overrides:
         if "=" not in o:
             p.error(f"expected key=value, got {o!r}")
         k, v = o.split("=", 1)
-        d[k] = _parse_value(v)
+        try:
+            d[k] = json.loads(v)
+        except json.JSONDecodeError:
+            d[k] = v
+    exits = {ConfigError: ("configuration error", 2), DivergedError: ("diverged", 3), DamagedRunError: ("error", 4),
+             NoSpaceError: ("error", 4), NotWritableError: ("error", 4)}  # the epilog's exit statuses
     try:
         rec = run(d, RunStore(a.store) if a.store else None, force=a.force, progress=a.progress)
-    except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
-        return 2
-    except DivergedError as e:
-        print(f"diverged: {e}", file=sys.stderr)
-        return 3
-    except (DamagedRunError, NoSpaceError, NotWritableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
+    except tuple(exits) as e:
+        what, status = next(v for k, v in exits.items() if isinstance(e, k))
+        print(f"{what}: {e}", file=sys.stderr)
+        return status
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
