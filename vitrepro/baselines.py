@@ -1,14 +1,7 @@
 """Trivial baselines on raw pixels, on exactly the splits the models use: a model below them proves nothing.
-
-* `pixel_logistic_regression`: multinomial logistic regression on the pixels (scikit-learn, L-BFGS),
-  its inverse regularisation C chosen on the run's held-out validation part (or, without one, on 10%
-  of the training images; fitted on at most 10k images for the search), refitted on all the training
-  images, scored on test.
-* `pixel_fewshot`: the same few-shot linear probe the models get (`evaluate.fewshot_lsr`, same shot
-  draws, same seeds), on pixels instead of features.
-
-Results are cached in the run store (``<runs>/baselines/<key>.json``): the logistic regression on 55k
-Fashion-MNIST images takes about a minute on one core.
+`pixel_logistic_regression` (scikit-learn, C chosen on validation, refitted on all training images) and
+`pixel_fewshot` (the models' few-shot probe, `evaluate.fewshot_lsr`, on pixels). Results are cached in the run
+store (``<runs>/baselines/<key>.json``): the logistic regression on 55k Fashion-MNIST images takes a minute.
 """
 from __future__ import annotations
 
@@ -29,9 +22,8 @@ SELECT_ON = 10000  # training images the C search fits on (the final fit uses al
 
 
 def pixels(images: torch.Tensor) -> np.ndarray:
-    """uint8 images (N, H, W[, C]) -> (N, H*W*C) floats in [-1, 1] (the models' input scaling)."""
-    x = images.reshape(len(images), -1).to(torch.float32)
-    return (x / 127.5 - 1.0).numpy()
+    """uint8 images -> (N, pixels) floats in [-1, 1] (the models' input scaling)."""
+    return (images.reshape(len(images), -1).to(torch.float32) / 127.5 - 1.0).numpy()
 
 
 def _cached(root: Path | None, kind: str, key: dict, compute) -> dict:
@@ -61,11 +53,10 @@ def _logreg(dataset, train_examples, val_fraction, data_seed) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     train, val = training_split(load_arrays(dataset, "train"), val_fraction, train_examples, data_seed)
+    fit = train
     if val is None:  # choose C on 10% of the training images, then refit on all of them
         tr_idx, va_idx = train_val_split(train.labels, 0.1, data_seed)
         fit, val = train.subset(tr_idx), train.subset(va_idx)
-    else:
-        fit = train
     scores = {1.0: float("nan")}  # too few images to hold any out (smoke subsets): sklearn's default C
     if len(fit) > SELECT_ON:  # choose C on a class-balanced 10k of the training images, then refit on all
         fit = fit.subset(balanced_subset(fit.labels, SELECT_ON, data_seed))

@@ -1,57 +1,36 @@
 """Datasets as uint8 arrays, class-balanced subsets, batch preprocessing and a resumable batch iterator.
 
-Where a dataset comes from (first match wins):
-  1. a folder path given instead of a name (Hub parquet layout: ``<split>-00000-of-0000N.parquet``);
-  2. ``<data directory>/<name>`` (same layout), for the names in ``DATASETS``; the data directory is
-     ``$VITREPRO_DATA``, else ``data`` in ``vitrepro.toml``, else ``../shared/data`` (``vitrepro.settings``);
-  3. the Hugging Face Hub, ``datasets.load_dataset(spec.hub_id)``, after one short reachability check.
-``digits`` (scikit-learn's 8x8 digits) is embedded and needs neither.
+A dataset is read from (first match wins) a folder path in the Hub parquet layout
+(``<split>-00000-of-0000N.parquet``), ``<data directory>/<name>`` for the names in ``DATASETS`` (``settings``),
+or the Hugging Face Hub after one short reachability check; ``digits`` (scikit-learn's) is embedded.
+A *reference* ``"<name or folder>[label_column=fine_label,train_examples=1000]"`` (keys ``REF_KEYS``) chooses
+columns and splits, and ``train_examples=N`` a fixed class-balanced training subset (seed 0, drawn before any
+hold-out: a low-data task such as VTAB-1k); it is a plain string, so it travels wherever a name does (configs,
+evaluators, baselines, fingerprints, run ids). Decoded arrays are cached in memory and under the settings'
+cache folder. Pixels map to [-1, 1], the range the released ViT weights expect.
 
-A dataset *reference* may choose columns and splits after the name or folder:
-``"<name or folder>[label_column=fine_label,image_column=img]"`` (keys ``REF_KEYS``; ``dataset_ref`` builds
-it, ``split_ref`` reads it). It is a plain string, so it travels wherever a dataset name does (training
-configs, evaluators, pixel baselines, data fingerprints, run ids); the notebooks build it from their dict
-form ``{"path": ..., "label_column": ...}`` (``experiments.params``). ``train_examples=N`` makes the
-training split a fixed class-balanced subset of N images (``balanced_subset`` with seed 0, drawn before any
-validation hold-out): a low-data task such as VTAB-1k's 1,000 training images, the same images for every run
-and pixel baseline that names the reference; the test split is untouched.
-
-Decoded arrays are cached in memory per process and on disk under ``$VITREPRO_CACHE``
-(default ``~/.cache/vitrepro/arrays``; ``VITREPRO_CACHE=off`` disables), written atomically.
-
-Pixels: ``preprocess`` maps uint8 to float in [-1, 1] via (x - 127.5) / 127.5, the range the
-released ViT weights expect, after bilinear (antialiased) resizing and channel conversion.
-
-Augmentation (``augment``): ``"crop_flip"`` = pad by img_size/8 (edge replicate) and random crop
-back to img_size + horizontal flip (the usual small-image recipe); ``"crop"`` = the same pad and crop
-without the flip (random translation by up to img_size/8, for digits, which a mirror does not preserve); ``"rrc_flip"`` = random resized
-crop, area 5%-100% and aspect 3/4-4/3 (the Inception-style crop used by the ViT fine-tuning
-pipeline) + flip; ``"flip"``; ``"none"``; ``"auto"`` = crop_flip for img_size <= 64 else rrc_flip.
-All are batched tensor ops; the random parameters are drawn for the whole *global* batch from a
-generator seeded by (seed, epoch, batch index), so DDP ranks and resumed runs see identical data.
+Augmentation: ``crop_flip`` = pad by img_size/8 (edge replicate), random crop back + horizontal flip; ``crop``
+the same without the flip (digits, which a mirror does not preserve); ``rrc_flip`` = Inception-style random
+resized crop (area 5-100 %, aspect 3/4-4/3) + flip; ``flip``; ``none``; ``auto`` = crop_flip up to 64 px, else
+rrc_flip. The draws come for the whole *global* batch from a generator seeded by (seed, epoch, batch index), so
+DDP ranks and resumed runs see identical data.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
-import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "DatasetSpec", "DATASETS", "ImageArrays", "DataError", "DatasetNotFoundError",
-    "load_arrays", "resolve_source", "balanced_subset", "train_val_split", "preprocess",
-    "augment_batch", "Batches", "REF_KEYS", "dataset_ref", "split_ref", "ref_train_examples", "StreamBatches", "stream_batches", "open_stream", "class_quota", "stream_arrays", "AUGMENTATIONS", "training_split", "data_fingerprint",
-]
+from . import settings
 
 
 class DataError(ValueError):
@@ -73,25 +52,22 @@ class DatasetSpec:
     num_classes: int = 0
     streaming: bool = False       # too large for arrays: stream through `datasets`
     array_size: int | None = None  # images of mixed sizes are resized to this square size
-    note: str = ""
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "digits": DatasetSpec(None, num_classes=10, note="sklearn.datasets.load_digits, 8x8 grey; "
-                          "fixed stratified split 1,437 train / 360 test (random_state=0)"),
+    # scikit-learn's 8x8 grey digits, a fixed stratified split 1,437 train / 360 test (random_state=0)
+    "digits": DatasetSpec(None, num_classes=10),
     "mnist": DatasetSpec("ylecun/mnist", num_classes=10),
     "fashion_mnist": DatasetSpec("zalando-datasets/fashion_mnist", num_classes=10),
-    "cifar10": DatasetSpec("uoft-cs/cifar10", image_column="img", label_column="label", num_classes=10),
-    "cifar100": DatasetSpec("uoft-cs/cifar100", image_column="img", label_column="fine_label",
-                            num_classes=100),
-    # timm's copy of Oxford-IIIT Pet: columns image / label (37 breeds); train = the official trainval.
-    "oxford_iiit_pet": DatasetSpec("timm/oxford-iiit-pet", num_classes=37, array_size=160,
-                                   note="train = trainval (3,680), test 3,669"),
+    "cifar10": DatasetSpec("uoft-cs/cifar10", image_column="img", num_classes=10),
+    "cifar100": DatasetSpec("uoft-cs/cifar100", image_column="img", label_column="fine_label", num_classes=100),
+    # timm's copy of Oxford-IIIT Pet (37 breeds): train = the official trainval (3,680), test 3,669
+    "oxford_iiit_pet": DatasetSpec("timm/oxford-iiit-pet", num_classes=37, array_size=160),
     # Flowers-102: the paper (BiT protocol) trains on train+validation (2,040) and tests on test (6,149).
     "oxford_flowers102": DatasetSpec("dpdl-benchmark/oxford_flowers102", num_classes=102,
                                      train_split="train+validation", array_size=160),
     "imagenet-1k": DatasetSpec("ILSVRC/imagenet-1k", test_split="validation", num_classes=1000,
-                               streaming=True, note="gated on the Hub; streamed"),
+                               streaming=True),  # gated on the Hub
 }
 
 
@@ -101,21 +77,14 @@ class ImageArrays:
     labels: torch.Tensor           # int64 (N,)
     classes: list[str]
     name: str = ""
+    derived: dict = field(default_factory=dict, repr=False, compare=False)  # what is computed once per array
+
+    num_classes = property(lambda self: len(self.classes))
+    in_chans = property(lambda self: int(self.images.shape[1]))
+    img_size = property(lambda self: int(self.images.shape[-1]))
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def in_chans(self) -> int:
-        return int(self.images.shape[1])
-
-    @property
-    def img_size(self) -> int:
-        return int(self.images.shape[-1])
 
     def subset(self, idx) -> "ImageArrays":
         idx = torch.as_tensor(idx, dtype=torch.long)
@@ -139,25 +108,20 @@ def dataset_ref(path: str, **choices: str | None) -> str:
 
 def ref_train_examples(name_or_path) -> int | None:
     """The ``train_examples=N`` of a dataset reference (a positive integer), None when it has none."""
-    value = split_ref(name_or_path)[1].get("train_examples")
-    if value is None:
-        return None
-    if not value.isdigit() or int(value) < 1:
+    base, opts = split_ref(name_or_path)
+    value = opts.get("train_examples")
+    if value is not None and (not value.isdigit() or int(value) < 1):
         raise DataError(f"{name_or_path!r}: train_examples={value!r} must be a positive integer (e.g. "
-                        f"{split_ref(name_or_path)[0]}[train_examples=1000])")
-    return int(value)
+                        f"{base}[train_examples=1000])")
+    return None if value is None else int(value)
 
 
 def split_ref(name_or_path) -> tuple[str, dict[str, str]]:
     """``"<path>[label_column=x]"`` -> (``"<path>"``, ``{"label_column": "x"}``); a plain name -> (name, {})."""
     s = str(name_or_path)
     m = _REF.match(s)
-    if not m:
-        return s, {}
-    opts = dict(kv.split("=", 1) for kv in m["opts"].split(","))
-    if not set(opts) <= set(REF_KEYS):
-        return s, {}
-    return m["base"], opts
+    opts = dict(kv.split("=", 1) for kv in m["opts"].split(",")) if m else {}
+    return (m["base"], opts) if m and set(opts) <= set(REF_KEYS) else (s, {})
 
 
 @dataclass(frozen=True)
@@ -170,8 +134,17 @@ class Source:
 
 
 def _offline() -> bool:
-    from . import settings
     return settings.get().offline  # VITREPRO_OFFLINE, HF_HUB_OFFLINE/HF_DATASETS_OFFLINE, vitrepro.toml
+
+
+def _no_local(name: str) -> str:
+    """Why the data directory does not hold ``name``."""
+    root = settings.get().data_dir
+    if not root:
+        return ("no data directory (VITREPRO_DATA is not set or empty, vitrepro.toml names none "
+                "and ../shared/data does not exist)")
+    return f"the data directory {root} has no folder {name!r}" + (
+        "" if root.is_dir() else f" (the directory {root} itself does not exist)")
 
 
 def resolve_source(name_or_path: str, check_hub: bool = True) -> Source:
@@ -194,38 +167,26 @@ def resolve_source(name_or_path: str, check_hub: bool = True) -> Source:
     spec = DATASETS[s]
     if spec.hub_id is None:
         return Source("digits", s, None, spec)
-    from . import settings  # data directory: $VITREPRO_DATA, vitrepro.toml, ../shared/data
-    root = settings.get().data_dir
-    if root:
-        local = root / s
-        if local.is_dir():
-            return Source("local", s, str(local.resolve()), spec)
-        local_msg = f"the data directory {root} has no folder {s!r}" + (
-            "" if root.is_dir() else f" (the directory {root} itself does not exist)")
-    else:
-        local_msg = ("no data directory (VITREPRO_DATA is not set or empty, vitrepro.toml names none "
-                     "and ../shared/data does not exist)")
-    fix = (f"Set VITREPRO_DATA to a folder holding {s}/<split>-00000-of-00001.parquet "
-           "(or `data = \"...\"` in vitrepro.toml; `python -m vitrepro.settings` shows what is used)")
-    if check_hub and _offline() and not Path(spec.hub_id).is_dir():
-        raise DatasetNotFoundError(
-            f"dataset {s!r} not found: {local_msg}; and the Hub ({spec.hub_id}) is switched off "
-            f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE/VITREPRO_OFFLINE). {fix}, or go online.")
+    root = settings.get().data_dir  # $VITREPRO_DATA, vitrepro.toml, ../shared/data
+    if root and (root / s).is_dir():
+        return Source("local", s, str((root / s).resolve()), spec)
     if check_hub and not Path(spec.hub_id).is_dir():
+        fix = (f"Set VITREPRO_DATA to a folder holding {s}/<split>-00000-of-00001.parquet "
+               "(or `data = \"...\"` in vitrepro.toml; `python -m vitrepro.settings` shows what is used)")
+        if _offline():
+            raise DatasetNotFoundError(
+                f"dataset {s!r} not found: {_no_local(s)}; and the Hub ({spec.hub_id}) is switched off "
+                f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE/VITREPRO_OFFLINE). {fix}, or go online.")
         ok, why = settings.hub_reachable(dataset=spec.hub_id)  # one short try, not minutes of retries
         if not ok:
             raise DatasetNotFoundError(
-                f"dataset {s!r} not found: {local_msg}; and the Hugging Face Hub "
+                f"dataset {s!r} not found: {_no_local(s)}; and the Hugging Face Hub "
                 f"({settings.hub_endpoint()}) is unreachable ({why}). {fix}, or connect to the network.")
     return Source("hub", s, spec.hub_id, spec)
 
 
 def _hub_error(src: Source, err: Exception) -> DatasetNotFoundError:
-    from . import settings
-    root = settings.get().data_dir
-    local_msg = (f"the data directory {root} has no folder {src.name!r}" if root
-                 else "VITREPRO_DATA is not set (no data directory)")
-    return DatasetNotFoundError(f"dataset {src.name!r} not found: {local_msg}; and loading "
+    return DatasetNotFoundError(f"dataset {src.name!r} not found: {_no_local(src.name)}; and loading "
                                 f"{src.location!r} from the Hub failed: {type(err).__name__}: {err}")
 
 
@@ -241,28 +202,20 @@ def _say_which(where: str, key: str, example: str) -> str:
 
 def _pick_columns(features, image_column, label_column, where: str) -> tuple[str, str]:
     import datasets
-    imgs = [k for k, f in features.items() if isinstance(f, datasets.Image)]
-    labs = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)]
-    if image_column is None:
-        if len(imgs) != 1:
-            raise DataError(f"{where}: {'no' if not imgs else 'several'} image columns "
-                            f"(datasets.Image features: {imgs}; all columns: {list(features)}); "
-                            + _say_which(where, "image_column", (imgs or list(features) or ['image'])[0]))
-        image_column = imgs[0]
-    if label_column is None:
-        if len(labs) != 1:
-            if not labs and "label" in features:
-                labs = ["label"]
-            else:
-                example = labs[0] if labs else next(iter(features), "label")
-                raise DataError(f"{where}: {'no' if not labs else 'several'} label columns "
-                                f"(datasets.ClassLabel features: {labs}; all columns: {list(features)}); "
-                                + _say_which(where, "label_column", example))
-        label_column = labs[0]
-    for c in (image_column, label_column):
-        if c not in features:
-            raise DataError(f"{where}: no column {c!r}; columns are {list(features)}")
-    return image_column, label_column
+    chosen = {"image": image_column, "label": label_column}
+    for kind, feature in (("image", datasets.Image), ("label", datasets.ClassLabel)):
+        found = [k for k, f in features.items() if isinstance(f, feature)]
+        if kind == "label" and not found and "label" in features:  # a plain integer column named "label"
+            found = ["label"]
+        if chosen[kind] is None:
+            if len(found) != 1:
+                raise DataError(f"{where}: {'no' if not found else 'several'} {kind} columns "
+                                f"(datasets.{feature.__name__} features: {found}; all columns: {list(features)}); "
+                                + _say_which(where, f"{kind}_column", (found or list(features) or [kind])[0]))
+            chosen[kind] = found[0]
+        if chosen[kind] not in features:
+            raise DataError(f"{where}: no column {chosen[kind]!r}; columns are {list(features)}")
+    return chosen["image"], chosen["label"]
 
 
 def _to_array(im, mode: str, size: int | None) -> np.ndarray:
@@ -283,43 +236,36 @@ def _decode_dataset(ds, image_column: str, label_column: str, size: int | None):
     table = ds.with_format("arrow")[:] if len(ds) else None
     labels = (np.asarray(table.column(label_column).to_numpy(zero_copy_only=False), dtype=np.int64)
               if table is not None else np.zeros(0, np.int64))
-    if isinstance(feat, datasets.ClassLabel):
-        classes = list(feat.names)
-    else:
-        classes = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
+    classes = list(feat.names) if isinstance(feat, datasets.ClassLabel) else \
+        [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
     opened = []
     if table is not None:
         imcol = table.column(image_column).combine_chunks()
-        bytes_ = imcol.field("bytes").to_pylist()
-        paths = imcol.field("path").to_pylist()
-        for b, p in zip(bytes_, paths):
+        for b, p in zip(imcol.field("bytes").to_pylist(), imcol.field("path").to_pylist()):
             opened.append(Image.open(io.BytesIO(b)) if b is not None else Image.open(p))
     modes = {im.mode for im in opened}
     mode = "L" if modes <= {"L", "1", "I;16", "I", "F"} and modes else "RGB"
-    sizes = {im.size for im in opened}
-    if size is None and len(sizes) > 1:
+    if size is None and len({im.size for im in opened}) > 1:
         size = 160
     arrs = [_to_array(im, mode, size) for im in opened]
-    c = 1 if mode == "L" else 3
-    images = np.stack(arrs) if arrs else np.zeros((0, c, size or 1, size or 1), np.uint8)
+    images = np.stack(arrs) if arrs else np.zeros((0, 1 if mode == "L" else 3, size or 1, size or 1), np.uint8)
     return images, labels, classes
 
 
 def _digits(split: str):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
+    if split not in ("train", "test"):
+        raise DataError(f"digits has splits 'train' and 'test', not {split!r}")
     d = load_digits()
     x = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[:, None]
     y = d.target.astype(np.int64)
-    idx_tr, idx_te = train_test_split(np.arange(len(y)), test_size=360, stratify=y, random_state=0)
-    idx = {"train": np.sort(idx_tr), "test": np.sort(idx_te)}.get(split)
-    if idx is None:
-        raise DataError(f"digits has splits 'train' and 'test', not {split!r}")
+    parts = train_test_split(np.arange(len(y)), test_size=360, stratify=y, random_state=0)  # (train, test)
+    idx = np.sort(parts[("train", "test").index(split)])
     return x[idx], y[idx], [str(i) for i in range(10)]
 
 
 def _cache_dir() -> Path | None:
-    from . import settings
     return settings.get().cache_dir  # $VITREPRO_CACHE (off: None), vitrepro.toml, ~/.cache/vitrepro/arrays
 
 
@@ -328,23 +274,15 @@ def _fingerprint(src: Source, split: str, image_column, label_column, size) -> s
     parts: dict = {"kind": src.kind, "loc": src.location, "name": src.name, "split": split,
                    "cols": [image_column, label_column], "size": size, "v": 2}
     if src.kind == "local":
-        files = sorted(Path(src.location).rglob("*"))
         parts["files"] = [(str(f.relative_to(src.location)), f.stat().st_size, int(f.stat().st_mtime))
-                          for f in files if f.is_file()]
+                          for f in sorted(Path(src.location).rglob("*")) if f.is_file()]
     elif src.kind == "hub":
         parts["datasets"] = datasets.__version__
         parts["config"] = src.spec.config
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-_MEM: dict[str, ImageArrays | tuple[ImageArrays, ImageArrays]] = {}  # arrays; (full, subset) for subsets
-_LOCK = threading.Lock()
-
-
-def _atomic_save_npz(path: Path, **arrays) -> None:
-    from .store import atomic_write
-
-    atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+_MEM: dict[str, ImageArrays] = {}
 
 
 def load_arrays(name_or_path: str, split: str = "train", *, image_column: str | None = None,
@@ -370,67 +308,48 @@ def load_arrays(name_or_path: str, split: str = "train", *, image_column: str | 
     if src.spec is not None:
         image_column = image_column or src.spec.image_column
         label_column = label_column or src.spec.label_column
-        if split == "train":
-            split = src.spec.train_split
-        elif split == "test":
-            split = src.spec.test_split
+        split = {"train": src.spec.train_split, "test": src.spec.test_split}.get(split, split)
         size = size or src.spec.array_size
     key = _fingerprint(src, split, image_column, label_column, size) if src.kind != "digits" \
         else f"digits-{split}"
-    with _LOCK:
-        if key in _MEM:
-            return _MEM[key]
+    if (hit := _MEM.get(key)) is not None:
+        return hit
+    cdir = _cache_dir() if src.kind != "digits" else None
+    cfile = cdir / f"{src.name}-{split.replace('/', '_')}-{key}.npz" if cdir else None
     if src.kind == "digits":
         x, y, classes = _digits(split)
+    elif cfile is not None and cfile.exists():
+        with np.load(cfile) as z:
+            x, y, classes = z["images"], z["labels"], json.loads(str(z["classes"]))
     else:
-        cdir = _cache_dir()
-        cfile = cdir / f"{src.name}-{split.replace('/', '_')}-{key}.npz" if cdir else None
-        if cfile is not None and cfile.exists():
-            with np.load(cfile) as z:
-                x, y, classes = z["images"], z["labels"], json.loads(str(z["classes"]))
-        else:
-            x, y, classes = _read(src, split, image_column, label_column, size)
-            if cfile is not None:
-                try:
-                    _atomic_save_npz(cfile, images=x, labels=y, classes=np.array(json.dumps(classes)))
-                except OSError:
-                    pass
+        x, y, classes = _read(src, split, image_column, label_column, size)
+        if cfile is not None:
+            from .store import atomic_write
+            try:
+                atomic_write(cfile, lambda f: np.savez(f, images=x, labels=y, classes=np.array(json.dumps(classes))))
+            except OSError:
+                pass
     arr = ImageArrays(torch.from_numpy(np.require(x, np.uint8, ["C", "W"])),
                       torch.from_numpy(np.require(y, np.int64, ["C", "W"])),
                       list(classes), src.name)
-    with _LOCK:
-        _MEM[key] = arr
+    _MEM[key] = arr
     return arr
 
 
 def _fixed_subset(ref: str, full: ImageArrays, n: int) -> ImageArrays:
     """The training split of ``ref`` = ``"<name>[train_examples=n]"``: n images of ``full``, class-balanced,
-    seed 0 (one subset per reference, cached with the arrays)."""
-    # Keyed by the identity of ``full``, which the entry keeps alive: an id alone could be reused by another
-    # array once ``full`` is freed (e.g. after the array cache is cleared) and hand back a stale subset.
-    key = f"subset-{n}-{id(full)}"
-    with _LOCK:
-        hit = _MEM.get(key)
-        if hit is not None and hit[0] is full:
-            return hit[1]
-    if n > len(full):
-        raise DataError(f"{ref!r}: train_examples={n} but its training split holds only {len(full)} images; "
-                        f"pass a smaller train_examples")
-    arr = full.subset(balanced_subset(full.labels, n, seed=0))
-    with _LOCK:
-        _MEM[key] = (full, arr)
-    return arr
-
-
-_FP: dict[int, tuple[ImageArrays, dict]] = {}
+    seed 0 (kept with ``full``: one subset per reference)."""
+    if ("subset", n) not in full.derived:
+        if n > len(full):
+            raise DataError(f"{ref!r}: train_examples={n} but its training split holds only {len(full)} images; "
+                            f"pass a smaller train_examples")
+        full.derived["subset", n] = full.subset(balanced_subset(full.labels, n, seed=0))
+    return full.derived["subset", n]
 
 
 def data_fingerprint(name_or_path: str, split: str = "train") -> dict:
-    """What a run reads from one split, for its run id: the source (hub id, local folder name or the
-    embedded digits), the number of examples and a sha256 of the decoded arrays (images, labels,
-    class names). The hash is computed once per process per loaded array (``load_arrays`` caches
-    the arrays themselves), so calling this per job of a sweep costs next to nothing. Streamed
-    datasets are not read: their fingerprint is the source description only."""
+    """What a run reads from one split, for its run id: the source, the number of examples and a sha256 of the
+    decoded arrays (computed once per process per loaded array). A streamed split: the source only."""
     src = resolve_source(name_or_path)
     source = {"digits": "digits", "local": f"local:{src.name}", "hub": f"hub:{src.location}"}[src.kind]
     opts = split_ref(name_or_path)[1]
@@ -439,27 +358,22 @@ def data_fingerprint(name_or_path: str, split: str = "train") -> dict:
     if src.spec is not None and src.spec.streaming:
         return {"source": source, "split": split, "streamed": _fingerprint(src, split, None, None, None)}
     arr = load_arrays(name_or_path, split)
-    # The cache holds what depends on the arrays alone: two references can share one array object (the test
-    # split of "mnist" and of "mnist[train_examples=1000]"), and each keeps its own source in its fingerprint
-    # whichever of them this process fingerprinted first (else run ids would depend on that order).
-    with _LOCK:
-        hit = _FP.get(id(arr))
-    if hit is None or hit[0] is not arr:
+    # Kept with the arrays: what depends on them alone. Two references can share one array object (the test
+    # split of "mnist" and of "mnist[train_examples=1000]"); each keeps its own source.
+    if "fingerprint" not in arr.derived:
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(arr.images.numpy()).data)
         h.update(np.ascontiguousarray(arr.labels.numpy()).data)
         h.update(json.dumps(arr.classes).encode())
-        hit = (arr, {"n": len(arr), "shape": list(arr.images.shape[1:]), "sha256": h.hexdigest()[:16]})
-        with _LOCK:
-            _FP[id(arr)] = hit
-    return {"source": source, "split": split, **hit[1]}
+        arr.derived["fingerprint"] = {"n": len(arr), "shape": list(arr.images.shape[1:]), "sha256": h.hexdigest()[:16]}
+    return {"source": source, "split": split, **arr.derived["fingerprint"]}
 
 
 def _corrupt_file_error(src: Source, split: str, err: Exception) -> DataError | None:
     """For a local folder that `datasets` cannot build: a DataError naming each parquet file that does not
     read (its footer) and the split it belongs to (`datasets` builds every split of a folder, so a corrupt
     test file also stops the train split); None when every file reads (the original error stands)."""
-    if src.kind != "local" or not src.location:
+    if src.kind != "local":
         return None
     import pyarrow.parquet as pq
     bad = []
@@ -469,36 +383,25 @@ def _corrupt_file_error(src: Source, split: str, err: Exception) -> DataError | 
         except Exception as e:  # noqa: BLE001 - any failure to read the footer is a corrupt file
             own = re.split(r"[-_.]", f.name, maxsplit=1)[0]
             bad.append(f"the {own!r} split's file {f} ({type(e).__name__}: {e})")
-    if not bad:
-        return None
     return DataError(f"dataset {src.name!r}: cannot read {'; '.join(bad)}, so split {split!r} cannot be loaded "
-                     f"({type(err).__name__}); replace or remove the corrupt file(s)")
+                     f"({type(err).__name__}); replace or remove the corrupt file(s)") if bad else None
 
 
 def _read(src: Source, split: str, image_column, label_column, size):
     import datasets
     try:
-        if src.kind == "local":
-            ds = datasets.load_dataset(src.location, split=split)
-        else:
-            ds = datasets.load_dataset(src.location, src.spec.config, split=split)
+        ds = datasets.load_dataset(src.location, src.spec.config if src.kind == "hub" else None, split=split)
     except ValueError as e:
-        if "split" in str(e).lower() or "Unknown split" in str(e):
+        if "split" in str(e).lower():
             raise DataError(f"{src.name}: no split {split!r} ({e})") from e
         if src.kind == "hub":
             raise _hub_error(src, e) from e
         raise
-    except (FileNotFoundError, ConnectionError, OSError) as e:
-        if src.kind == "hub":
+    except Exception as e:  # noqa: BLE001 - e.g. DatasetGenerationError: name the split and file that failed
+        if src.kind == "hub" and isinstance(e, OSError):  # ConnectionError, FileNotFoundError too
             raise _hub_error(src, e) from e
         raise _corrupt_file_error(src, split, e) or e
-    except Exception as e:  # noqa: BLE001 - e.g. DatasetGenerationError: name the split and file that failed
-        raise _corrupt_file_error(src, split, e) or e
-    if src.kind == "local" and src.spec is None:
-        image_column, label_column = _pick_columns(ds.features, image_column, label_column, src.location)
-    else:
-        image_column, label_column = _pick_columns(ds.features, image_column, label_column,
-                                                   src.location or src.name)
+    image_column, label_column = _pick_columns(ds.features, image_column, label_column, src.location)
     return _decode_dataset(ds, image_column, label_column, size)
 
 
@@ -512,26 +415,18 @@ def _gen(*seeds: int) -> torch.Generator:
 
 
 def balanced_subset(labels, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` indices, as class-balanced as possible (n // K per class, the remainder to the first
-    classes in a seeded order). Nested: for one seed, a smaller subset is contained in a larger one."""
+    """``n`` indices, as class-balanced as possible (``class_quota`` over the classes present). Nested: for one
+    seed, a smaller subset is contained in a larger one."""
     labels = torch.as_tensor(labels).long()
     classes = torch.unique(labels)
-    k = len(classes)
     if n <= 0 or n > len(labels):
         raise DataError(f"balanced_subset: n={n} must be in 1..{len(labels)}")
-    g = _gen(seed, 17)
-    order = classes[torch.randperm(k, generator=g)]
-    per = {int(c): n // k for c in classes}
-    for c in order[: n % k]:
-        per[int(c)] += 1
     out = []
-    for c in classes:
+    for c, take in zip(classes.tolist(), class_quota(n, len(classes), seed)):
         idx = torch.nonzero(labels == c).flatten()
-        take = per[int(c)]
         if take > len(idx):
-            raise DataError(f"balanced_subset: class {int(c)} has {len(idx)} examples, need {take}")
-        perm = torch.randperm(len(idx), generator=_gen(seed, int(c)))
-        out.append(idx[perm[:take]])
+            raise DataError(f"balanced_subset: class {c} has {len(idx)} examples, need {take}")
+        out.append(idx[torch.randperm(len(idx), generator=_gen(seed, c))[:take]])
     return torch.sort(torch.cat(out)).values
 
 
@@ -593,9 +488,7 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small CPU tensor (random draws) to `device`. On CUDA through pinned memory, non-blocking: a plain
     ``.to("cuda")`` from pageable memory synchronises the host with the GPU, which would stall the
     training loop once per draw (three times per augmented batch)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
@@ -618,8 +511,7 @@ def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tenso
         x = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     elif kind == "rrc_flip":
         area = torch.empty(b).uniform_(0.05, 1.0, generator=g)
-        logr = torch.empty(b).uniform_(np.log(3 / 4), np.log(4 / 3), generator=g)
-        ratio = torch.exp(logr)
+        ratio = torch.exp(torch.empty(b).uniform_(np.log(3 / 4), np.log(4 / 3), generator=g))
         sw = torch.sqrt(area * ratio).clamp(max=1.0)  # fraction of width
         sh = torch.sqrt(area / ratio).clamp(max=1.0)
         cx = (torch.rand(b, generator=g) * 2 - 1) * (1 - sw)
@@ -635,40 +527,28 @@ def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tenso
 
 
 class Batches:
-    """Shuffled, preprocessed (optionally augmented) batches of an ``ImageArrays``.
+    """Shuffled, preprocessed (optionally augmented) batches of an ``ImageArrays``, epoch after epoch.
 
-    ``batch_size`` is the GLOBAL batch; with ``world_size`` > 1 each rank gets its contiguous
-    slice of every global batch, so the union over ranks equals the 1-process batch. The order of
-    epoch e is ``randperm(N)`` from a generator seeded by (seed, e); augmentation of global batch i
-    uses a generator seeded by (seed, e, i). State is (epoch, index): ``state_dict``/``load_state_dict``.
-    Iterating goes on forever (epoch after epoch) when ``repeat`` else stops after one epoch.
-    """
+    ``batch_size`` is the GLOBAL batch; with ``world_size`` > 1 each rank gets its contiguous slice of every
+    global batch, so the union over ranks equals the 1-process batch. The order of epoch e is ``randperm(N)``
+    seeded by (seed, e); augmentation of global batch i is seeded by (seed, e, i). State: (epoch, index)."""
 
     def __init__(self, arrays: ImageArrays, batch_size: int, img_size: int, in_chans: int, *,
-                 shuffle: bool = True, drop_last: bool = True, augment: str | bool = "none",
-                 seed: int = 0, rank: int = 0, world_size: int = 1, device="cpu", repeat: bool = True):
-        if augment is True:
-            augment = "auto"
-        elif augment is False or augment is None:
-            augment = "none"
+                 augment: str = "none", seed: int = 0, rank: int = 0, world_size: int = 1, device="cpu"):
         if augment not in AUGMENTATIONS:
             raise DataError(f"unknown augmentation {augment!r}; one of {AUGMENTATIONS}")
         if batch_size % world_size:
             raise DataError(f"global batch {batch_size} is not divisible by world size {world_size}")
-        n = len(arrays)
-        if drop_last and n < batch_size:
-            raise DataError(f"{arrays.name}: {n} examples is fewer than one batch of {batch_size}")
+        if len(arrays) < batch_size:
+            raise DataError(f"{arrays.name}: {len(arrays)} examples is fewer than one batch of {batch_size}")
         self.arrays, self.batch_size, self.img_size, self.in_chans = arrays, batch_size, img_size, in_chans
-        self.shuffle, self.drop_last, self.augment, self.seed = shuffle, drop_last, augment, seed
-        self.rank, self.world_size, self.device, self.repeat = rank, world_size, torch.device(device), repeat
-        self._images = arrays.images.to(self.device)
-        self._labels = arrays.labels.to(self.device)
-        self.epoch, self.index = 0, 0
-        self._perm_epoch, self._perm = None, None
+        self.augment, self.seed, self.rank, self.world_size = augment, seed, rank, world_size
+        self.device = torch.device(device)
+        self._images, self._labels = arrays.images.to(self.device), arrays.labels.to(self.device)
+        self.epoch, self.index, self._perm_epoch, self._perm = 0, 0, None, None
 
     def __len__(self) -> int:
-        n = len(self.arrays)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(self.arrays) // self.batch_size
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -676,32 +556,14 @@ class Batches:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
-    def seek(self, step: int) -> None:
-        """Position at global batch number ``step`` counted from epoch 0."""
-        self.epoch, self.index = divmod(int(step), len(self))
-
-    def _order(self) -> torch.Tensor:
-        if self._perm_epoch != self.epoch:
-            n = len(self.arrays)
-            self._perm = (torch.randperm(n, generator=_gen(self.seed, self.epoch)) if self.shuffle
-                          else torch.arange(n)).to(self.device)
-            self._perm_epoch = self.epoch
-        return self._perm
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            if self.index >= len(self):
-                self.epoch, self.index = self.epoch + 1, 0
-                if not self.repeat:
-                    return
-            yield self.next()
-
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.index >= len(self):
             self.epoch, self.index = self.epoch + 1, 0
-        order = self._order()
+        if self._perm_epoch != self.epoch:
+            self._perm = torch.randperm(len(self.arrays), generator=_gen(self.seed, self.epoch)).to(self.device)
+            self._perm_epoch = self.epoch
         i = self.index
-        idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
         self.index += 1
         x = preprocess(self._images[idx], self.img_size, self.in_chans)
         if self.augment != "none":
@@ -718,13 +580,13 @@ def open_stream(name: str, split: str):
     spec = src.spec or DatasetSpec(None)
     opts = split_ref(name)[1]
     split = opts.get(f"{split}_split") or {"train": spec.train_split, "test": spec.test_split}.get(split, split)
-    if src.kind == "local":
-        ds = datasets.load_dataset(src.location, split=split, streaming=True)
-    else:
-        try:
-            ds = datasets.load_dataset(src.location, spec.config, split=split, streaming=True)
-        except Exception as e:  # noqa: BLE001 - turned into one clear error
-            raise _hub_error(src, e) from e
+    try:
+        ds = datasets.load_dataset(src.location, spec.config if src.kind == "hub" else None, split=split,
+                                   streaming=True)
+    except Exception as e:  # noqa: BLE001 - from the Hub: turned into one clear error
+        if src.kind != "hub":
+            raise
+        raise _hub_error(src, e) from e
     icol, lcol = _pick_columns(ds.features, opts.get("image_column") or (spec.image_column if src.spec else None),
                                opts.get("label_column") or (spec.label_column if src.spec else None),
                                src.location or name)
@@ -732,8 +594,8 @@ def open_stream(name: str, split: str):
 
 
 def class_quota(n: int, num_classes: int, seed: int = 0) -> list[int]:
-    """Examples per class of a class-balanced subset of ``n`` (``balanced_subset``'s rule: n // K each,
-    the remainder to the first classes of a seeded order)."""
+    """Examples per class of a class-balanced subset of ``n``: n // K each, the remainder to the first classes
+    of a seeded order."""
     per = [n // num_classes] * num_classes
     order = torch.randperm(num_classes, generator=_gen(seed, 17))
     for c in order[: n % num_classes].tolist():
@@ -744,8 +606,7 @@ def class_quota(n: int, num_classes: int, seed: int = 0) -> list[int]:
 def _balanced_stream(ds, lcol: str, quota: list[int]):
     """The examples of an (unshuffled) stream that fill each class's quota, first come first kept: a
     class-balanced subset drawn by streaming, the same on every pass and nested across sizes."""
-    left = list(quota)
-    todo = sum(left)
+    left, todo = list(quota), sum(quota)
     for ex in ds:
         y = int(ex[lcol])
         if 0 <= y < len(left) and left[y] > 0:
@@ -770,7 +631,7 @@ def _buffer_shuffle(it, buffer: int, g: torch.Generator):
 
 
 def stream_batches(name: str, split: str, batch_size: int, img_size: int, in_chans: int = 3, *,
-                   augment: str | bool = "none", seed: int = 0, rank: int = 0, world_size: int = 1,
+                   augment: str = "none", seed: int = 0, rank: int = 0, world_size: int = 1,
                    shuffle_buffer: int = 10_000, epoch: int = 0, skip_batches: int = 0,
                    drop_last: bool = True, train_examples: int | None = None, num_classes: int | None = None,
                    subset_seed: int = 0):
@@ -784,8 +645,6 @@ def stream_batches(name: str, split: str, batch_size: int, img_size: int, in_cha
     from datasets.distributed import split_dataset_by_node
     ds, icol, lcol, split = open_stream(name, split)
     spec = resolve_source(name).spec or DatasetSpec(None)
-    if augment is True:
-        augment = "auto"
     if train_examples is not None:
         if not num_classes:
             raise DataError(f"{name}: a streamed subset (train_examples={train_examples}) needs num_classes")
@@ -798,18 +657,15 @@ def stream_batches(name: str, split: str, batch_size: int, img_size: int, in_cha
             ds.set_epoch(epoch)
         if world_size > 1:
             ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-    per = batch_size // world_size
     mode = "L" if in_chans == 1 else "RGB"
     buf_x, buf_y, nb = [], [], 0
     for ex in ds:
-        im = ex[icol]
-        a = _to_array(im, mode, max(img_size, 1) if im.size != (img_size, img_size) else None)
-        buf_x.append(torch.from_numpy(np.array(a)))
+        buf_x.append(torch.from_numpy(np.array(_to_array(ex[icol], mode, max(img_size, 1)))))
         buf_y.append(int(ex[lcol]))
-        if len(buf_x) == per:
+        if len(buf_x) == batch_size // world_size:  # this rank's share of a global batch
             if nb >= skip_batches:
                 x = preprocess(torch.stack(buf_x), img_size, in_chans)
-                if augment not in (None, False, "none"):
+                if augment != "none":
                     x = augment_batch(x, augment, _gen(seed, epoch, nb, rank, 31))
                 yield x, torch.tensor(buf_y, dtype=torch.long)
             nb += 1
@@ -820,14 +676,11 @@ def stream_batches(name: str, split: str, batch_size: int, img_size: int, in_cha
 
 class StreamBatches:
     """``Batches``-like wrapper around ``stream_batches`` for the trainer: ``next()``, and a state
-    (epoch, index) restored by skipping ``index`` batches (exact only if the stream order is)."""
+    (epoch, index) restored by skipping ``index`` batches (exact only if the stream order is). ``kw``: the
+    other arguments of ``stream_batches`` (augment, seed, rank, world_size, train_examples, num_classes, ...)."""
 
-    def __init__(self, name: str, split: str, batch_size: int, img_size: int, in_chans: int, *,
-                 augment="none", seed: int = 0, rank: int = 0, world_size: int = 1, device="cpu",
-                 train_examples: int | None = None, num_classes: int | None = None, subset_seed: int = 0):
-        self.kw = dict(name=name, split=split, batch_size=batch_size, img_size=img_size, in_chans=in_chans,
-                       augment=augment, seed=seed, rank=rank, world_size=world_size, train_examples=train_examples,
-                       num_classes=num_classes, subset_seed=subset_seed)
+    def __init__(self, name: str, split: str, batch_size: int, img_size: int, in_chans: int, *, device="cpu", **kw):
+        self.kw = dict(name=name, split=split, batch_size=batch_size, img_size=img_size, in_chans=in_chans, **kw)
         self.device = torch.device(device)
         self.epoch, self.index, self._it = 0, 0, None
 
@@ -850,23 +703,16 @@ class StreamBatches:
         raise DataError(f"{self.kw['name']}: the stream yielded no full batch")
 
 
-def stream_arrays(name: str, split: str, n: int | None = None, size: int | None = None,
-                  quota: Sequence[int] | None = None) -> ImageArrays:
-    """The first ``n`` examples of a streamed split (or, with ``quota``, the first ``quota[c]`` of each class
-    c, stopping once all are filled) as uint8 arrays, every image resized to ``size`` (default: the spec's
-    ``array_size`` or 224). For what a streamed set needs in memory: few-shot shots, sample images."""
+def stream_arrays(name: str, split: str, n: int | None = None, size: int | None = None) -> ImageArrays:
+    """The first ``n`` examples of a streamed split as uint8 arrays (sample images), every image resized to
+    ``size`` (default: the spec's ``array_size`` or 224)."""
     ds, icol, lcol, _ = open_stream(name, split)
     src = resolve_source(name)
     size = size or (src.spec.array_size if src.spec and src.spec.array_size else 224)
     names = getattr(ds.features[lcol], "names", None)
-    it = _balanced_stream(ds, lcol, list(quota)) if quota is not None else iter(ds)
     xs, ys = [], []
-    for ex in it:
-        if n is not None and len(ys) >= n:
-            break
-        im = ex[icol]
-        mode = "L" if im.mode in ("L", "1") else "RGB"
-        xs.append(_to_array(im.convert("RGB") if mode == "RGB" else im, mode, size))
+    for ex in itertools.islice(ds, n):
+        xs.append(_to_array(ex[icol], "L" if ex[icol].mode in ("L", "1") else "RGB", size))
         ys.append(int(ex[lcol]))
     c = 3 if any(x.shape[0] == 3 for x in xs) else 1
     xs = [np.repeat(x, 3, 0) if x.shape[0] != c else x for x in xs]

@@ -1,47 +1,19 @@
-"""One place for the settings every entry point reads: data directory, run store, array cache, offline mode.
-
-The Makefile, ``python -m vitrepro.*``, notebooks under papermill or in JupyterLab and the tests all
-ask this module, so a notebook started from Lab finds the same data as ``make reproduce``.
-Each setting is taken from the first of:
-
-  1. an environment variable            (set for one shell or one command);
-  2. the project file ``vitrepro.toml``  (repository root, optional; or the file ``$VITREPRO_CONFIG``);
-  3. the default.
-
-=============  ==========================================  ===============  =======================================
-setting        environment variable(s)                     vitrepro.toml    default
-=============  ==========================================  ===============  =======================================
-data_dir       ``VITREPRO_DATA`` (empty: none)             ``data``         ``<repo>/../shared/data`` when it
-                                                                            exists, else none (the Hub)
-runs_dir       ``VITREPRO_RUNS``                           ``runs``         ``<repo>/runs``
-cache_dir      ``VITREPRO_CACHE`` (``off``: no disk cache)  ``cache``        ``~/.cache/vitrepro/arrays``
-offline        ``VITREPRO_OFFLINE``, else ``HF_HUB_OFFLINE``  ``offline``    false (the Hub is tried, briefly)
-               / ``HF_DATASETS_OFFLINE``
-hub_timeout    ``VITREPRO_HUB_TIMEOUT`` (seconds)          ``hub_timeout``  3
-=============  ==========================================  ===============  =======================================
-
-Relative paths in ``vitrepro.toml`` are relative to the file's folder. Example::
-
-    # vitrepro.toml
-    data = "/mnt/datasets/vitrepro"   # holds fashion_mnist/, mnist/, ... (<split>-00000-of-00001.parquet)
-    runs = "runs"
-    offline = true
-
-``python -m vitrepro.settings`` prints the resolved values and where each came from.
-
-Before a dataset is fetched from the Hub, ``hub_reachable()`` makes one short request (``hub_timeout``
-seconds) so that an unreachable Hub fails in seconds with the fix, instead of minutes of retries.
+"""One place for the settings every entry point reads: data directory, run store, array cache, offline mode and
+the Hub timeout (``VITREPRO_HUB_TIMEOUT`` / ``hub_timeout``, 3 s), so a notebook started from Lab finds the same
+data as ``make reproduce``. Each comes from the environment, then the project file ``vitrepro.toml`` (repository
+root, or ``$VITREPRO_CONFIG``; relative paths are relative to its folder), then the default; the table of
+variables, keys and defaults is in docs/usage.md ("Settings"). ``python -m vitrepro.settings`` prints the
+resolved values and where each came from.
 """
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-__all__ = ["Settings", "get", "hub_reachable", "REPO_ROOT", "CONFIG_NAME", "KEYS"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_NAME = "vitrepro.toml"
@@ -68,43 +40,28 @@ class Settings:
     def describe(self) -> str:
         lines = [f"{k:12s} {'(none)' if v is None else v}    [{self.origin.get(k, '')}]"
                  for k, v in ((k, getattr(self, k)) for k in NAMES)]
-        lines.append(f"config file  {self.config_file or '(none: ' + str(REPO_ROOT / CONFIG_NAME) + ' absent)'}")
-        return "\n".join(lines)
+        return "\n".join(lines + [f"config file  {self.config_file or f'(none: {REPO_ROOT / CONFIG_NAME} absent)'}"])
 
 
 # --------------------------------------------------------------------------- project file
 
-_TOML_CACHE: dict[str, tuple[float, dict]] = {}
-
-
-def _parse_toml(text: str) -> dict:
-    try:
-        import tomllib  # Python >= 3.11
-    except ImportError:  # pragma: no cover - Python 3.10: the tomli dependency (pyproject.toml)
-        import tomli as tomllib  # type: ignore[no-redef]
-    return tomllib.loads(text)
-
-
 def _config_path(env) -> Path | None:
     explicit = env.get("VITREPRO_CONFIG")
-    if explicit:
-        p = Path(explicit).expanduser()
-        if not p.is_file():
-            raise SettingsError(f"VITREPRO_CONFIG={explicit} is not a file")
-        return p
-    p = REPO_ROOT / CONFIG_NAME
+    p = Path(explicit).expanduser() if explicit else REPO_ROOT / CONFIG_NAME
+    if explicit and not p.is_file():
+        raise SettingsError(f"VITREPRO_CONFIG={explicit} is not a file")
     return p if p.is_file() else None
 
 
 def _read_config(path: Path | None) -> dict:
     if path is None:
         return {}
-    mtime = path.stat().st_mtime
-    hit = _TOML_CACHE.get(str(path))
-    if hit and hit[0] == mtime:
-        return hit[1]
     try:
-        values = _parse_toml(path.read_text())
+        import tomllib  # Python >= 3.11
+    except ImportError:  # pragma: no cover - Python 3.10: the tomli dependency (pyproject.toml)
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        values = tomllib.loads(path.read_text())
     except Exception as e:  # noqa: BLE001 - tomllib.TOMLDecodeError and friends
         raise SettingsError(f"{path}: not valid TOML ({e})") from e
     values = values.get("vitrepro", values)  # a [vitrepro] table or top-level keys
@@ -114,7 +71,6 @@ def _read_config(path: Path | None) -> dict:
         hints = [k + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, KEYS, n=1)) else "")
                  for k in unknown]
         raise SettingsError(f"{path}: unknown setting(s) {', '.join(hints)}; valid: {', '.join(KEYS)}")
-    _TOML_CACHE[str(path)] = (mtime, values)
     return values
 
 
@@ -126,14 +82,10 @@ def _path(value: str, base: Path) -> Path:
 
 
 def _bool(value, what: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    v = str(value).strip().lower()
-    if v in _TRUE:
-        return True
-    if v in _FALSE:
-        return False
-    raise SettingsError(f"{what}={value!r}: use 1/0, true/false, yes/no or on/off")
+    v = str(value).strip().lower()  # a TOML bool too: "true" / "false"
+    if v not in _TRUE + _FALSE:
+        raise SettingsError(f"{what}={value!r}: use 1/0, true/false, yes/no or on/off")
+    return v in _TRUE
 
 
 _OVERRIDES: dict = {}  # this process's replacements (`override`): a dry run's stand-in data, no array cache
@@ -146,9 +98,8 @@ def override(values: dict) -> dict:
     unknown = set(values) - {"data_dir", "runs_dir", "cache_dir", "offline"}
     if unknown:
         raise SettingsError(f"override: unknown setting(s) {sorted(unknown)}")
-    before = dict(_OVERRIDES)
-    _OVERRIDES.clear()
-    _OVERRIDES.update(values)
+    global _OVERRIDES
+    before, _OVERRIDES = _OVERRIDES, dict(values)
     return before
 
 
@@ -164,7 +115,7 @@ def as_environment(s: Settings) -> dict[str, str]:
 
 def get(env=None) -> Settings:
     """The settings: the environment, then vitrepro.toml, then the defaults, then this process's
-    `override`s. Cheap (environment look-ups and a cached file read), so entry points call it where they
+    `override`s. Cheap (environment look-ups and a small file read), so entry points call it where they
     start and pass the values on; a changed environment (tests, ``%env`` in a notebook) takes effect."""
     if env is None and _OVERRIDES:
         s = get(os.environ)
@@ -173,7 +124,7 @@ def get(env=None) -> Settings:
     cfg_path = _config_path(env)
     cfg = _read_config(cfg_path)
     base = cfg_path.parent if cfg_path else REPO_ROOT
-    src_cfg = f"{cfg_path.name if cfg_path else CONFIG_NAME}"
+    src_cfg = cfg_path.name if cfg_path else CONFIG_NAME
     origin = {}
 
     def pick(var: str, key: str, empty_ok: bool = False):
@@ -214,43 +165,33 @@ def get(env=None) -> Settings:
 # --------------------------------------------------------------------------- Hub reachability
 
 _HUB_CACHE: dict[str, tuple[float, bool, str]] = {}
-_HUB_TTL = 60.0
 
 
-def hub_endpoint(env=None) -> str:
-    env = os.environ if env is None else env
-    return (env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+def hub_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
 def hub_reachable(timeout: float | None = None, endpoint: str | None = None,
                   dataset: str | None = None) -> tuple[bool, str]:
-    """One short request to the Hub (``HF_ENDPOINT`` or huggingface.co): ``(reachable, why_not)``.
-
-    ``dataset`` (a Hub id): asks for that dataset (``/api/datasets/<id>``), else for ``/api/whoami-v2``.
-    An answer 2xx/3xx, 401 or 403 (gated; `datasets` handles tokens) counts as reachable; a 404 for the
-    dataset, another HTTP error, a DNS failure, refused connection or no answer within
-    ``timeout`` seconds (default: the ``hub_timeout`` setting) does not. The request runs in a daemon
-    thread so a slow DNS lookup cannot hold the caller past the timeout. Answers are remembered for a
-    minute per process, so a sweep checks once.
-    """
+    """One short request to the Hub for ``dataset`` (else ``/api/whoami-v2``): ``(reachable, why_not)``, so that
+    an unreachable Hub fails in seconds instead of minutes of retries. 2xx/3xx, 401 and 403 (gated) count as
+    reachable. The request runs in a daemon thread (a slow DNS lookup cannot hold the caller past ``timeout``);
+    answers are remembered for a minute, so a sweep checks once."""
     timeout = get().hub_timeout if timeout is None else float(timeout)
-    endpoint = endpoint or hub_endpoint()
-    url = endpoint + (f"/api/datasets/{dataset}" if dataset else "/api/whoami-v2")
+    url = (endpoint or hub_endpoint()) + (f"/api/datasets/{dataset}" if dataset else "/api/whoami-v2")
     hit = _HUB_CACHE.get(url)
-    if hit and time.monotonic() - hit[0] < _HUB_TTL:
+    if hit and time.monotonic() - hit[0] < 60:  # a minute
         return hit[1], hit[2]
     result: list = []
 
     def probe():
-        import urllib.error
         import urllib.request
         try:
             req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "vitrepro-hub-check"})
             urllib.request.urlopen(req, timeout=timeout).close()
             result.append((True, ""))
-        except urllib.error.HTTPError as e:  # the server answered
-            ok = e.code in (401, 403)
-            result.append((ok, "" if ok else f"HTTP {e.code} for {url}"))
+        except urllib.request.HTTPError as e:  # the server answered
+            result.append((e.code in (401, 403), "" if e.code in (401, 403) else f"HTTP {e.code} for {url}"))
         except Exception as e:  # noqa: BLE001 - URLError, socket.timeout, ssl errors, ...
             reason = getattr(e, "reason", e)
             result.append((False, f"{type(reason).__name__}: {reason}"))
@@ -273,39 +214,26 @@ def executed_notebook_path(nb_json: str) -> Path:
     nb = json.loads(nb_json)
     pm = nb.get("metadata", {}).get("papermill", {})
     stem = Path(str(pm.get("input_path") or "notebook")).name
-    stem = stem[:-len(".ipynb")] if stem.endswith(".ipynb") else (stem if stem != "-" else "notebook")
+    stem = stem.removesuffix(".ipynb") if stem != "-" else "notebook"
     profile = (pm.get("parameters") or {}).get("profile")
     if profile is None:  # not passed with -p: the parameters cell's default
         for cell in nb.get("cells", []):
             if "parameters" in cell.get("metadata", {}).get("tags", []):
-                src = "".join(cell.get("source", ""))
-                m = re.search(r"^profile\s*(?::[^=]*)?=\s*[\"']([\w-]+)[\"']", src, re.M)
+                m = re.search(r"^profile\s*(?::[^=]*)?=\s*[\"']([\w-]+)[\"']", "".join(cell.get("source", "")), re.M)
                 profile = m.group(1) if m else None
-    name = f"{stem}.{profile}.ipynb" if profile else f"{stem}.ipynb"
-    return get().runs_dir / "executed" / name
+    return get().runs_dir / "executed" / (f"{stem}.{profile}.ipynb" if profile else f"{stem}.ipynb")
 
 
 class PapermillDefaultOutput:
-    """papermill I/O handler for the path ``-``, registered through the ``papermill.io`` entry point.
-
-    The papermill CLI turns a missing OUTPUT_PATH into ``-`` (the notebook JSON on stdout) whenever
-    stdout is not a terminal. In this project that form writes the executed notebook to
-    ``<runs_dir>/executed/<nb>.<profile>.ipynb`` and says so on stderr. An explicit ``-`` on the
-    command line, and every call through papermill's Python API, keep papermill's behaviour (stdout).
-    """
+    """papermill I/O handler for the path ``-`` (entry point ``papermill.io``). The papermill CLI turns a missing
+    OUTPUT_PATH into ``-`` (the notebook JSON on stdout) whenever stdout is not a terminal; here that form writes
+    the executed notebook to ``executed_notebook_path`` and says so on stderr. An explicit ``-`` on the command
+    line, and every call through papermill's Python API, keep papermill's behaviour (stdout)."""
 
     @staticmethod
     def _stream():
         from papermill.iorw import StreamHandler
         return StreamHandler()
-
-    @staticmethod
-    def _implicit(path) -> bool:
-        import sys
-        argv0 = Path(sys.argv[0]).name if sys.argv else ""
-        cli = argv0 == "papermill" or argv0.startswith("papermill") or \
-            getattr(sys.modules.get("__main__"), "__package__", None) == "papermill"
-        return path == "-" and cli and "-" not in sys.argv[1:]
 
     def read(self, path):
         return self._stream().read(path)
@@ -313,10 +241,15 @@ class PapermillDefaultOutput:
     def listdir(self, path):
         return self._stream().listdir(path)
 
+    @staticmethod
+    def _implicit(path) -> bool:
+        argv0 = Path(sys.argv[0]).name if sys.argv else ""
+        cli = argv0.startswith("papermill") or getattr(sys.modules.get("__main__"), "__package__", None) == "papermill"
+        return path == "-" and cli and "-" not in sys.argv[1:]
+
     def write(self, buf, path):
         if not self._implicit(path):
             return self._stream().write(buf, path)
-        import sys
         out = executed_notebook_path(buf)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
@@ -327,11 +260,9 @@ class PapermillDefaultOutput:
               file=sys.stderr, flush=True)
 
     def pretty_path(self, path):
-        """papermill names the output path once, before the first cell: where the CLI's missing output path
-        became ``-``, it also turned its log down to errors (meant for JSON on stdout), which silenced
-        ``--log-output`` for the whole run. The notebook goes to a file here, so the cells' output is
-        logged (on stderr, as papermill logs) when the user asked for it."""
-        import sys
+        """Where the CLI's missing output path became ``-``, papermill also turned its log down to errors (meant
+        for JSON on stdout), silencing ``--log-output``; the notebook goes to a file here, so the cells' output
+        is logged (on stderr) when the user asked for it."""
         if self._implicit(path) and "--log-output" in sys.argv[1:]:
             import logging
             logging.getLogger("papermill").setLevel(logging.INFO)
@@ -354,11 +285,7 @@ def _parent_is_jupyter_server() -> bool:
         argv = psutil.Process().parent().cmdline()
     except Exception:  # noqa: BLE001 - no psutil, no parent, no permission
         return False
-    for a in argv[:3]:
-        name = os.path.basename(a)
-        if name.startswith("jupyter") or name in ("jupyterlab", "jupyter_server", "notebook"):
-            return True
-    return False
+    return any(n.startswith("jupyter") or n == "notebook" for n in map(os.path.basename, argv[:3]))
 
 
 def launch_kernel() -> None:
@@ -369,8 +296,10 @@ def launch_kernel() -> None:
       terminal, so with ``--log-output`` every step line showed twice. The notebook still gets it.
     - Started by JupyterLab/Jupyter Server, training shows a tqdm bar (ipywidgets); started by anything
       else (papermill, nbclient), ``VITREPRO_PROGRESS=log``: plain step lines, unless already set.
+    - ipykernel's "Kernel is running over TCP without encryption" warning, printed on every start, is dropped:
+      Lab and papermill start this kernel on 127.0.0.1 with a connection file only the user can read, whose
+      key signs every message; the warning concerns kernels reached over a network.
     """
-    import sys
     if sys.path and sys.path[0] == "":  # as ipykernel_launcher: not the current directory first
         del sys.path[0]
     fd = os.open(os.devnull, os.O_WRONLY)
@@ -380,25 +309,14 @@ def launch_kernel() -> None:
         os.environ["VITREPRO_PROGRESS"] = "log"
     from ipykernel import kernelapp
     app = kernelapp.IPKernelApp.instance()  # the instance launch_new_instance() then starts
-    app.log.addFilter(_NoTcpWarning())
+    app.log.addFilter(lambda record: "running over TCP without encryption" not in record.getMessage())
     kernelapp.launch_new_instance()
-
-
-class _NoTcpWarning:
-    """Drops ipykernel's "Kernel is running over TCP without encryption" warning, printed on every kernel start
-    (on the terminal under papermill): Lab and papermill start this kernel on 127.0.0.1 with a connection file
-    only the user can read, whose key signs every message; the warning concerns kernels reached over a network."""
-
-    @staticmethod
-    def filter(record) -> bool:
-        return "running over TCP without encryption" not in record.getMessage()
 
 
 def main(argv=None) -> None:
     import argparse
     ap = argparse.ArgumentParser(prog="python -m vitrepro.settings", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--get", choices=NAMES,
-                    help="print one value only (for scripts and the Makefile)")
+    ap.add_argument("--get", choices=NAMES, help="print one value only (for scripts and the Makefile)")
     ap.add_argument("--check-hub", action="store_true", help="also try the Hub once")
     args = ap.parse_args(argv)
     s = get()

@@ -1,30 +1,11 @@
-"""The run store: one folder per (experiment, configuration), written atomically.
+"""The run store: one folder per (experiment, configuration), written atomically, owned by one process at a time
+(``RunLock``: ``flock``, released by the kernel when the owner dies); every file is validated where it is read.
+The layout, the run id and ``NUMERICS_VERSION``: docs/design.md; every damage case, its message and remedy
+(``_FILES``): docs/damage.md::
 
-Layout: ``root/<experiment>/<run_id>/{config.json, metrics.jsonl, record.json, checkpoint.pt, model.pt, .lock}``.
-``run_id`` is a short sha256 of the canonical JSON of the full configuration, the code-relevant
-versions (vitrepro version, torch major.minor, ``NUMERICS_VERSION``) and what the trainer resolved
-for this machine and data (``train.run_id_of``: device type, precision, CPU thread count, data fingerprints).
-``NUMERICS_VERSION`` is a hash of the code of the source files that define the numbers (``NUMERICS_FILES``:
-models, data, trainer, evaluators), of their syntax trees less what computes no number (`_Numerics`:
-docstrings, error and log messages, command-line functions), so a code edit there gives new run ids
-instead of reusing records computed by other code, while a comment, docstring, message or CLI edit keeps them.
-``record.json`` is written last and marks a finished run (``status`` "ok") or a failed one (``status``
-"failed", with ``error``).
-
-A run folder is owned by one process at a time: ``RunStore.lock`` takes an OS lock (``flock``) on
-``<run>/.lock``, which the kernel releases when the owner dies.
-
-Every file of a run folder is validated where it is read; a damaged one (truncated, garbled, the wrong
-content) raises ``DamagedRunError`` naming the file, what is lost and the remedy for that file
-(``_FILES``; docs/damage.md lists every case)::
-
-    python -m vitrepro.store check                 # list damaged files (every kind the readers reject)
+    python -m vitrepro.store check                      # list damaged files (every kind the readers reject)
     python -m vitrepro.store repair EXPERIMENT/RUN_ID   # mend them: the run resumes, re-evaluates or retrains
     python -m vitrepro.store forget EXPERIMENT/RUN_ID   # delete the run folder (its dependants are named)
-
-A full disk at any write raises ``NoSpaceError`` ("no space left on <folder>"), a read-only or forbidden
-folder ``NotWritableError`` ("cannot write to <folder>"), both with the remedy; ``python -m vitrepro.train``
-exits with status 4 on them and on ``DamagedRunError``.
 """
 from __future__ import annotations
 
@@ -45,36 +26,25 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["RunStore", "default_root", "code_versions", "run_id_for", "atomic_write_json",
-           "atomic_torch_save", "canonical_json", "NUMERICS_VERSION", "NUMERICS_FILES", "numerics_version",
-           "DamagedRunError", "NoSpaceError", "NotWritableError", "RunLock", "check_json_file",
-           "check_torch_file", "check_torch_content", "load_weights", "writing", "write_error"]
+from . import __version__, settings
 
 _PKG = Path(__file__).resolve().parent
-
-
-def _numerics_files() -> list[Path]:
-    return sorted(_PKG.glob("models/*.py")) + [_PKG / "data.py", _PKG / "train.py", _PKG / "evaluate.py"]
-
-
-NUMERICS_FILES = tuple(str(p.relative_to(_PKG.parent)) for p in _numerics_files())
-
+_NUMERICS = sorted(_PKG.glob("models/*.py")) + [_PKG / "data.py", _PKG / "train.py", _PKG / "evaluate.py"]
+NUMERICS_FILES = tuple(str(p.relative_to(_PKG.parent)) for p in _NUMERICS)
 
 # Calls whose only effect is a message to the user (print, warnings.warn, train._say): not numerics.
 _MESSAGE_CALLS = frozenset({"print", "warn", "_say"})
 
 
 class _Numerics(ast.NodeTransformer):
-    """The part of a syntax tree that computes numbers: docstrings, the messages of ``raise``/``assert`` and
-    of message calls (`_MESSAGE_CALLS`), command-line functions (``main``, any function importing argparse)
-    and ``if __name__ == "__main__"`` blocks are dropped; everything else (constants, control flow, the
-    exception classes raised) stays."""
+    """The part of a syntax tree that computes numbers: drops docstrings, the messages of ``raise``/``assert``
+    and message calls, command-line functions (``main``, any function importing argparse) and
+    ``if __name__ == "__main__"`` blocks; keeps constants, control flow and the exception classes raised."""
 
     def _body(self, node):
-        body = node.body
-        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                and isinstance(body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
+        first = node.body[0] if node.body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            node.body = node.body[1:] or [ast.Pass()]
         return self.generic_visit(node)
 
     visit_Module = visit_ClassDef = _body
@@ -88,9 +58,8 @@ class _Numerics(ast.NodeTransformer):
 
     def visit_If(self, node):
         t = node.test
-        if isinstance(t, ast.Compare) and isinstance(t.left, ast.Name) and t.left.id == "__name__":
-            return None
-        return self.generic_visit(node)
+        main = isinstance(t, ast.Compare) and isinstance(t.left, ast.Name) and t.left.id == "__name__"
+        return None if main else self.generic_visit(node)
 
     def visit_Raise(self, node):  # which exception, not its message
         exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
@@ -105,21 +74,13 @@ class _Numerics(ast.NodeTransformer):
         return ast.Constant(None) if name in _MESSAGE_CALLS else self.generic_visit(node)
 
 
-def _code_of(source: bytes, name: str) -> bytes:
-    """What of a Python source defines numbers (`_Numerics`; comments and layout never reach the tree),
-    so editing prose, a message or the command line does not re-key the run store."""
-    return ast.dump(_Numerics().visit(ast.parse(source, filename=name))).encode()
-
-
 def numerics_version(files: list[Path] | None = None) -> str:
-    """Hash of the code of the source files that define the numbers a run produces (models, data,
-    trainer, evaluators): any edit to their code is a new numerics version, hence new run ids; an edit to
-    comments, docstrings, messages, the command line or layout only is not (``_code_of``), so stored runs
-    stay valid through it."""
+    """Hash of what of the numerics sources computes numbers (`_Numerics`; comments and layout never reach the
+    tree): a code edit gives new run ids, a prose, message or command-line edit keeps the stored runs."""
     h = hashlib.sha256()
-    for f in files if files is not None else _numerics_files():
-        f = Path(f)
-        h.update(f.name.encode() + b"\0" + _code_of(f.read_bytes(), str(f)) + b"\0")
+    for f in map(Path, _NUMERICS if files is None else files):
+        tree = _Numerics().visit(ast.parse(f.read_bytes(), filename=str(f)))
+        h.update(f.name.encode() + b"\0" + ast.dump(tree).encode() + b"\0")
     return h.hexdigest()[:12]
 
 
@@ -127,27 +88,25 @@ NUMERICS_VERSION = numerics_version()
 
 
 class DamagedRunError(RuntimeError):
-    """A run-store file that cannot be read (truncated, not JSON, not a torch archive, the wrong content).
-    ``path``: the file; ``ref``: ``<experiment>/<run_id>`` of its run (None for a loose file)."""
+    """A run-store file that cannot be read. ``path``: the file; ``ref``: ``<experiment>/<run_id>`` of its run
+    (None for a loose file)."""
 
     def __init__(self, message: str, path: Path | str | None = None, ref: str | None = None):
         super().__init__(message)
         self.path, self.ref = (Path(path) if path is not None else None), ref
 
 
-class NoSpaceError(OSError):
-    """The disk filled up while saving (errno ENOSPC); the message says "no space left on <folder>"."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "no space left on device"
+class _WriteError(OSError):
+    def __str__(self) -> str:  # the message alone, not OSError's "[Errno N] ...: filename"
+        return str(self.args[0])
 
 
-class NotWritableError(OSError):
-    """A folder of the store cannot be written (errno EROFS, EACCES or EPERM); the message says
-    "cannot write to <folder>" and how to point the store elsewhere."""
+class NoSpaceError(_WriteError):
+    """The disk filled up while saving (ENOSPC): "no space left on <folder>", with the remedy."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "cannot write"
+
+class NotWritableError(_WriteError):
+    """A folder of the store cannot be written (EROFS, EACCES, EPERM): "cannot write to <folder>", with the remedy."""
 
 
 # Per file of a run folder: what its damage loses, and what `repair` does about it (the remedy right for it).
@@ -171,21 +130,20 @@ _FILES = {
 def _remedy(ref: str | None, name: str) -> str:
     lost, what = _FILES.get(name, ("", "drops it"))
     out = f" Lost: {lost}." if lost else ""
-    if ref is None:
-        return out
-    return out + (f" Remedy: `python -m vitrepro.store repair {ref}` ({what}), or `python -m vitrepro.store "
-                  f"forget {ref}` (delete the run); a sweep repairs and retrains just this run.")
-
-
-def _ref_of(path: Path) -> str | None:
-    """``<experiment>/<run_id>`` when ``path`` is a file of a run folder (the folder has a config.json)."""
-    d = Path(path).parent
-    return f"{d.parent.name}/{d.name}" if (d / "config.json").exists() or (d / ".lock").exists() else None
+    return out if ref is None else out + (f" Remedy: `python -m vitrepro.store repair {ref}` ({what}), or "
+                                          f"`python -m vitrepro.store forget {ref}` (delete the run); a sweep "
+                                          "repairs and retrains just this run.")
 
 
 def _damaged(path: Path, problem: str, ref: str | None) -> DamagedRunError:
-    ref = ref or _ref_of(path)
+    if ref is None:  # a file of a run folder (the folder has a config.json or a lock file): name its run
+        d = path.parent
+        ref = f"{d.parent.name}/{d.name}" if (d / "config.json").exists() or (d / ".lock").exists() else None
     return DamagedRunError(f"{path} is damaged: {problem}." + _remedy(ref, path.name), path, ref)
+
+
+def _missing(path: Path, problem: str, ref: str) -> str:
+    return str(_damaged(path, f"missing {problem}", ref)).replace(" is damaged: missing", " is missing")
 
 
 # what each JSON file of a run must hold (a valid JSON text of another shape is damage too)
@@ -209,21 +167,19 @@ def check_json_file(path, ref: str | None = None) -> dict:
     return obj
 
 
-_TORCH_KEYS = {"checkpoint.pt": ("model", "optimizer", "data", "step", "loss_sum", "loss_n", "rng_cpu")}
+_CHECKPOINT_KEYS = ("model", "optimizer", "data", "step", "loss_sum", "loss_n", "rng_cpu")
 
 
 def _torch_content_problem(name: str, obj: Any) -> str | None:
-    """What is wrong with the loaded content of a run's torch file (None when it has the right shape)."""
+    """What is wrong with the loaded content of a run's model.pt or checkpoint.pt (None when it has the right
+    shape)."""
     if name == "model.pt":
-        if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
-            return f"not a model's state dict (a {type(obj).__name__} that is not a mapping of names to tensors)"
-        return None
-    need = _TORCH_KEYS.get(name)
-    if need is None:
-        return None
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return None
+        return f"not a model's state dict (a {type(obj).__name__} that is not a mapping of names to tensors)"
     if not isinstance(obj, dict):
         return f"not a training checkpoint (a {type(obj).__name__})"
-    missing = [k for k in need if k not in obj]
+    missing = [k for k in _CHECKPOINT_KEYS if k not in obj]
     if missing:
         return f"not a training checkpoint (no {', '.join(missing)})"
     if isinstance(obj["step"], bool) or not isinstance(obj["step"], int) or obj["step"] < 0:
@@ -234,10 +190,9 @@ def _torch_content_problem(name: str, obj: Any) -> str | None:
 def check_torch_content(obj: Any, path, ref: str | None = None) -> Any:
     """``obj``, loaded from a run's ``checkpoint.pt`` or ``model.pt``, has that file's content (a
     checkpoint's keys, a state dict of tensors); else ``DamagedRunError``. Returns ``obj``."""
-    path = Path(path)
-    problem = _torch_content_problem(path.name, obj)
+    problem = _torch_content_problem(Path(path).name, obj)
     if problem:
-        raise _damaged(path, problem, ref)
+        raise _damaged(Path(path), problem, ref)
     return obj
 
 
@@ -251,30 +206,28 @@ def load_weights(model: torch.nn.Module, state: dict, path, ref: str | None = No
         raise _damaged(Path(path), f"its weights do not fit the run's model ({detail})", ref) from e
 
 
+def _load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: the tensors are not read
+
+
 def check_torch_file(path, ref: str | None = None) -> None:
-    """Integrity check of a file written by ``torch.save``: a complete zip archive with a ``data.pkl``
-    (a truncated file has lost its central directory) whose content, memory-mapped (the tensors are not
-    read), is what the file's name says (``check_torch_content``); a model.pt also has the names and shapes
-    of the weights in its run's checkpoint.pt. Raises ``DamagedRunError``."""
+    """A file written by ``torch.save`` is a complete zip archive with a ``data.pkl`` (a truncated file has lost
+    its central directory) whose content is what the file's name says (``check_torch_content``); a model.pt
+    also has the names and shapes of the weights in its run's checkpoint.pt. Else ``DamagedRunError``."""
     path = Path(path)
-    problem = None
     size = path.stat().st_size
-    if size == 0:
-        problem = "empty (0 bytes)"
-    else:
-        try:
-            with zipfile.ZipFile(path) as z:
-                if not any(n.endswith("data.pkl") for n in z.namelist()):
-                    problem = "not a torch.save archive (no data.pkl)"
-        except zipfile.BadZipFile:
-            problem = f"truncated or corrupt ({size} bytes; not a complete torch.save zip archive)"
+    try:
+        with zipfile.ZipFile(path) as z:
+            problem = None if any(n.endswith("data.pkl") for n in z.namelist()) else \
+                "not a torch.save archive (no data.pkl)"
+    except zipfile.BadZipFile:
+        problem = f"truncated or corrupt ({size} bytes; not a complete torch.save zip archive)" if size else \
+            "empty (0 bytes)"
     if problem is None and path.name in ("checkpoint.pt", "model.pt"):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            problem = _torch_content_problem(path.name, _load(path))
         except Exception as e:  # noqa: BLE001 - any unpickling failure is damage
             problem = f"cannot be loaded ({type(e).__name__}: {e})"
-        else:
-            problem = _torch_content_problem(path.name, obj)
     if problem is None and path.name == "model.pt":
         problem = _model_differs_from_checkpoint(path.parent)
     if problem:
@@ -284,8 +237,7 @@ def check_torch_file(path, ref: str | None = None) -> None:
 def _metrics_rows(path: Path) -> tuple[list[dict], list[str]]:
     """The rows of a metrics.jsonl and its damaged lines ("line N: what"). A last line without its newline
     is a row cut by a kill, not damage (a resume rewrites the file without it)."""
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
+    lines = path.read_bytes().split(b"\n")
     rows, bad = [], []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -296,9 +248,8 @@ def _metrics_rows(path: Path) -> tuple[list[dict], list[str]]:
             bad.append(f"line {i}: binary bytes, not text")
             continue
         except json.JSONDecodeError:
-            if i == len(lines):  # no newline after it: cut by a kill
-                continue
-            bad.append(f"line {i}: not JSON ({line[:40]!r})")
+            if i < len(lines):  # the last one, without its newline, was cut by a kill: not damage
+                bad.append(f"line {i}: not JSON ({line[:40]!r})")
             continue
         if not isinstance(row, dict):
             bad.append(f"line {i}: a JSON {type(row).__name__}, not a row object")
@@ -316,18 +267,13 @@ def _shapes(state: dict) -> dict[str, tuple]:
 def _model_differs_from_checkpoint(d: Path) -> str | None:
     """model.pt holds the weights of the run's final checkpoint: other names or shapes are damage of model.pt
     (the store cannot build the model to compare with; the checkpoint is the weights the run resumes from)."""
-    if not ((d / "model.pt").exists() and (d / "checkpoint.pt").exists()):
-        return None
     try:
-        model = torch.load(d / "model.pt", map_location="cpu", weights_only=False, mmap=True)
-        ck = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)["model"]
-    except Exception:  # noqa: BLE001 - unreadable: check_torch_file reports it
-        return None
-    a, b = _shapes(model), _shapes(ck)
-    if a == b:
+        a, b = _shapes(_load(d / "model.pt")), _shapes(_load(d / "checkpoint.pt")["model"])
+    except Exception:  # noqa: BLE001 - no checkpoint, or unreadable: check_torch_file reports it
         return None
     diff = sorted(set(a) ^ set(b)) or [k for k in a if a[k] != b[k]]
-    return f"its weights do not fit the run's model (they differ from checkpoint.pt's at {', '.join(diff[:3])})"
+    return f"its weights do not fit the run's model (they differ from checkpoint.pt's at {', '.join(diff[:3])})" \
+        if a != b else None
 
 
 def _found_by_the_run(d: Path) -> dict[str, str]:
@@ -341,42 +287,12 @@ def _found_by_the_run(d: Path) -> dict[str, str]:
     if not (isinstance(rec, dict) and rec.get("status") == "failed" and rec.get("error_type") == "DamagedRunError"):
         return {}
     msg = str(rec.get("error", "")).removeprefix("DamagedRunError: ")
-    out = {}
-    for name in ("checkpoint.pt", "model.pt", "metrics.jsonl", "config.json"):
-        f = d / name
-        if msg.startswith(f"{f} is damaged") and f.exists() and f.stat().st_mtime <= p.stat().st_mtime:
-            out[name] = msg + " (found by the run that failed on it)"
-    return out
-
-
-def _metrics_problem(bad: list[str], n_rows: int) -> str:
-    more = f"; {len(bad) - 3} more" if len(bad) > 3 else ""
-    return f"{len(bad)} unreadable line(s) among {n_rows} rows ({'; '.join(bad[:3])}{more})"
+    return {f.name: msg + " (found by the run that failed on it)"
+            for f in (d / n for n in ("checkpoint.pt", "model.pt", "metrics.jsonl", "config.json"))
+            if msg.startswith(f"{f} is damaged") and f.exists() and f.stat().st_mtime <= p.stat().st_mtime}
 
 
 # --------------------------------------------------------------------------- writes: disk full, read-only
-
-def _no_space(path: Path, err: BaseException | None) -> NoSpaceError:
-    try:
-        free = shutil.disk_usage(existing_ancestor(path.parent)).free
-        free_s = f"; {free / 2**20:.1f} MiB free"
-    except OSError:
-        free_s = ""
-    e = NoSpaceError(f"no space left on {path.parent} (while writing {path.name}{free_s}). Free some space "
-                     "there, or point the run store / results elsewhere (--store DIR on the command line, "
-                     "VITREPRO_RUNS=DIR, runs_dir=... / results_dir=... in a notebook)")
-    e.errno, e.filename = errno.ENOSPC, str(path)
-    return e
-
-
-def _not_writable(path: Path, err: OSError) -> NotWritableError:
-    why = {errno.EROFS: "read-only file system"}.get(err.errno, err.strerror or "permission denied")
-    e = NotWritableError(f"cannot write to {path.parent} ({why}, while writing {path.name}). Make it writable, "
-                         "or point the run store / results elsewhere (--store DIR on the command line, "
-                         "VITREPRO_RUNS=DIR, runs_dir=... / results_dir=... in a notebook)")
-    e.errno, e.filename = err.errno, str(path)
-    return e
-
 
 def existing_ancestor(p: Path) -> Path:
     """``p`` or its nearest folder above that exists (where a folder not yet made would go)."""
@@ -386,19 +302,31 @@ def existing_ancestor(p: Path) -> Path:
     return p
 
 
-_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+_ELSEWHERE = ("or point the run store / results elsewhere (--store DIR on the command line, VITREPRO_RUNS=DIR, "
+              "runs_dir=... / results_dir=... in a notebook)")
 
 
 def write_error(path: Path, err: BaseException) -> BaseException:
     """The error to raise for a failed write of ``path``: ``NoSpaceError`` (ENOSPC) or ``NotWritableError``
     (EROFS, EACCES, EPERM), naming the folder and the remedy; any other error as it is."""
-    if isinstance(err, (NoSpaceError, NotWritableError)) or not isinstance(err, OSError):
+    path = Path(path)
+    if isinstance(err, _WriteError) or not isinstance(err, OSError):
         return err
     if err.errno == errno.ENOSPC:
-        return _no_space(Path(path), err)
-    if err.errno in _READ_ONLY:
-        return _not_writable(Path(path), err)
-    return err
+        try:
+            free = f"; {shutil.disk_usage(existing_ancestor(path.parent)).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = ""
+        e = NoSpaceError(f"no space left on {path.parent} (while writing {path.name}{free}). Free some space "
+                         f"there, {_ELSEWHERE}")
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "read-only file system" if err.errno == errno.EROFS else err.strerror or "permission denied"
+        e = NotWritableError(f"cannot write to {path.parent} ({why}, while writing {path.name}). Make it "
+                             f"writable, {_ELSEWHERE}")
+    else:
+        return err
+    e.errno, e.filename = err.errno, str(path)
+    return e
 
 
 @contextlib.contextmanager
@@ -407,19 +335,17 @@ def writing(path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        mapped = write_error(Path(path), e)
+        mapped = write_error(path, e)
         if mapped is e:
             raise
         raise mapped from e
 
 
 def default_root() -> Path:
-    from . import settings
     return settings.get().runs_dir  # $VITREPRO_RUNS, else `runs` in vitrepro.toml, else <repo>/runs
 
 
 def code_versions() -> dict:
-    from . import __version__
     return {"vitrepro": __version__, "torch": ".".join(torch.__version__.split("+")[0].split(".")[:2]),
             "numerics": NUMERICS_VERSION}
 
@@ -429,13 +355,9 @@ def _jsonable(o: Any):
         return {str(k): _jsonable(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
         return [_jsonable(v) for v in o]
-    if isinstance(o, Path):
+    if isinstance(o, Path) or (isinstance(o, float) and not math.isfinite(o)):
         return str(o)
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
-    if hasattr(o, "item") and callable(o.item):
-        return o.item()
-    return o
+    return o.item() if callable(getattr(o, "item", None)) else o
 
 
 def canonical_json(o: Any) -> str:
@@ -444,8 +366,7 @@ def canonical_json(o: Any) -> str:
 
 def run_id_for(config: dict, versions: dict | None = None, resolved: dict | None = None) -> str:
     """Short hash of the configuration, the code versions (with ``NUMERICS_VERSION``) and, where given,
-    what the configuration resolves to on this machine (``train.run_id_of`` passes device type,
-    precision, the CPU thread count and data fingerprints)."""
+    what the configuration resolves to on this machine and data (``train.resolved_identity``)."""
     payload = {"config": config, "versions": versions or code_versions()}
     if resolved is not None:
         payload["resolved"] = resolved
@@ -471,9 +392,8 @@ class _Tracked:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write a file atomically: `write(f)` fills a temp file in the same folder, then it is renamed.
-    A full disk raises ``NoSpaceError`` ("no space left on <folder>"), a read-only folder
-    ``NotWritableError`` ("cannot write to <folder>")."""
+    """Write a file atomically: `write(f)` fills a temp file in the same folder, then it is renamed; a full
+    disk or a read-only folder raises the store's named error (``write_error``)."""
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -490,7 +410,7 @@ def atomic_write(path: Path, write) -> None:
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        cause = tracked.error if tracked is not None and tracked.error is not None else e
+        cause = getattr(tracked, "error", None) or e
         mapped = write_error(path, cause)
         if mapped is not cause:
             raise mapped from e
@@ -506,16 +426,18 @@ def atomic_torch_save(path, obj) -> None:
     atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        elif isinstance(v, (list, tuple)):
-            out[key] = json.dumps(v)
+            out.update(_flatten(v, f"{prefix}{k}."))
         else:
-            out[key] = v
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, tuple)) else v
     return out
 
 
@@ -526,9 +448,7 @@ class RunLock:
     (Windows) it is a no-op."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self._fd: int | None = None
-        self.waited = False
+        self.path, self._fd, self.waited = Path(path), None, False  # waited: another process held it first
 
     def owner(self) -> str:
         """The owner line the holder wrote ("pid N on HOST since T"); "unknown" when the file holds none
@@ -575,27 +495,16 @@ class RunLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        try:
-            import fcntl
+        import fcntl
+        with contextlib.suppress(OSError):
             os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        except OSError:
-            pass
-        finally:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-        return False
+            fcntl.flock(self._fd, fcntl.LOCK_UN)  # closing alone would not release a copy a child inherited
+        os.close(self._fd)
+        self._fd = None
 
 
 class RunStore:
-    """Folder of runs. ``RunStore()`` uses ``vitrepro.settings``: ``$VITREPRO_RUNS``, vitrepro.toml or ``<repo>/runs``."""
+    """Folder of runs; ``RunStore()``: the settings' run store (``$VITREPRO_RUNS``, vitrepro.toml, ``<repo>/runs``)."""
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root).expanduser() if root is not None else default_root()
@@ -612,97 +521,73 @@ class RunStore:
 
     def resolve(self, ref: str) -> Path:
         """``'<experiment>/<run_id>'`` (optionally prefixed ``run:``) -> its folder (must exist)."""
-        ref = ref[4:] if ref.startswith("run:") else ref
-        d = self.root / ref
-        if not (d / "config.json").exists():
+        ref = ref.removeprefix("run:")
+        if not (self.root / ref / "config.json").exists():
             raise FileNotFoundError(f"no stored run {ref!r} under {self.root}")
-        return d
+        return self.root / ref
 
     # reading -----------------------------------------------------------------
     def record(self, experiment: str, run_id: str) -> dict | None:
         """The run's record.json (None if it has none); a damaged one raises ``DamagedRunError``."""
         p = self.run_dir(experiment, run_id) / "record.json"
-        if not p.exists():
-            return None
-        return check_json_file(p, f"{experiment}/{run_id}")
+        return check_json_file(p, f"{experiment}/{run_id}") if p.exists() else None
 
     def config(self, experiment: str, run_id: str) -> dict:
         """The run's config.json; a damaged one raises ``DamagedRunError`` (missing: FileNotFoundError)."""
         return check_json_file(self.run_dir(experiment, run_id) / "config.json", f"{experiment}/{run_id}")
 
     def metrics(self, experiment: str, run_id: str) -> list[dict]:
-        """The rows of the run's metrics.jsonl; a damaged line (binary bytes, not a JSON object, no step
-        number) raises ``DamagedRunError`` naming it. A last row cut by a kill is left out."""
+        """The rows of the run's metrics.jsonl; a damaged line raises ``DamagedRunError`` naming it."""
         p = self.run_dir(experiment, run_id) / "metrics.jsonl"
         if not p.exists():
             return []
         rows, bad = _metrics_rows(p)
         if bad:
-            raise _damaged(p, _metrics_problem(bad, len(rows)), f"{experiment}/{run_id}")
+            more = f"; {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise _damaged(p, f"{len(bad)} unreadable line(s) among {len(rows)} rows ({'; '.join(bad[:3])}{more})",
+                           f"{experiment}/{run_id}")
         return rows
 
     def runs(self, experiment: str | None = None) -> Iterator[tuple[str, str, Path]]:
-        if not self.root.is_dir():
-            return
-        exps = [experiment] if experiment else sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        for e in exps:
-            ed = self.root / e
-            if not ed.is_dir():
-                continue
-            for rd in sorted(ed.iterdir()):
-                if (rd / "config.json").exists():
-                    yield e, rd.name, rd
+        for rd in sorted(self.root.glob(f"{experiment or '*'}/*")):
+            if (rd / "config.json").exists():
+                yield rd.parent.name, rd.name, rd
 
-    def _record_or_warn(self, experiment: str, run_id: str) -> dict | None:
+    @staticmethod
+    def _or_warn(read, *args):
+        """``read(*args)``; None, with a message naming it, for a damaged file."""
         try:
-            return self.record(experiment, run_id)
+            return read(*args)
         except DamagedRunError as e:
             print(f"[vitrepro] skipping a damaged run: {e}", file=sys.stderr)
-            return None
 
     def records(self, experiment: str | None = None) -> list[dict]:
         """Every readable record (a damaged one is skipped with a message naming it)."""
-        out = []
-        for e, r, rd in self.runs(experiment):
-            rec = self._record_or_warn(e, r)
-            if rec is not None:
-                out.append(rec)
-        return out
+        recs = (self._or_warn(self.record, e, r) for e, r, _ in self.runs(experiment))
+        return [rec for rec in recs if rec is not None]
 
     def frame(self, experiment: str | None = None, include_incomplete: bool = False):
         """Long form: one row per (run, metric). Columns: run_id, experiment, status, every config
         field flattened (nested dicts joined with '.'), metric, value. Metrics are the record's
-        ``metrics`` (final evaluations) plus wall_time_s, train_flops, params, images_seen."""
+        ``metrics`` (final evaluations) plus wall_time_s, train_flops, params, images_seen, steps."""
         import pandas as pd
         rows = []
-        for e, r, rd in self.runs(experiment):
-            rec = self._record_or_warn(e, r)
-            if rec is None and not include_incomplete:
+        for e, r, _ in self.runs(experiment):
+            rec = self._or_warn(self.record, e, r)
+            cfg = self._or_warn(self.config, e, r) if rec is not None or include_incomplete else None
+            if cfg is None:
                 continue
-            try:
-                cfg = check_json_file(rd / "config.json", f"{e}/{r}")
-            except DamagedRunError as err:
-                print(f"[vitrepro] skipping a damaged run: {err}", file=sys.stderr)
-                continue
-            base = {"run_id": r, "experiment": e,
-                    "status": rec.get("status", "ok") if rec else "incomplete"}
-            flat = _flatten(cfg)
-            flat.pop("experiment", None)
-            base.update({k: v for k, v in flat.items() if k not in ("run_id", "status", "metric", "value")})
+            base = {"run_id": r, "experiment": e, "status": rec.get("status", "ok") if rec else "incomplete"}
+            base.update({k: v for k, v in _flatten(cfg).items() if k not in (*base, "metric", "value")})
             mets = dict((rec or {}).get("metrics", {}))
-            for k in ("wall_time_s", "train_flops", "params", "images_seen", "steps"):
-                if rec and isinstance(rec.get(k), (int, float)):
-                    mets[k] = rec[k]
+            mets.update({k: rec[k] for k in ("wall_time_s", "train_flops", "params", "images_seen", "steps")
+                         if rec and isinstance(rec.get(k), (int, float))})
+            rows += [{**base, "metric": k, "value": float("nan") if v is None else float(v)} for k, v in mets.items()]
             if not mets:
                 rows.append({**base, "metric": None, "value": float("nan")})
-            for k, v in mets.items():
-                rows.append({**base, "metric": k, "value": float(v) if v is not None else float("nan")})
-        cols = ["run_id", "experiment", "status"]
         df = pd.DataFrame(rows)
-        if df.empty:
-            return pd.DataFrame(columns=cols + ["metric", "value"])
-        rest = [c for c in df.columns if c not in cols + ["metric", "value"]]
-        return df[cols + rest + ["metric", "value"]]
+        first, last = ["run_id", "experiment", "status"], ["metric", "value"]
+        return df.reindex(columns=first + [c for c in df.columns if c not in first + last] + last)
 
     # ownership, damage, remedies ------------------------------------------------
     def lock(self, experiment: str, run_id: str) -> RunLock:
@@ -712,16 +597,13 @@ class RunStore:
     def find(self, ref: str) -> tuple[str, str, Path]:
         """``'<experiment>/<run_id>'``, ``'run:<experiment>/<run_id>'`` or a bare run id ->
         (experiment, run_id, folder). The folder need not have a config.json (a damaged run)."""
-        ref = ref[4:] if ref.startswith("run:") else ref
-        ref = ref.strip("/")
+        ref = ref.removeprefix("run:").strip("/")
         if "/" in ref:
             exp, rid = ref.split("/", 1)
-            d = self.run_dir(exp, rid)
-            if not d.is_dir():
-                raise FileNotFoundError(f"no run folder {d}")
-            return exp, rid, d
-        hits = [(p.parent.name, p.name, p) for p in self.root.glob(f"*/{ref}") if p.is_dir()] \
-            if self.root.is_dir() else []
+            if not self.run_dir(exp, rid).is_dir():
+                raise FileNotFoundError(f"no run folder {self.run_dir(exp, rid)}")
+            return exp, rid, self.run_dir(exp, rid)
+        hits = [(p.parent.name, p.name, p) for p in self.root.glob(f"*/{ref}") if p.is_dir()]
         if not hits:
             raise FileNotFoundError(f"no run {ref!r} under {self.root}")
         if len(hits) > 1:
@@ -745,28 +627,23 @@ class RunStore:
                 except DamagedRunError as e:
                     out[name] = str(e)
         if not (d / "config.json").exists() and any((d / n).exists() for n in checks):
-            out["config.json"] = str(_damaged(d / "config.json", "missing (the folder holds the run's other "
-                                              "files)", ref)).replace(" is damaged: missing", " is missing")
+            out["config.json"] = _missing(d / "config.json", "(the folder holds the run's other files)", ref)
         lock = d / ".lock"
         if lock.is_symlink() or (lock.exists() and not lock.is_file()):
             out[".lock"] = str(_damaged(lock, "not a regular file", ref))
         out.update({k: v for k, v in _found_by_the_run(d).items() if k not in out})
         if "record.json" not in out and not (d / "model.pt").exists() and (d / "record.json").exists():
             if check_json_file(d / "record.json", ref).get("status") == "ok":
-                out["model.pt"] = str(_damaged(d / "model.pt", "missing although record.json says the run "
-                                               "finished", ref)).replace(" is damaged: missing", " is missing")
+                out["model.pt"] = _missing(d / "model.pt", "although record.json says the run finished", ref)
         return out
 
     def dependants(self, experiment: str, run_id: str) -> list[str]:
         """``<experiment>/<run_id>`` of the stored runs fine-tuned from this one (``init=run:...``)."""
-        target = f"run:{experiment}/{run_id}"
         out = []
-        for e, r, rd in self.runs():
-            try:
-                if check_json_file(rd / "config.json", f"{e}/{r}").get("init") == target:
+        for e, r, _ in self.runs():
+            with contextlib.suppress(DamagedRunError, OSError):
+                if self.config(e, r).get("init") == f"run:{experiment}/{run_id}":
                     out.append(f"{e}/{r}")
-            except (DamagedRunError, OSError):
-                continue
         return out
 
     def _rebuild_config(self, exp: str, rid: str, d: Path, problem: str) -> str | None:
@@ -774,10 +651,9 @@ class RunStore:
         (its ``config`` and ``resolved``, checked against the run id where the record's versions allow) or
         checkpoint.pt (its ``config``; the ``_resolved`` facts are written again when the run resumes).
         Returns what was done, or None when neither file holds the configuration."""
-        try:
-            rec = check_json_file(d / "record.json", f"{exp}/{rid}") if (d / "record.json").exists() else None
-        except DamagedRunError:
-            rec = None
+        rec = None
+        with contextlib.suppress(DamagedRunError):
+            rec = self.record(exp, rid)
         if rec and isinstance(rec.get("config"), dict) and isinstance(rec.get("resolved"), dict):
             res = rec["resolved"]
             facts = ("img_size", "in_chans", "num_classes", "steps", "train_size", "arch", "head_reset", "numerics")
@@ -788,30 +664,22 @@ class RunStore:
             atomic_write_json(d / "config.json", {**rec["config"], "_resolved": res})
             how = "it hashes to the run id" if ok else "the run id could not be re-derived from it: check it"
             return f"rebuilt {d / 'config.json'} from record.json ({how}); it was {problem}"
-        try:
+        with contextlib.suppress(DamagedRunError):
             if (d / "checkpoint.pt").exists():
                 check_torch_file(d / "checkpoint.pt", f"{exp}/{rid}")
-                conf = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True).get("config")
+                conf = _load(d / "checkpoint.pt").get("config")
                 if isinstance(conf, dict) and isinstance(conf.get("experiment"), str):
                     atomic_write_json(d / "config.json", dict(conf))
                     return (f"rebuilt {d / 'config.json'} from checkpoint.pt (the machine facts `_resolved` are "
                             f"written again when the run resumes); it was {problem}")
-        except DamagedRunError:
-            pass
         return None
 
     def repair(self, ref: str) -> list[str]:
-        """Mend the damaged files of one run, never leaving it worse (``_FILES``): a damaged or missing
-        config.json is rebuilt (`_rebuild_config`) or, where nothing holds the configuration, the run is
-        deleted and its dependants named; metrics.jsonl keeps its readable rows; a damaged record or model
-        is dropped so that the next ``train.run`` of the configuration re-evaluates from the final checkpoint;
-        a damaged checkpoint of an unfinished run is dropped (it retrains from step 0, with a fresh
-        metrics.jsonl; a finished run stays finished); a lock file that is not a file is deleted.
+        """Mend the damaged files of one run, never leaving it worse (``_FILES``; docs/damage.md).
         Returns what was done, one line per file."""
         exp, rid, d = self.find(ref)
-        bad = self.damage(exp, rid)
         done = []
-        if ".lock" in bad:  # not a file: nobody can hold it, and the lock below needs it gone
+        if ".lock" in self.damage(exp, rid):  # not a file: nobody can hold it, and the lock below needs it gone
             lock_path = d / ".lock"
             shutil.rmtree(lock_path) if lock_path.is_dir() and not lock_path.is_symlink() else lock_path.unlink()
             done.append(f"deleted {lock_path}: not a regular file")
@@ -833,8 +701,7 @@ class RunStore:
                 done.append(line)
             if "metrics.jsonl" in bad:
                 rows, lines = _metrics_rows(d / "metrics.jsonl")
-                data = "".join(json.dumps(r) + "\n" for r in rows).encode()
-                atomic_write(d / "metrics.jsonl", lambda f: f.write(data))
+                _write_rows(d / "metrics.jsonl", rows)
                 done.append(f"rewrote {d / 'metrics.jsonl'} with its {len(rows)} readable rows, dropping "
                             f"{len(lines)} damaged line(s) ({'; '.join(lines[:3])})")
             if "model.pt" in bad and (d / "record.json").exists() and "record.json" not in bad:
@@ -843,9 +710,7 @@ class RunStore:
                 if name in bad:
                     (d / name).unlink(missing_ok=True)
                     done.append(f"dropped {d / name}: {bad[name].split(' Lost:')[0]}")
-            if not done:
-                done.append(f"{exp}/{rid}: nothing damaged")
-            return done
+            return done or [f"{exp}/{rid}: nothing damaged"]
         finally:
             lk.release()  # an open descriptor: fine after the folder was deleted
 
@@ -864,13 +729,11 @@ class RunStore:
         return d, deps
 
     # writing -----------------------------------------------------------------
-    def create(self, experiment: str, run_id: str, config: dict, meta: dict | None = None) -> Path:
+    def create(self, experiment: str, run_id: str, config: dict) -> Path:
         d = self.run_dir(experiment, run_id)
         with writing(d / "config.json"):
             d.mkdir(parents=True, exist_ok=True)
         atomic_write_json(d / "config.json", config)
-        if meta is not None:
-            atomic_write_json(d / "meta.json", meta)
         return d
 
     def log(self, experiment: str, run_id: str, row: dict) -> None:
@@ -882,10 +745,8 @@ class RunStore:
         """Keep the log rows a checkpoint at ``max_step`` had written: its first ``rows`` rows (the count the
         checkpoint keeps; rows written after it at the same step, e.g. a final evaluation, are dropped), or
         where that count is unknown the rows up to ``max_step``. Returns how many rows are kept."""
-        kept = [r for r in self.metrics(experiment, run_id) if r["step"] <= max_step]
-        kept = kept[:rows] if rows is not None else kept
-        data = "".join(json.dumps(r) + "\n" for r in kept).encode()
-        atomic_write(self.run_dir(experiment, run_id) / "metrics.jsonl", lambda f: f.write(data))
+        kept = [r for r in self.metrics(experiment, run_id) if r["step"] <= max_step][:rows]
+        _write_rows(self.run_dir(experiment, run_id) / "metrics.jsonl", kept)
         return len(kept)
 
     def write_record(self, experiment: str, run_id: str, record: dict) -> None:
@@ -906,48 +767,31 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m vitrepro.store check|repair|forget ...``"""
     import argparse
     ap = argparse.ArgumentParser(prog="python -m vitrepro.store", description="Inspect and mend the run store.")
-    ap.add_argument("--store", help="run store root (default: vitrepro.settings: $VITREPRO_RUNS, vitrepro.toml, <repo>/runs)")
+    ap.add_argument("--store", help="run store root (default: vitrepro.settings: $VITREPRO_RUNS, vitrepro.toml, "
+                                    "<repo>/runs)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check", help="list runs with damaged files")
-    c.add_argument("experiment", nargs="?")
-    r = sub.add_parser("repair", help="drop the damaged files of a run, so that it resumes or retrains")
-    r.add_argument("run", help="<experiment>/<run_id> or a run id")
-    f = sub.add_parser("forget", help="delete one run folder")
-    f.add_argument("run", help="<experiment>/<run_id> or a run id")
+    sub.add_parser("check", help="list runs with damaged files").add_argument("experiment", nargs="?")
+    sub.add_parser("repair", help="drop the damaged files of a run, so that it resumes or retrains") \
+        .add_argument("run", help="<experiment>/<run_id> or a run id")
+    sub.add_parser("forget", help="delete one run folder").add_argument("run", help="<experiment>/<run_id> or a run id")
     a = ap.parse_args(argv)
-    st = RunStore(a.store) if a.store else RunStore()
+    st = RunStore(a.store or None)
     try:
         if a.cmd == "check":
-            return _check(st, a.experiment)
+            msgs = [msg for rd in sorted(p for p in st.root.glob(f"{a.experiment or '*'}/*") if p.is_dir())
+                    for msg in st.damage(rd.parent.name, rd.name).values()]
+            print("\n".join(msgs + [f"{len(msgs)} damaged file(s) under {st.root}"]))
+            return 1 if msgs else 0
         if a.cmd == "repair":
-            for line in st.repair(a.run):
-                print(line)
+            print("\n".join(st.repair(a.run)))
             return 0
         d, deps = st.forget(a.run)
         print(f"deleted {d}" + (f"; runs fine-tuned from it (kept, their parent is gone): {', '.join(deps)}"
                                 if deps else ""))
         return 0
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError, NoSpaceError, NotWritableError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (NoSpaceError, NotWritableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
-
-
-def _check(st: RunStore, experiment: str | None) -> int:
-    """Print every damaged file under the store (or one experiment); 1 when there is any."""
-    n = 0
-    exps = [experiment] if experiment else (sorted(p.name for p in st.root.iterdir() if p.is_dir())
-                                            if st.root.is_dir() else [])
-    for e in exps:
-        for rd in sorted((st.root / e).iterdir()) if (st.root / e).is_dir() else []:
-            if rd.is_dir():
-                for msg in st.damage(e, rd.name).values():
-                    n += 1
-                    print(msg)
-    print(f"{n} damaged file(s) under {st.root}")
-    return 1 if n else 0
+        return 4 if isinstance(e, _WriteError) else 2
 
 
 if __name__ == "__main__":

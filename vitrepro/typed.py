@@ -11,9 +11,8 @@ _PLAIN = (str, int, float, bool, list, dict, _NONE)
 
 
 def allowed(hint) -> tuple[type, ...]:
-    """The Python types a value annotated ``hint`` may have: str, int, bool, dict, None, float (an int
-    too), list (a tuple too; ``list[int]`` checks the list only) and unions of them. Any other annotation
-    raises TypeError: a field is never silently left unchecked."""
+    """The Python types a value annotated ``hint`` may have (``list[int]`` checks the list only); any other
+    annotation than `_PLAIN` and unions raises TypeError: a field is never silently left unchecked."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return tuple(t for arg in typing.get_args(hint) for t in allowed(arg))
     hint = _NONE if hint is None else (typing.get_origin(hint) or hint)
