@@ -4,17 +4,15 @@
     python -m vitrepro.report --export   # first re-export each notebook's CSV from the run store
     python -m vitrepro.report --redraw   # first redraw every notebook's tables.md and figures (`make figures`)
 
-Every notebook writes its long-form `results.csv` from the run store (one row per run, seed and
-metric, columns described in `SCHEMA`). The report reads only those files, the paper's numbers
-(`paper_numbers.csv` in this package, each row with its source) and nothing else, so it can be
-rebuilt on a machine that never trained anything. Each claim is judged by `vitrepro.verdicts` from
-per-seed values with a test statistic (Welch t-test, or an equivalence test with a stated margin)
-and against the pixel baselines of the same splits; one that does not reproduce at this scale is
+The report reads only each notebook's long-form `results.csv` (columns: `SCHEMA`) and the paper's numbers
+(`paper_numbers.csv` in this package, each row with its source), so it rebuilds on a machine that never
+trained anything. Each claim is judged by `vitrepro.verdicts`; one that does not reproduce at this scale is
 reported as such, never forced.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import dataclass
 from importlib import resources
@@ -47,12 +45,7 @@ SECTIONS = {
 
 
 def load_results(results: Path) -> dict[str, pd.DataFrame]:
-    out = {}
-    for nb in NOTEBOOKS:
-        f = Path(results) / nb / "results.csv"
-        if f.exists():
-            out[nb] = pd.read_csv(f)
-    return out
+    return {nb: pd.read_csv(f) for nb in NOTEBOOKS if (f := Path(results) / nb / "results.csv").exists()}
 
 
 def _p(x: float | None) -> str:
@@ -67,17 +60,16 @@ def _verdict_cell(v: Verdict) -> str:
 def verdict_table(verdicts: list[Verdict]) -> str:
     lines = ["| claim (paper) | source | verdict | p raw | p adj. | evidence (per-seed mean ± std, test statistic) |",
              "|---|---|---|---|---|---|"]
-    for v in verdicts:
-        lines.append(f"| {v.claim} | {v.source} | {_verdict_cell(v)} | {_p(v.p)} | {_p(v.p_adj)} | {v.evidence} |")
+    lines += [f"| {v.claim} | {v.source} | {_verdict_cell(v)} | {_p(v.p)} | {_p(v.p_adj)} | {v.evidence} |"
+              for v in verdicts]
     return "\n".join(lines)
 
 
 def all_verdicts(frames: dict[str, pd.DataFrame]) -> dict[str, list[Verdict]]:
     """Every notebook's verdicts, corrected together (`verdicts.correct`): the summary table is one family."""
     raw = [(nb, v) for nb in NOTEBOOKS if nb in frames for v in VERDICTS[nb](frames[nb])]
-    fixed = correct([v for _, v in raw])
     out: dict[str, list[Verdict]] = {nb: [] for nb in NOTEBOOKS if nb in frames}
-    for (nb, _), v in zip(raw, fixed):
+    for (nb, _), v in zip(raw, correct([v for _, v in raw])):
         out[nb].append(v)
     return out
 
@@ -86,13 +78,11 @@ def build_report(results: Path | None = None) -> str:
     results = Path(results or REPO_ROOT / "results")
     frames = load_results(results)
     paper = paper_numbers()
-    parts = ["# vitrepro report: our runs beside the paper",
-             "",
+    parts = ["# vitrepro report: our runs beside the paper", "",
              "Rebuilt by `python -m vitrepro.report` from `results/<notebook>/results.csv` (exported from the run store).",
              "Paper numbers come from `vitrepro/paper_numbers.csv`; `[P]` = Dosovitskiy et al., ICLR 2021 (arXiv 2010.11929).",
              "Our runs are CPU-scale stand-ins (Fashion-MNIST / MNIST / MNIST-1k, tiny models), so only the",
-             "paper's qualitative claims can be compared; absolute numbers are not comparable.",
-             ""]
+             "paper's qualitative claims can be compared; absolute numbers are not comparable.", ""]
     verdicts = all_verdicts(frames)
     parts += _summary(results, verdicts)
     for nb, (title, tables) in SECTIONS.items():
@@ -156,8 +146,6 @@ def _data_note(df: pd.DataFrame) -> str:
 
 def _summary(results: Path, verdicts: dict[str, list[Verdict]]) -> list[str]:
     """Every claim's verdict in one table, and each notebook's wall time where run_all recorded it."""
-    import json
-
     lines = ["## Summary", "", RULES, "",
              "| notebook | claim (paper) | verdict | p raw | p adj. | before correction |", "|---|---|---|---|---|---|"]
     for nb, vs in verdicts.items():
@@ -170,11 +158,10 @@ def _summary(results: Path, verdicts: dict[str, list[Verdict]]) -> list[str]:
     lines.append("")
     for f in sorted(results.glob("timings_*.json")):
         t = json.loads(f.read_text())
-        total = sum(t.values())
         steps = [k for k in t if k not in NOTEBOOKS] + [nb for nb in NOTEBOOKS if nb in t]  # the sweep, then each notebook
         times = ", ".join(f"{k} {t[k]:,.0f} s" for k in steps)
         lines += [f"Wall times, profile `{f.stem.removeprefix('timings_')}` (`{f.name}`, written by "
-                  f"`python -m vitrepro.experiments.run_all`): {times}; {total / 60:.1f} min in all.", ""]
+                  f"`python -m vitrepro.experiments.run_all`): {times}; {sum(t.values()) / 60:.1f} min in all.", ""]
     return lines
 
 
@@ -184,9 +171,8 @@ def _paper_table(table: str, p: pd.DataFrame) -> str:
         wide = p.pivot_table(index=["upstream", "dataset"], columns="model", values="value", aggfunc="first")
         wide = wide.reset_index()
     elif table == "Table 8":
-        q = p.copy()
-        q["pos_embed"] = q.setting.str.extract(r"pos_embed=([^;]+)")
-        q["at"] = q.setting.str.extract(r"pos_embed_at=([^;]+)")
+        q = p.assign(pos_embed=p.setting.str.extract(r"pos_embed=([^;]+)", expand=False),
+                     at=p.setting.str.extract(r"pos_embed_at=([^;]+)", expand=False))
         wide = q.pivot_table(index="pos_embed", columns="at", values="value", aggfunc="first").reset_index()
     else:
         wide = p[["model", "upstream", "dataset", "setting", "value"]]
@@ -204,7 +190,6 @@ def redraw_outputs(nb: str, csv: Path) -> tuple[dict, dict, str]:
     frame = pd.read_csv(csv)
     profile = str(frame.profile.dropna().iloc[0]) if frame.profile.notna().any() else "cpu"
     params = mod.validate_params(dict(profile=profile, source=str(csv)))
-    notes = f"Profile `{profile}`. Values: mean ± std over seeds."
     df = mod.run(params)
     if nb == "attention":
         analysed, figures, _ = mod.analyse(params, df)
@@ -218,7 +203,7 @@ def redraw_outputs(nb: str, csv: Path) -> tuple[dict, dict, str]:
     if nb == "position_embeddings":
         tables.update(position_embedding_pairs(df))
         figures.update(mod.similarity_figures(mod.similarity_tables(params, df)))
-    return tables, figures, notes
+    return tables, figures, f"Profile `{profile}`. Values: mean ± std over seeds."
 
 
 def redraw(results: Path) -> list[Path]:

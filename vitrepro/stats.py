@@ -62,16 +62,18 @@ class Comparison:
 
 
 def _clean(x: Sequence[float]) -> np.ndarray:
-    return np.asarray([v for v in x if v is not None and not math.isnan(v)], dtype=float)
+    x = np.asarray(x, dtype=float)  # None -> nan
+    return x[~np.isnan(x)]
 
 
 def _arrays(a: Sequence[float], b: Sequence[float], paired: bool) -> tuple[np.ndarray, np.ndarray]:
-    if paired:  # drop a pair if either side is missing: the pairing is by position (seed)
-        if len(a) != len(b):
-            raise ValueError(f"a paired comparison needs equally many values on each side, got {len(a)} and {len(b)}")
-        keep = [i for i in range(len(a)) if not (a[i] is None or b[i] is None or math.isnan(a[i]) or math.isnan(b[i]))]
-        return np.asarray([a[i] for i in keep], dtype=float), np.asarray([b[i] for i in keep], dtype=float)
-    return _clean(a), _clean(b)
+    if not paired:
+        return _clean(a), _clean(b)
+    if len(a) != len(b):
+        raise ValueError(f"a paired comparison needs equally many values on each side, got {len(a)} and {len(b)}")
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    keep = ~(np.isnan(a) | np.isnan(b))  # drop a pair if either side is missing: the pairing is by position (seed)
+    return a[keep], b[keep]
 
 
 def _too_few(a: np.ndarray, b: np.ndarray, test: str) -> Comparison | None:
@@ -166,10 +168,9 @@ def interaction(a_after: Sequence[float], a_before: Sequence[float], b_after: Se
     groups = [_clean(g) for g in (a_after, a_before, b_after, b_before)]
     n = tuple(g.size for g in groups)
     test = "interaction"
+    diff = float(sum(c * g.mean() for c, g in zip((1, -1, -1, 1), groups))) if min(n) else math.nan
     if min(n) < MIN_SEEDS:
-        diff = float(sum(c * g.mean() for c, g in zip((1, -1, -1, 1), groups))) if min(n) else math.nan
         return Comparison("too few seeds", diff, None, None, n, test)
-    diff = float(sum(c * g.mean() for c, g in zip((1, -1, -1, 1), groups)))
     v = np.array([g.var(ddof=1) / g.size for g in groups])
     se = math.sqrt(v.sum())
     if se == 0:

@@ -1,19 +1,15 @@
 """One verdict per claim of the paper, from a notebook's long-form results (report layer).
 
-Every verdict rests on per-seed values (one trained model per seed) and a test chosen before the run
-(`vitrepro.stats`): "A beats B" is a one-sided Welch t-test, or a paired t-test where the design pairs
-(two layers of one model, two fine-tunes of one parent); "A gains more than B" is the four-group
-interaction contrast; "A and B are alike" is an equivalence test (the 90 % interval inside ±1 pp:
-alike; wholly outside: not alike). Each claim carries its raw p-values; `correct` adjusts them across
-the summary table (Benjamini-Hochberg) and decides the verdicts on the adjusted p. A claim resting on
-a model below the pixel baseline of the same split keeps its verdict and is flagged beside it, the same
-way for every metric. A claim the profile did not run is "not run", and the evidence says what it
-would need.
+Every verdict rests on per-seed values (one trained model per seed) and a test fixed before the run
+(`vitrepro.stats`, whose docstring gives the rules). A claim resting on a model below the pixel baseline
+of the same split keeps its verdict and is flagged beside it; a claim the profile did not run is
+"not run", and the evidence says what it would need.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from itertools import combinations
 from typing import Callable, Sequence
 
 import numpy as np
@@ -41,9 +37,7 @@ class Verdict:
     @property
     def p(self) -> float | None:
         """The claim's raw p: the smaller of its two one-sided p (the side that decides)."""
-        if self.p_for is None or self.p_against is None:
-            return None
-        return min(self.p_for, self.p_against)
+        return None if self.p_for is None or self.p_against is None else min(self.p_for, self.p_against)
 
     @property
     def tested(self) -> bool:
@@ -53,12 +47,10 @@ class Verdict:
 def correct(verdicts: Sequence[Verdict], alpha: float = stats.ALPHA) -> list[Verdict]:
     """The verdicts with p adjusted across all tested claims (`stats.adjust`, Benjamini-Hochberg) and
     each tested claim decided on its adjusted p; untested claims (rules, not run) pass unchanged."""
-    verdicts = list(verdicts)
-    idx = [i for i, v in enumerate(verdicts) if v.tested]
-    adj = stats.adjust([verdicts[i].p for i in idx])
     out = list(verdicts)
-    for i, q in zip(idx, adj):
-        v = verdicts[i]
+    idx = [i for i, v in enumerate(out) if v.tested]
+    for i, q in zip(idx, stats.adjust([out[i].p for i in idx])):
+        v = out[i]
         for_side = v.p_for <= v.p_against
         decided = stats.decide(q if for_side else 1.0, 1.0 if for_side else q, alpha)
         out[i] = replace(v, p_adj=float(q), raw_verdict=v.verdict, verdict=decided)
@@ -86,17 +78,15 @@ def seeds(df: pd.DataFrame, **eq) -> np.ndarray:
 def paired_seeds(a: pd.DataFrame, b: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Per-seed values of ``a`` and ``b`` on the seeds both have, aligned by seed (a paired design:
     seed s of ``a`` and of ``b`` share a model or a parent)."""
-    sa, sb = (d.groupby("seed")["value"].mean() if len(d) else pd.Series(dtype=float) for d in (a, b))
-    common = sa.index.intersection(sb.index).sort_values()
-    return sa[common].to_numpy(dtype=float), sb[common].to_numpy(dtype=float)
+    both = pd.concat([d.groupby("seed")["value"].mean() for d in (a, b)], axis=1, join="inner").sort_index()
+    return both.iloc[:, 0].to_numpy(dtype=float), both.iloc[:, 1].to_numpy(dtype=float)
 
 
 def pct(v: Sequence[float]) -> str:
     v = np.asarray(v, dtype=float)
     if v.size == 0:
         return "missing"
-    sd = v.std(ddof=1) if v.size > 1 else 0.0
-    return f"{100 * v.mean():.1f} ± {100 * sd:.1f}% (n={v.size})"
+    return f"{100 * v.mean():.1f} ± {100 * (v.std(ddof=1) if v.size > 1 else 0.0):.1f}% (n={v.size})"
 
 
 def floor(df: pd.DataFrame, metric: str, dataset: str, n=None) -> float:
@@ -106,26 +96,22 @@ def floor(df: pd.DataFrame, metric: str, dataset: str, n=None) -> float:
     return float(d["value"].mean()) if len(d) else math.nan
 
 
-def below(values: Sequence[float], base: float) -> bool:
-    v = np.asarray(values, dtype=float)
-    return bool(v.size and not math.isnan(base) and v.mean() < base)
-
-
 def below_flag(floors: dict[str, tuple[np.ndarray, float]]) -> str:
     """"below the pixel baseline: <model> <mean> vs pixels <base>; ..." for the models under their floor."""
-    low = [name for name, (v, base) in floors.items() if below(v, base)]
+    low = [name for name, (v, base) in floors.items() if np.size(v) and not math.isnan(base) and np.mean(v) < base]
     if not low:
         return ""
     return f"{BELOW}: " + "; ".join(f"{n} {pct(floors[n][0])} vs pixels {100 * floors[n][1]:.1f}%" for n in low)
 
 
-def _judge(comparisons: dict[str, stats.Comparison], floors: dict[str, tuple[np.ndarray, float]]) -> tuple[str, str, dict]:
-    """(raw verdict, evidence text, Verdict fields: p_for, p_against, flag) for a claim made of named
-    comparisons (`stats.claim_p`), flagged where a model is below its pixel baseline."""
-    ev = "; ".join(f"{name}: {c.text()}" for name, c in comparisons.items())
+def _judge(claim: str, src: str, comparisons: dict[str, stats.Comparison],
+           floors: dict[str, tuple[np.ndarray, float]], evidence: str = "") -> Verdict:
+    """The raw verdict on a claim made of named comparisons (`stats.claim_p`), its evidence (``evidence``,
+    then each comparison), flagged where a model is below its pixel baseline."""
     p_for, p_against = stats.claim_p(comparisons.values())
     verdict = stats.decide(p_for, p_against) if comparisons else "not run"
-    return verdict, ev, dict(p_for=p_for, p_against=p_against, flag=below_flag(floors))
+    ev = evidence + "; ".join(f"{name}: {c.text()}" for name, c in comparisons.items())
+    return Verdict(claim, src, verdict, ev, p_for, p_against, below_flag(floors))
 
 
 # --------------------------------------------------------------------------------------- scaling
@@ -141,40 +127,34 @@ def _main_model(d: pd.DataFrame, family: str) -> str | None:
 
 
 def scaling_verdicts(df: pd.DataFrame) -> list[Verdict]:
-    out = []
-    src = "[P] §4.3, Fig. 3/4"
-    models = select(df, stage="pretrain")
-    if models.empty:
+    out, src = [], "[P] §4.3, Fig. 3/4"
+    if select(df, stage="pretrain").empty:
         return [Verdict("ResNets beat ViT at the smallest pre-training set", src, "not run", "")]
     for metric, stage, label in (("fewshot5", "pretrain", "5-shot linear"), ("top1", "finetune", "fine-tuned top-1")):
         d = select(df, metric=metric, stage=stage)
         if d.empty:
             continue
-        dataset = d.dataset.iloc[0]
         sizes = sorted(d.upstream_examples.dropna().unique())
         vit, res = _main_model(d, "ViT"), _main_model(d, "ResNet")
         if not sizes or vit is None or res is None:
             continue
         small, large = sizes[0], sizes[-1]
-        base = lambda n: floor(df, metric, dataset, n if metric == "fewshot5" else None)  # noqa: E731
+        base = lambda n: floor(df, metric, d.dataset.iloc[0], n if metric == "fewshot5" else None)  # noqa: E731
         v_s, r_s = seeds(d, model=vit, upstream_examples=small), seeds(d, model=res, upstream_examples=small)
         v_l, r_l = seeds(d, model=vit, upstream_examples=large), seeds(d, model=res, upstream_examples=large)
-        verdict, ev, kw = _judge({f"{res} - {vit} at {int(small)}": stats.beats(r_s, v_s)},
-                                 {f"{vit} at {int(small)}": (v_s, base(small)), f"{res} at {int(small)}": (r_s, base(small))})
-        out.append(Verdict(f"ResNets beat ViT at the smallest pre-training set ({label})", src, verdict,
-                           f"{res} {pct(r_s)} vs {vit} {pct(v_s)}; {ev}", **kw))
+        out.append(_judge(f"ResNets beat ViT at the smallest pre-training set ({label})", src,
+                          {f"{res} - {vit} at {int(small)}": stats.beats(r_s, v_s)},
+                          {f"{vit} at {int(small)}": (v_s, base(small)), f"{res} at {int(small)}": (r_s, base(small))},
+                          f"{res} {pct(r_s)} vs {vit} {pct(v_s)}; "))
         if min(len(v_s), len(v_l), len(r_s), len(r_l)) == 0:
             continue
         # four independent groups (seed i at 1.8k and at 55k are different runs): the interaction contrast
-        verdict, ev, kw = _judge({"(ViT gain) - (ResNet gain)": stats.interaction(v_l, v_s, r_l, r_s)},
-                                 {f"{vit} at {int(large)}": (v_l, base(large)), f"{res} at {int(large)}": (r_l, base(large))})
-        out.append(Verdict(f"ViT gains more from more pre-training data than ResNets ({label})", src, verdict,
-                           f"{int(small)} -> {int(large)} examples: {vit} {100 * (v_l.mean() - v_s.mean()):+.1f} pp, "
-                           f"{res} {100 * (r_l.mean() - r_s.mean()):+.1f} pp; {ev}", **kw))
-    out += _larger_vit_verdict(df)
-    out += _hybrid_verdict(df)
-    out += _compute_verdict(df)
-    return out
+        out.append(_judge(f"ViT gains more from more pre-training data than ResNets ({label})", src,
+                          {"(ViT gain) - (ResNet gain)": stats.interaction(v_l, v_s, r_l, r_s)},
+                          {f"{vit} at {int(large)}": (v_l, base(large)), f"{res} at {int(large)}": (r_l, base(large))},
+                          f"{int(small)} -> {int(large)} examples: {vit} {100 * (v_l.mean() - v_s.mean()):+.1f} pp, "
+                          f"{res} {100 * (r_l.mean() - r_s.mean()):+.1f} pp; "))
+    return out + _larger_vit_verdict(df) + _hybrid_verdict(df) + _compute_verdict(df)
 
 
 def _larger_vit_verdict(df: pd.DataFrame) -> list[Verdict]:
@@ -198,12 +178,11 @@ def _larger_vit_verdict(df: pd.DataFrame) -> list[Verdict]:
     smaller, larger = sorted((a, b), key=lambda m: (cost[m], m))
     g = {(m, n): seeds(d, model=m, upstream_examples=n) for m in (smaller, larger) for n in (lo, hi)}
     base = {n: floor(df, "fewshot5", d.dataset.iloc[0], n) for n in (lo, hi)}
-    verdict, ev, kw = _judge({f"({larger} gain) - ({smaller} gain)": stats.interaction(
-        g[larger, hi], g[larger, lo], g[smaller, hi], g[smaller, lo])},
-        {f"{m} at {int(n)}": (g[m, n], base[n]) for m in (smaller, larger) for n in (lo, hi)})
     means = ", ".join(f"{m} at {int(n)} {pct(g[m, n])}" for m in (smaller, larger) for n in (lo, hi))
     ratio = f" ({larger} {cost[larger] / cost[smaller]:.1f}x the compute)" if cost[smaller] > 0 else ""
-    return [Verdict(claim, src, verdict, f"{means}{ratio}; {ev}", **kw)]
+    return [_judge(claim, src, {f"({larger} gain) - ({smaller} gain)": stats.interaction(
+        g[larger, hi], g[larger, lo], g[smaller, hi], g[smaller, lo])},
+        {f"{m} at {int(n)}": (g[m, n], base[n]) for m in (smaller, larger) for n in (lo, hi)}, f"{means}{ratio}; ")]
 
 
 def _hybrid_verdict(df: pd.DataFrame) -> list[Verdict]:
@@ -218,9 +197,9 @@ def _hybrid_verdict(df: pd.DataFrame) -> list[Verdict]:
     n = min(set(select(d, model=hyb).upstream_examples.dropna()) & set(select(d, model=vit).upstream_examples.dropna()))
     h, v = seeds(d, model=hyb, upstream_examples=n), seeds(d, model=vit, upstream_examples=n)
     base = floor(df, "fewshot5", d.dataset.iloc[0], n)
-    verdict, ev, kw = _judge({f"{hyb} - {vit} at {int(n)}": stats.beats(h, v)},
-                             {f"{hyb} at {int(n)}": (h, base), f"{vit} at {int(n)}": (v, base)})
-    return [Verdict(claim, src, verdict, f"{hyb} {pct(h)} vs {vit} {pct(v)}; {ev}", **kw)]
+    return [_judge(claim, src, {f"{hyb} - {vit} at {int(n)}": stats.beats(h, v)},
+                   {f"{hyb} at {int(n)}": (h, base), f"{vit} at {int(n)}": (v, base)},
+                   f"{hyb} {pct(h)} vs {vit} {pct(v)}; ")]
 
 
 def gap_table(df: pd.DataFrame, metric: str = "fewshot5", stage: str = "pretrain") -> pd.DataFrame:
@@ -253,10 +232,7 @@ def _compute_verdict(df: pd.DataFrame) -> list[Verdict]:
         return []
     r, v = res.sort_values("acc").iloc[-1], vit.sort_values("acc").iloc[-1]
     c = stats.beats(seeds(d, model=r.model), seeds(d, model=v.model))
-    if c.p_for is None:
-        p_for = p_against = None
-    else:
-        p_for, p_against = (c.p_against, 1.0) if v.flops < r.flops else (1.0, c.p_for)
+    p_for, p_against = (None, None) if c.p_for is None else (c.p_against, 1.0) if v.flops < r.flops else (1.0, c.p_for)
     verdict = stats.decide(p_for, p_against)
     return [Verdict("ViT reaches ResNet performance with less pre-training compute (5-shot linear)", "[P] §4.4, Fig. 5",
                     verdict, f"{r.model} {100 * r.acc:.1f}% at {r.flops:.2e} FLOPs; {v.model} {100 * v.acc:.1f}% at "
@@ -266,41 +242,32 @@ def _compute_verdict(df: pd.DataFrame) -> list[Verdict]:
 
 # ----------------------------------------------------------------------------- position embeddings
 def position_embedding_verdicts(df: pd.DataFrame) -> list[Verdict]:
-    src = "[P] App. D.4, Table 8"
-    out = []
-    grid = table8_runs(df)
+    out, src = [], "[P] App. D.4, Table 8"
     for metric, label in (("fewshot5", "5-shot linear"), ("top1", "top-1")):
-        d = select(grid, metric=metric)
+        d = select(table8_runs(df), metric=metric)
         if d.empty:
             continue
-        dataset = d.dataset.iloc[0]
         n = d.upstream_examples.dropna().iloc[0] if d.upstream_examples.notna().any() else None
-        base = floor(df, metric, dataset, n if metric == "top1" else None)
+        base = floor(df, metric, d.dataset.iloc[0], n if metric == "top1" else None)
         none = seeds(d, pos_embed="none")
-        kinds = {k: seeds(d, pos_embed=k, pos_embed_at="stem") for k in ("1d", "2d", "relative")}
-        kinds = {k: v for k, v in kinds.items() if v.size}
+        kinds = {k: v for k in ("1d", "2d", "relative") if (v := seeds(d, pos_embed=k, pos_embed_at="stem")).size}
         if not none.size or not kinds:
             continue
         floors = {f"{k}": (v, base) for k, v in kinds.items()}
-        verdict, ev, kw = _judge({f"{k} - none": stats.beats(v, none) for k, v in kinds.items()}, floors)
-        out.append(Verdict(f"No position embedding is worse than 1-D, 2-D and relative ({label})", src, verdict,
-                           f"none {pct(none)}; " + "; ".join(f"{k} {pct(v)}" for k, v in kinds.items()) + f". {ev}", **kw))
-        names = list(kinds)
-        pairs = {f"{a} vs {b}": stats.alike(kinds[a], kinds[b]) for i, a in enumerate(names) for b in names[i + 1:]}
-        verdict, ev, kw = _judge(pairs, floors)
-        out.append(Verdict(f"1-D, 2-D and relative embeddings are alike within ±1 pp ({label})", src, verdict, ev, **kw))
+        out.append(_judge(f"No position embedding is worse than 1-D, 2-D and relative ({label})", src,
+                          {f"{k} - none": stats.beats(v, none) for k, v in kinds.items()}, floors,
+                          f"none {pct(none)}; " + "; ".join(f"{k} {pct(v)}" for k, v in kinds.items()) + ". "))
+        pairs = {f"{a} vs {b}": stats.alike(kinds[a], kinds[b]) for a, b in combinations(kinds, 2)}
+        out.append(_judge(f"1-D, 2-D and relative embeddings are alike within ±1 pp ({label})", src, pairs, floors))
         places = {}
         for k in ("1d", "2d"):
-            at = {a: seeds(d, pos_embed=k, pos_embed_at=a) for a in ("stem", "every_layer", "every_layer_shared")}
-            at = {a: v for a, v in at.items() if v.size}
-            ats = list(at)
-            places.update({f"{k} {a} vs {b}": stats.alike(at[a], at[b]) for i, a in enumerate(ats) for b in ats[i + 1:]})
+            at = {a: v for a in ("stem", "every_layer", "every_layer_shared")
+                  if (v := seeds(d, pos_embed=k, pos_embed_at=a)).size}
+            places.update({f"{k} {a} vs {b}": stats.alike(at[a], at[b]) for a, b in combinations(at, 2)})
         if places:
-            verdict, ev, kw = _judge(places, floors)
-            out.append(Verdict(f"Stem, every-layer and shared every-layer injection are alike within ±1 pp ({label})",
-                               src, verdict, ev, **kw))
-    out += _pooling_verdict(df)
-    return out
+            out.append(_judge(f"Stem, every-layer and shared every-layer injection are alike within ±1 pp ({label})",
+                              src, places, floors))
+    return out + _pooling_verdict(df)
 
 
 def _pooling_verdict(df: pd.DataFrame) -> list[Verdict]:
@@ -308,8 +275,7 @@ def _pooling_verdict(df: pd.DataFrame) -> list[Verdict]:
     accuracy, then compared on the 5-shot probe and on test top-1."""
     from .experiments.select import best
 
-    d = pooling_runs(df) if "pool" in df else None
-    if d is None or d.pool.nunique() < 2:
+    if "pool" not in df or (d := pooling_runs(df)).pool.nunique() < 2:
         return []
     chosen = {}
     for pool, g in d.groupby("pool"):
@@ -326,14 +292,14 @@ def _pooling_verdict(df: pd.DataFrame) -> list[Verdict]:
     for metric, label in (("fewshot5", "5-shot linear"), ("top1", "top-1")):
         values = {pool: seeds(g, metric=metric, lr=chosen[pool]) for pool, g in d.groupby("pool")}
         base = floor(df, metric, d.dataset.iloc[0], n if metric == "top1" else None)
-        verdict, ev, kw = _judge({"token vs GAP": stats.alike(values["token"], values["gap"])},
-                                 {p: (v, base) for p, v in values.items()})
-        if edge:  # a rate at the end of its grid: the optimum may lie beyond it, "its own rate" is not established
-            kw["flag"] = "; ".join(x for x in (kw["flag"], edge) if x)
-        out.append(Verdict(f"Class token and GAP work alike within ±1 pp, each at its own learning rate ({label})",
-                           "[P] App. D.3, Fig. 9", verdict,
-                           f"token (lr {chosen['token']:g}, chosen on validation) {pct(values['token'])}; "
-                           f"GAP (lr {chosen['gap']:g}) {pct(values['gap'])}; {ev}", **kw))
+        v = _judge(f"Class token and GAP work alike within ±1 pp, each at its own learning rate ({label})",
+                   "[P] App. D.3, Fig. 9", {"token vs GAP": stats.alike(values["token"], values["gap"])},
+                   {p: (v, base) for p, v in values.items()},
+                   f"token (lr {chosen['token']:g}, chosen on validation) {pct(values['token'])}; "
+                   f"GAP (lr {chosen['gap']:g}) {pct(values['gap'])}; ")
+        # a rate at the end of its grid: the optimum may lie beyond it, "its own rate" is not established
+        v.flag = "; ".join(x for x in (v.flag, edge) if x)
+        out.append(v)
     return out
 
 
@@ -344,8 +310,7 @@ def transfer_verdicts(df: pd.DataFrame) -> list[Verdict]:
     if d.empty:
         return out
     native = d[~d.upstream.astype(str).str.contains(" px")]
-    sizes = native.upstream_examples.fillna(-1)
-    native = native.assign(n=sizes)
+    native = native.assign(n=native.upstream_examples.fillna(-1))
     img = int(native.img_size.mode().iloc[0]) if len(native) else None
     if native.n.nunique() >= 2:  # one verdict per downstream set, as Table 5 compares the rows per dataset
         small, large = sorted(native.n.unique())[0], -1 if (native.n == -1).any() else sorted(native.n.unique())[-1]
@@ -357,12 +322,9 @@ def transfer_verdicts(df: pd.DataFrame) -> list[Verdict]:
                     comps[f"{model} on {ds}"] = stats.beats(a, b)
                     floors[f"{model} on {ds}"] = (b, floor(df, "top1", ds))
             if comps:
-                verdict, ev, kw = _judge(comps, floors)
-                out.append(Verdict(f"Pre-training on the larger upstream set transfers better (ImageNet -> ImageNet-21k "
-                                   f"rows; downstream {ds})", "[P] §4.2, Table 5", verdict, ev, **kw))
-    out += _resolution_verdicts(df, d)
-    out += _scratch_verdicts(df, d)
-    return out
+                out.append(_judge(f"Pre-training on the larger upstream set transfers better (ImageNet -> ImageNet-21k "
+                                  f"rows; downstream {ds})", "[P] §4.2, Table 5", comps, floors))
+    return out + _resolution_verdicts(df, d) + _scratch_verdicts(df, d)
 
 
 REAL_PIXELS, UPSAMPLED = "real extra pixels", "upsampled images: more tokens, no new information"
@@ -385,11 +347,12 @@ def _resolution_verdicts(df: pd.DataFrame, d: pd.DataFrame) -> list[Verdict]:
                 continue
             kind = REAL_PIXELS if low_pre else UPSAMPLED
             kinds.add(kind)
-            verdict, ev, kw = _judge({f"{int(hi)} px - {int(lo)} px": stats.beats(a, b, paired=True)},
-                                 {f"{int(lo)} px": (b, floor(df, "top1", ds))})
-            out.append(Verdict(f"Fine-tuning at a higher resolution than pre-training helps ({kind})", src, verdict,
-                               f"{model} pre-trained on {upstream}" + ("" if low_pre else f" ({int(sub.upstream_examples.max())})") +
-                               f", fine-tuned on {ds}: {int(lo)} px {pct(b)} -> {int(hi)} px {pct(a)}; {ev}", **kw))
+            out.append(_judge(f"Fine-tuning at a higher resolution than pre-training helps ({kind})", src,
+                              {f"{int(hi)} px - {int(lo)} px": stats.beats(a, b, paired=True)},
+                              {f"{int(lo)} px": (b, floor(df, "top1", ds))},
+                              f"{model} pre-trained on {upstream}"
+                              + ("" if low_pre else f" ({int(sub.upstream_examples.max())})")
+                              + f", fine-tuned on {ds}: {int(lo)} px {pct(b)} -> {int(hi)} px {pct(a)}; "))
     if kinds == {REAL_PIXELS}:  # the cpu profile: no upsampled control
         out.append(Verdict(f"Fine-tuning at a higher resolution than pre-training helps ({UPSAMPLED})", src, "not run",
                            "the cpu profile fine-tunes at a higher resolution only with real extra pixels; the control "
@@ -415,9 +378,8 @@ def _scratch_verdicts(df: pd.DataFrame, d: pd.DataFrame) -> list[Verdict]:
                 comps[f"{model} on {ds} vs scratch {up}"] = stats.beats(a, b)
                 floors[f"{model} on {ds}"] = (a, floor(df, "top1", ds))
         if comps:
-            verdict, ev, kw = _judge(comps, floors)
-            out.append(Verdict(f"Pre-training (on the larger upstream set) beats training from scratch (downstream {ds})",
-                               "[P] §4.2, Table 2/5", verdict, ev, **kw))
+            claim = f"Pre-training (on the larger upstream set) beats training from scratch (downstream {ds})"
+            out.append(_judge(claim, "[P] §4.2, Table 2/5", comps, floors))
     return out
 
 
@@ -443,10 +405,9 @@ def attention_verdicts(df: pd.DataFrame) -> list[Verdict]:
         low = d[d.layer == first].groupby(["seed", "head"])["value"].mean()
         local = low.groupby("seed").min() < 0.75 * u
         wide = low.groupby("seed").max() > 0.9 * u
-        both = bool((local & wide).all())
         # a rule on every seed, not a test: no p, outside the correction
         out.append(Verdict("In the lowest layer some heads attend locally, others globally", "[P] §4.5, Fig. 7 right",
-                           "reproduced" if both else "not reproduced",
+                           "reproduced" if (local & wide).all() else "not reproduced",
                            f"rule, no test: layer {int(first)} heads span {low.min():.1f}-{low.max():.1f} px; local = below "
                            f"75% of uniform ({0.75 * u:.1f} px), global = above 90% ({0.9 * u:.1f} px); "
                            f"both in {int((local & wide).sum())}/{len(local)} seeds", flag=flag))
@@ -461,11 +422,8 @@ def attention_verdicts(df: pd.DataFrame) -> list[Verdict]:
 
 
 VERDICTS: dict[str, Callable[[pd.DataFrame], list[Verdict]]] = {
-    "scaling": scaling_verdicts,
-    "position_embeddings": position_embedding_verdicts,
-    "transfer": transfer_verdicts,
-    "attention": attention_verdicts,
-}
+    "scaling": scaling_verdicts, "position_embeddings": position_embedding_verdicts,
+    "transfer": transfer_verdicts, "attention": attention_verdicts}
 
 
 # ----------------------------------------------------------------- every pair of what a user trained
@@ -496,8 +454,7 @@ def pair_verdict(a: np.ndarray, b: np.ndarray, names: tuple[str, str], base: flo
 def pairwise(groups: dict[str, np.ndarray], base: float = math.nan) -> pd.DataFrame:
     """Every pair of the named per-seed value arrays, in the order given (`pair_verdict` per row)."""
     names = [k for k, v in groups.items() if np.asarray(v).size]
-    return pd.DataFrame([pair_verdict(groups[a], groups[b], (a, b), base)
-                         for i, a in enumerate(names) for b in names[i + 1:]])
+    return pd.DataFrame([pair_verdict(groups[a], groups[b], (a, b), base) for a, b in combinations(names, 2)])
 
 
 def position_embedding_pairs(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -531,11 +488,11 @@ def scaling_pairs(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             groups = {m: seeds(at, model=m) for m in sorted(at.model.unique(), key=_model_order)}
             t = pairwise(groups, base)
             if len(t):
-                rows.append(t.assign(**{"pre-training examples": f"{int(n):,}"}))
+                t.insert(0, "pre-training examples", f"{int(n):,}")
+                rows.append(t)
         if rows:
-            t = pd.concat(rows, ignore_index=True)
             out[f"Every pair of the models trained, per pre-training size: {label} (A - B, 90% interval, verdict)"] = \
-                t[["pre-training examples"] + [c for c in t.columns if c != "pre-training examples"]]
+                pd.concat(rows, ignore_index=True)
     return out
 
 

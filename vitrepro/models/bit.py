@@ -1,12 +1,8 @@
 """BiT ResNets (Kolesnikov et al. 2020): the paper's CNN baseline, "ResNet (BiT)".
 
-BatchNorm is replaced by GroupNorm and every convolution is weight-standardised (StdConv). We reuse
-timm's ResNetV2 for the body (it is exactly the BiT architecture: pre-activation bottlenecks, GroupNorm(32),
-StdConv2d with eps 1e-8, the "fixed" SAME-padding stem) and only add the suite's interface on top:
-`forward_features -> (B, F)`, a plain Linear classifier (instead of timm's 1x1-conv head) and `reset_head`.
-
-Parameter names are timm's (`stem.conv`, `stages.i.blocks.j.conv1`, `norm`), except the classifier
-`head.weight` (C, F) where timm stores `head.fc.weight` (C, F, 1, 1); weights.py converts.
+timm's ResNetV2 is exactly the BiT architecture (pre-activation bottlenecks, GroupNorm(32), weight-standardised
+convs with eps 1e-8, the "fixed" stem); we add the suite's interface (`forward_features -> (B, F)`,
+`reset_head`) and a Linear classifier `head` where timm has the 1x1-conv `head.fc` (weights.py converts).
 """
 
 from __future__ import annotations
@@ -22,43 +18,30 @@ from timm.layers import StdConv2dSame as _TimmStdConv2dSame
 from timm.layers.padding import pad_same
 from timm.models.resnetv2 import ResNetV2
 
-from .vit import PreLogits, replace_head, zero_linear
+from .vit import make_head, replace_head
 
 RESNET_OPTIONS = ("img_size", "in_chans", "num_classes", "head", "representation_size", "drop_rate",
                   "drop_path_rate")
 STAGE_CHANNELS = (256, 512, 1024, 2048)  # bottleneck output channels per stage at width 1
-
-
 _REDUCED = (torch.bfloat16, torch.float16)
 
 
 def _cpu_reduced_precision(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a conv of `x` runs a reduced-precision (oneDNN bf16/fp16) kernel on the CPU."""
-    if x.device.type != "cpu":
-        return False
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in _REDUCED:
-        return True
-    return x.dtype in _REDUCED or weight.dtype in _REDUCED
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in _REDUCED
+    return x.device.type == "cpu" and (autocast or x.dtype in _REDUCED or weight.dtype in _REDUCED)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int) -> torch.Tensor:
     """``F.conv2d``, routed around a oneDNN bug in CPU bf16 weight gradients (torch 2.x, AVX512-BF16/AMX).
 
-    The bug: when, along an axis, the stride is larger than the number of kernel positions
-    (``n + 2*pad - dilation*(k-1) < stride``; e.g. a 3x3/2 conv, pad 1, on a 1x1 map: BiT stage 3 at
-    <= 16 px, stages 2-3 at 8 px), oneDNN's bf16 backward-weights kernel leaves the gradient of the
-    kernel taps that only ever see padding uninitialised instead of 0: whatever the heap held, often
-    NaN/inf or 1e14, different from run to run (it is why bf16 BiT runs were not repeatable and the 8 px
-    smoke run went NaN in ``stages.{2,3}.blocks.0.conv2``). Forward and input gradients are right; fp32
-    is unaffected.
-
-    The work-around is exact: an axis with a single output position (``n + 2*pad - dilation*(k-1) <=
-    stride``) never moves the kernel, so its stride is set to 1 and the input positions that the one
-    window never reaches are cropped; the padding of such a conv is applied explicitly (``F.pad``, then a
-    conv without padding; with the conv's own padding oneDNN still misses taps when the other axis is
-    over-padded). Same windows, same products, same output; the buggy kernel is never chosen. Only CPU
-    reduced-precision convs with a single-position axis are touched (tiny feature maps); all others,
-    fp32 and CUDA keep the plain call.
+    Where along an axis the stride exceeds the kernel positions (``n + 2*pad - dilation*(k-1) < stride``, e.g.
+    a 3x3/2 conv on a 1x1 map: BiT stage 3 at <= 16 px), oneDNN's bf16 backward-weights kernel leaves the
+    gradient of the taps that only see padding uninitialised (heap garbage, often NaN: unrepeatable bf16 BiT
+    runs). The work-around is exact: an axis with a single output position never moves the kernel, so its
+    stride becomes 1, the positions its one window never reaches are cropped and the padding is applied
+    explicitly (with the conv's own padding oneDNN still misses taps). Only those CPU reduced-precision convs
+    are touched; fp32 and CUDA keep the plain call.
     """
     if isinstance(padding, str) or not _cpu_reduced_precision(x, weight):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
@@ -103,23 +86,12 @@ def group_norm(width: float):
     return partial(GroupNormAct, num_groups=groups)
 
 
-def resnetv2_body(blocks, width: float, in_chans: int, preact: bool, same_padding: bool,
-                  drop_path_rate: float = 0.0) -> ResNetV2:
-    """A timm ResNetV2 without classifier, for `blocks` bottlenecks per stage (1 to 4 stages)."""
-    return ResNetV2(
-        layers=list(blocks),
-        channels=STAGE_CHANNELS[: len(blocks)],
-        num_classes=0,
-        in_chans=in_chans,
-        global_pool="",
-        width_factor=width,
-        # BiT: 'fixed' stem (pad 1 + max-pool). ViT hybrid (vit_jax): TF 'SAME' padding everywhere.
-        stem_type="same" if same_padding else "fixed",
-        preact=preact,
-        conv_layer=partial(StdConv2dSame if same_padding else StdConv2d, eps=1e-8),
-        norm_layer=group_norm(width),
-        drop_path_rate=drop_path_rate,
-    )
+def resnetv2_body(blocks, width: float, in_chans: int) -> ResNetV2:
+    """The ViT hybrid's backbone as vit_jax builds it: a timm ResNetV2 without pre-activation or classifier,
+    TF 'SAME' padding everywhere, `blocks` bottlenecks per stage (1 to 4 stages)."""
+    return ResNetV2(layers=list(blocks), channels=STAGE_CHANNELS[: len(blocks)], num_classes=0, in_chans=in_chans,
+                    global_pool="", width_factor=width, stem_type="same", preact=False,
+                    conv_layer=partial(StdConv2dSame, eps=1e-8), norm_layer=group_norm(width))
 
 
 class BiTResNet(ResNetV2):
@@ -137,23 +109,11 @@ class BiTResNet(ResNetV2):
             drop_rate=drop_rate, drop_path_rate=drop_path_rate)
         self.name, self.img_size, self.num_classes, self.head_kind = name, img_size, num_classes, head
         self.body_features = self.num_features  # channels of the final feature map
-        if head == "mlp":
-            self.pre_logits = PreLogits(self.body_features, representation_size or self.body_features)
-            self.num_features = representation_size or self.body_features
-        else:
-            if representation_size is not None:
-                raise ValueError("representation_size is only used with head='mlp'")
-            self.pre_logits = nn.Identity()
-        self.head_drop = nn.Dropout(drop_rate)
-        # BiT zero-initialises its classifier as well (bit_pytorch: head conv weight zeros).
-        self.head = zero_linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> final (pre-activation-normalised) feature map (B, F, H/32, W/32)."""
-        return super().forward_features(x)
+        # BiT zero-initialises its classifier too (bit_pytorch: head conv weight zeros)
+        make_head(self, self.body_features, head, representation_size, num_classes, drop_rate)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pre_logits(self.feature_map(x).mean(dim=(2, 3)))  # (B, num_features)
+        return self.pre_logits(super().forward_features(x).mean(dim=(2, 3)))  # (B, num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_drop(self.forward_features(x)))  # (B, num_classes)

@@ -23,14 +23,10 @@ def _conv(conv: nn.Conv2d, h: int, w: int) -> int:
 
 
 def _resnet_body(body, img_size: int) -> tuple[int, int]:
-    """FLOPs of a timm ResNetV2 stem + stages; returns (flops, final spatial size).
-
-    Every stride-s layer here (7x7/2 stem conv, 3x3/2 max-pool, 3x3/2 and 1x1/2 convs) uses SAME-like
-    padding, so a stride-s layer maps size h to ceil(h / s).
-    """
-    total = 0
+    """(FLOPs, final spatial size) of a timm ResNetV2 stem + stages; every stride-s layer here pads SAME-like,
+    mapping size h to ceil(h / s)."""
     h = math.ceil(img_size / 2)  # stem conv, stride 2
-    total += _conv(body.stem.conv, h, h)
+    total = _conv(body.stem.conv, h, h)
     h = math.ceil(h / 2)  # stem max-pool
     for stage in body.stages:
         for block in stage.blocks:
@@ -49,10 +45,9 @@ def _vit(model: VisionTransformer, img_size: int, executed: bool = False) -> int
     stem = model.patch_embed
     if isinstance(stem, HybridEmbed):
         total, g = _resnet_body(stem.backbone, img_size)
-        total += _conv(stem.proj, g, g)
     else:
-        g = img_size // stem.patch_size
-        total = _conv(stem.proj, g, g)
+        total, g = 0, img_size // stem.patch_size
+    total += _conv(stem.proj, g, g)
     n = g * g + model.num_prefix  # sequence length
     d, heads = model.dim, model.num_heads
     mlp = model.blocks[0].mlp.fc1.out_features
@@ -74,20 +69,13 @@ def _vit(model: VisionTransformer, img_size: int, executed: bool = False) -> int
 
 
 def _head(model) -> int:
-    total = 0
-    if isinstance(getattr(model, "pre_logits", None), nn.Module) and hasattr(model.pre_logits, "fc"):
-        total += 2 * model.pre_logits.fc.in_features * model.pre_logits.fc.out_features
-    if isinstance(model.head, nn.Linear):
-        total += 2 * model.head.in_features * model.head.out_features
-    return total
+    layers = (getattr(model.pre_logits, "fc", None), model.head)  # the tanh layer, the classifier
+    return sum(2 * m.in_features * m.out_features for m in layers if isinstance(m, nn.Linear))
 
 
 def flops(model: nn.Module, img_size: int | None = None, executed: bool = False) -> int:
-    """Forward FLOPs for one image at `img_size` (default: the model's own img_size).
-
-    By default the architecture's FLOPs, every token through every layer, as the paper counts them
-    (Fig. 5's compute axis). executed=True: what the forward pass actually computes, which for a
-    token-pooled ViT is less (its last block runs for the class token only)."""
+    """Forward FLOPs for one image at `img_size` (default: the model's): the architecture's, as the paper
+    counts them (Fig. 5), or with executed=True what the forward pass runs (less for a token-pooled ViT)."""
     img_size = img_size or model.img_size
     if isinstance(model, VisionTransformer):
         return int(_vit(model, img_size, executed))

@@ -1,12 +1,8 @@
 """Hybrid ViT (Section 3.1): the input sequence is a ResNet feature map, with "patch size 1".
 
-R50+ViT-B/16 (paper option ii, vit_jax `R50+ViT-B_16`, timm `vit_base_r50_s16_224`): a BiT-style
-ResNet-50 whose stage 4 is removed and its blocks added to stage 3, i.e. blocks (3, 4, 9), total
-stride 16. R50+ViT-B/32 (option i): the regular 4-stage R50, stride 32. Other strides: registry.py.
-
-The backbone follows vit_jax's hybrid exactly as timm does: ResNetV2 *without* pre-activation
-(conv -> GroupNorm -> ReLU bottlenecks), StdConv with TF "SAME" padding, GroupNorm(32).
-Parameter names match timm: `patch_embed.backbone.*`, `patch_embed.proj`.
+R50+ViT-B/16 (timm `vit_base_r50_s16_224`) has blocks (3, 4, 9) at total stride 16; the stage cut of other
+strides: registry.py. The backbone is vit_jax's (`bit.resnetv2_body`); parameter names match timm's
+(`patch_embed.backbone.*`, `patch_embed.proj`).
 """
 
 from __future__ import annotations
@@ -25,10 +21,10 @@ class HybridEmbed(nn.Module):
     def __init__(self, blocks, width: float, stride: int, img_size: int, in_chans: int, dim: int):
         super().__init__()
         self.stride = stride
-        self.backbone = resnetv2_body(blocks, width, in_chans, preact=False, same_padding=True)
-        feat = self.backbone.num_features
+        self.backbone = resnetv2_body(blocks, width, in_chans)
         self.grid_size = (img_size // stride, img_size // stride)
-        self.proj = nn.Conv2d(feat, dim, kernel_size=1, stride=1)  # patch size 1 on the feature map
+        # patch size 1 on the feature map
+        self.proj = nn.Conv2d(self.backbone.num_features, dim, kernel_size=1, stride=1)
 
     def set_img_size(self, img_size: int) -> None:
         self.grid_size = (img_size // self.stride, img_size // self.stride)

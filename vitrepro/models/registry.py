@@ -1,26 +1,20 @@
-"""Model names: the variant table and the name grammar.
+"""Model names (the paper's Table 1 and Section 4; the grammar: docs/design.md) and the variant table.
 
-Names follow the paper (Table 1 and Section 4):
-
-    ViT-{size}/{patch}                 plain ViT, e.g. ViT-B/16, ViT-L/32, ViT-H/14, ViT-B/4
-    R{depth}x{width}+ViT-{size}/{s}    hybrid: BiT-style ResNet stem, then ViT on its feature map with
-                                       patch size 1; s is the *total* stride of the ResNet stem
+    ViT-{size}/{patch}                 plain ViT, e.g. ViT-B/16
+    R{depth}x{width}+ViT-{size}/{s}    hybrid: ViT on a ResNet's feature map; s is the ResNet's *total* stride
     R50+ViT-B/16                       short form of R50x1+ViT-B/16 (the paper's hybrid)
-    BiT-R{depth}x{width}               BiT ResNet (GroupNorm + weight standardisation), e.g. BiT-R50x1
+    BiT-R{depth}x{width}               BiT ResNet, e.g. BiT-R50x1
 
-Hybrid stride grammar (the paper's Section 3.1 / App. D, generalised to small CPU hybrids).
-A ResNet has a stride-4 stem (conv stride 2 + max-pool stride 2) followed by 4 stages with strides
-1, 2, 2, 2, i.e. total strides 4, 8, 16, 32 after stages 1..4. For a requested total stride s we keep
-the first k stages (k = log2(s) - 1) and append the blocks of the removed stages to the last kept stage,
-so the total depth is unchanged:
+A hybrid of total stride s (Section 3.1, generalised to small CPU hybrids) keeps the first log2(s) - 1 of
+the ResNet's stages (strides 4, 8, 16, 32 after stages 1..4) and appends the removed stages' blocks to the
+last kept one, so the depth is unchanged:
 
     s = 32  -> stages (b1, b2, b3, b4)        paper option (i):  R50+ViT-B/32, blocks (3, 4, 6, 3)
     s = 16  -> stages (b1, b2, b3 + b4)       paper option (ii): R50+ViT-B/16, blocks (3, 4, 9)
     s = 8   -> stages (b1, b2 + b3 + b4)      CPU sizes, e.g. R26x0.25+ViT-Micro/8, blocks (2, 6)
     s = 4   -> stages (b1 + b2 + b3 + b4)     e.g. R14x0.25+ViT-Nano/4, blocks (4,)
 
-Fractional ResNet widths (x0.25, x0.5) are for CPU experiments; GroupNorm then uses proportionally
-fewer groups (32 * width) so every group keeps at least as many channels as in BiT-R50x1.
+Fractional ResNet widths (x0.25) are for CPU runs; GroupNorm then has 32 * width groups.
 """
 
 from __future__ import annotations
@@ -33,24 +27,13 @@ from dataclasses import dataclass
 # Ti/S/B/L/H: Table 1 of the paper (Ti and S from the AugReg configs in vit_jax/configs/models.py).
 # Nano/Micro/Mini: our small sizes for CPU runs (not in the paper).
 VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
-    "Nano": (64, 4, 256, 2),
-    "Micro": (128, 6, 512, 4),
-    "Mini": (192, 6, 768, 3),
-    "Ti": (192, 12, 768, 3),
-    "S": (384, 12, 1536, 6),
-    "B": (768, 12, 3072, 12),
-    "L": (1024, 24, 4096, 16),
-    "H": (1280, 32, 5120, 16),
-}
+    "Nano": (64, 4, 256, 2), "Micro": (128, 6, 512, 4), "Mini": (192, 6, 768, 3),
+    "Ti": (192, 12, 768, 3), "S": (384, 12, 1536, 6), "B": (768, 12, 3072, 12), "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16)}
 
 # ResNet depth -> blocks per stage (bottleneck blocks; depth = 3 * sum(blocks) + 2).
-RESNET_BLOCKS: dict[int, tuple[int, int, int, int]] = {
-    14: (1, 1, 1, 1),  # timm calls this layout resnet14t
-    26: (2, 2, 2, 2),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
-}
+RESNET_BLOCKS: dict[int, tuple[int, int, int, int]] = {  # 14: timm's resnet14t layout
+    14: (1, 1, 1, 1), 26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 # Every name the suite registers (list_models()). The grammar accepts more (any patch size, any
 # listed ResNet depth and width); these are the ones the experiments use and the tests exercise.
@@ -135,9 +118,7 @@ def _resnet_spec(name: str, depth: str, width: str | None) -> ResNetSpec:
 
 
 def hybrid_blocks(blocks: tuple[int, ...], stride: int) -> tuple[int, ...]:
-    """Blocks per stage for a ResNet cut to total stride `stride` (see module docstring)."""
-    if stride not in (4, 8, 16, 32):
-        raise ValueError(f"hybrid total stride must be one of 4, 8, 16, 32, got {stride}")
+    """Blocks per stage for a ResNet cut to total stride `stride` in (4, 8, 16, 32) (see module docstring)."""
     keep = int(math.log2(stride)) - 1  # number of stages kept
     return tuple(blocks[: keep - 1]) + (sum(blocks[keep - 1:]),)
 

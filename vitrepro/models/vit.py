@@ -16,6 +16,7 @@ Position-embedding variants (App. D.4, Table 8):
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -27,31 +28,19 @@ POS_EMBEDS = ("none", "1d", "2d", "relative")
 POS_EMBED_ATS = ("stem", "every_layer", "every_layer_shared")
 HEADS = ("mlp", "linear")
 
-# ----------------------------------------------------------------------------------------------------
-# Speed paths: one switch. The reference computation is the paper's: every token through every block,
-# attention by torch's fused scaled_dot_product_attention. With SPEED_PATHS on (the default) two measured
-# shortcuts compute the same numbers faster (benchmarks/README.md; commits ad448e2 and 809d610):
-#   1. attention on the CPU as explicit matmuls with an fp32 softmax (`attend`): torch's CPU flash-attention
-#      backward costs 2-11x more than three matmuls and a softmax at 17-197 tokens (fwd+bwd, bf16,
-#      (B, h, N, dh) = (128, 2, 17, 32): 8.39 -> 0.91 ms), 39% of a bf16 ViT-Nano/7 step. CUDA keeps the
-#      fused kernel either way.
+# Speed paths: the reference computation is the paper's (every token through every block, torch's fused
+# attention). SPEED_PATHS computes the same numbers faster on the CPU (measurements: benchmarks/README.md):
+#   1. attention as explicit matmuls with an fp32 softmax (`attend`): torch's CPU flash-attention backward
+#      costs 2-11x more at 17-197 tokens. CUDA keeps the fused kernel either way.
 #   2. with token pooling the last block runs for the class token only (`Block.forward_cls`; every token is
-#      still a key and a value): identical logits, 13-21% fewer executed FLOPs per step, and training speed
-#      relative to timm 0.97-1.06 -> 1.15-1.27 on the cpu-profile ViTs.
-# False gives the plain reference path (tests check that both give the same numbers). A model's own
-# `last_block_cls_only = False` turns off shortcut 2 for that model alone.
+#      still a key and a value): 13-21% fewer executed FLOPs per step on the cpu-profile ViTs. A model's
+#      `last_block_cls_only = False` turns this off for that model alone.
 SPEED_PATHS = True
 
 
 def resample_grid(table: torch.Tensor, new_hw: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resample a (gh, gw, D) grid of embeddings to new_hw.
-
-    Mirrors timm.layers.resample_abs_pos_embed(interpolation='bilinear', antialias=False), which calls
-    F.interpolate with align_corners=None (= False: pixel centres are aligned, corners are not).
-    The official vit_jax code uses scipy.ndimage.zoom(order=1), whose grid mode aligns the corner
-    samples instead (like align_corners=True); the two differ slightly near the border. We follow timm
-    so that our resized models match timm's numerically.
-    """
+    """Bilinearly resample a (gh, gw, D) grid of embeddings to new_hw, as timm's resample_abs_pos_embed does
+    (align_corners=False; vit_jax's scipy zoom aligns the corners instead): resized models match timm's."""
     gh, gw, d = table.shape
     if (gh, gw) == tuple(new_hw):
         return table
@@ -64,14 +53,9 @@ def resample_1d(table: torch.Tensor, new_len: int) -> torch.Tensor:
     """Linearly resample a (L, ...) table along its first axis (same convention as resample_grid)."""
     if table.shape[0] == new_len:
         return table
-    rest = table.shape[1:]
     x = table.float().reshape(table.shape[0], -1).t().unsqueeze(0)  # (1, C, L)
     x = F.interpolate(x, size=new_len, mode="linear", align_corners=False)
-    return x[0].t().reshape(new_len, *rest).to(table.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Stem: image -> patch tokens
+    return x[0].t().reshape(new_len, *table.shape[1:]).to(table.dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -97,10 +81,6 @@ class PatchEmbed(nn.Module):
         x = x.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p)
         w = self.proj.weight
         return F.linear(x, w.reshape(w.shape[0], -1), self.proj.bias)  # (B, N, D), raster order (row-major)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Absolute position embeddings (1-D and 2-D learned tables)
 
 
 class PosEmbed1D(nn.Module):
@@ -165,19 +145,11 @@ def make_pos_embed(kind: str, grid, num_prefix: int, dim: int) -> nn.Module:
     return {"1d": PosEmbed1D, "2d": PosEmbed2D}[kind](grid, num_prefix, dim)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Relative position bias (the paper's "1-D relative attention", App. D.4)
-
-
 class RelativeBias(nn.Module):
-    """Attention-logit bias from learned embeddings of the query-key offset.
-
-    Patches are numbered 0..n-1 in raster order; the pair (q, k) has offset p_q - p_k in [-(n-1), n-1],
-    i.e. 2n-1 offsets, each with a learned embedding (per head, head_dim wide). An extra attention is
-    run between the content query and these embeddings (used as keys); its logits are added to the
-    content logits before the softmax. The class token has no position, so pairs involving it use 3
-    extra learned embeddings: cls->patch, patch->cls and cls->cls (as in T5/BEiT-style "sensible"
-    handling: the class token is equally far from every patch).
+    """The paper's "1-D relative attention" (App. D.4): an attention-logit bias from learned embeddings of
+    the query-key offset p_q - p_k of raster-order patches (2n-1 offsets, per head, head_dim wide), used as
+    keys of an extra attention of the content query. The class token has no position: pairs with it use 3
+    more embeddings (cls->patch, patch->cls, cls->cls), as if it were equally far from every patch.
     """
 
     def __init__(self, grid: tuple[int, int], num_prefix: int, num_heads: int, head_dim: int):
@@ -197,12 +169,9 @@ class RelativeBias(nn.Module):
         pos = torch.arange(n)
         idx = pos[:, None] - pos[None, :] + (n - 1)  # (n, n), offset p_q - p_k shifted to [0, 2n-2]
         if self.num_prefix:
-            full = torch.empty(n + 1, n + 1, dtype=torch.long)
-            full[1:, 1:] = idx
-            full[0, 1:] = 2 * n - 1  # cls query -> patch key
-            full[1:, 0] = 2 * n  # patch query -> cls key
-            full[0, 0] = 2 * n + 1  # cls -> cls
-            idx = full
+            idx = F.pad(idx, (1, 0, 1, 0), value=2 * n)  # column 0: patch query -> cls key
+            idx[0, 1:] = 2 * n - 1  # cls query -> patch key
+            idx[0, 0] = 2 * n + 1  # cls -> cls
         return idx
 
     @property
@@ -233,18 +202,10 @@ class RelativeBias(nn.Module):
         self.grid = tuple(grid)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Transformer encoder
-
-
 def attend(q, k, v, bias=None, drop: float = 0.0, return_attention: bool = False):
-    """softmax(q k^T / sqrt(dh) + bias) v for (B, h, Nq, dh) queries and (B, h, N, dh) keys/values.
-
-    Returns (out (B, h, Nq, dh), attention probabilities (B, h, Nq, N) or None). On CUDA this is the
-    fused scaled_dot_product_attention (flash / memory-efficient kernels). On the CPU, with SPEED_PATHS,
-    the explicit form, faster at the sequence lengths used here (see SPEED_PATHS). The explicit form's
-    softmax runs in fp32, so bf16 autocast rounds only the matmuls.
-    """
+    """softmax(q k^T / sqrt(dh) + bias) v for (B, h, Nq, dh) queries and (B, h, N, dh) keys/values -> (out,
+    attention probabilities or None): torch's fused kernel on CUDA, else (SPEED_PATHS) the explicit form,
+    whose softmax runs in fp32 so that bf16 autocast rounds only the matmuls."""
     if not return_attention and (q.is_cuda or not SPEED_PATHS):
         # The relative bias goes in as an additive float mask.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop), None
@@ -314,23 +275,25 @@ class Block(nn.Module):
         return x0 + self.drop_path(self.mlp(self.norm2(x0)))  # (B, 1, D)
 
 
-class PreLogits(nn.Module):
-    """The pre-training head's hidden layer: Dense(representation_size) + tanh."""
-
-    def __init__(self, dim: int, representation_size: int):
-        super().__init__()
-        self.fc = nn.Linear(dim, representation_size)
-
-    def forward(self, x):
-        return torch.tanh(self.fc(x))
-
-
 def zero_linear(in_features: int, out_features: int) -> nn.Linear:
     """The paper's classifier init: kernel and bias zeros (vit_jax head_kernel_init=zeros)."""
     head = nn.Linear(in_features, out_features)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return head
+
+
+def make_head(model: nn.Module, width: int, head: str, representation_size: int | None, num_classes: int,
+              drop_rate: float) -> None:
+    """The pre-training head on ``width`` body features (ViT and BiT alike): "mlp" has one tanh hidden layer
+    (``representation_size``, default ``width``), "linear" none; then dropout and the zero-initialised classifier."""
+    if head == "linear" and representation_size is not None:
+        raise ValueError("representation_size is only used with head='mlp'")
+    model.pre_logits = (nn.Sequential(OrderedDict(fc=nn.Linear(width, representation_size or width), tanh=nn.Tanh()))
+                        if head == "mlp" else nn.Identity())
+    model.num_features = (representation_size or width) if head == "mlp" else width
+    model.head_drop = nn.Dropout(drop_rate)
+    model.head = zero_linear(model.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 def replace_head(model: nn.Module, num_features: int, num_classes: int) -> None:
@@ -345,27 +308,11 @@ def replace_head(model: nn.Module, num_features: int, num_classes: int) -> None:
 
 
 class VisionTransformer(nn.Module):
-    def __init__(
-        self,
-        name: str = "ViT",
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        dim: int = 768,
-        depth: int = 12,
-        mlp_dim: int = 3072,
-        num_heads: int = 12,
-        pool: str = "token",
-        pos_embed: str = "1d",
-        pos_embed_at: str = "stem",
-        head: str = "mlp",
-        representation_size: int | None = None,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        stem: nn.Module | None = None,
-    ):
+    def __init__(self, name: str = "ViT", img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, dim: int = 768, depth: int = 12, mlp_dim: int = 3072, num_heads: int = 12,
+                 pool: str = "token", pos_embed: str = "1d", pos_embed_at: str = "stem", head: str = "mlp",
+                 representation_size: int | None = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, stem: nn.Module | None = None):
         super().__init__()
         check_vit_options(pool=pool, pos_embed=pos_embed, pos_embed_at=pos_embed_at, head=head)
         self.name, self.img_size, self.in_chans, self.num_classes = name, img_size, in_chans, num_classes
@@ -380,7 +327,6 @@ class VisionTransformer(nn.Module):
 
         # Position information: where it enters, and how.
         self.pos_embed = self.layer_pos_embed = self.shared_pos_embed = None
-        rel = pos_embed == "relative"
         if pos_embed in ("1d", "2d"):
             if pos_embed_at == "stem":
                 self.pos_embed = make_pos_embed(pos_embed, grid, self.num_prefix, dim)
@@ -390,8 +336,8 @@ class VisionTransformer(nn.Module):
             else:
                 self.shared_pos_embed = make_pos_embed(pos_embed, grid, self.num_prefix, dim)
         # Relative attention: one offset table per layer (as in Shaw et al. 2018).
-        self.rel_bias = nn.ModuleList(
-            RelativeBias(grid, self.num_prefix, num_heads, dim // num_heads) for _ in range(depth)) if rel else None
+        self.rel_bias = nn.ModuleList(RelativeBias(grid, self.num_prefix, num_heads, dim // num_heads)
+                                      for _ in range(depth)) if pos_embed == "relative" else None
         self.pos_drop = nn.Dropout(drop_rate)
 
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows linearly
@@ -402,18 +348,7 @@ class VisionTransformer(nn.Module):
         self.last_block_cls_only = True
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
-        # Head: pre-training "MLP with one hidden layer" (tanh) or the fine-tuning single linear layer.
-        if head == "mlp":
-            rep = representation_size or dim
-            self.pre_logits = PreLogits(dim, rep)
-            self.num_features = rep
-        else:
-            if representation_size is not None:
-                raise ValueError("representation_size is only used with head='mlp'")
-            self.pre_logits = nn.Identity()
-            self.num_features = dim
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = zero_linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        make_head(self, dim, head, representation_size, num_classes, drop_rate)
         self._init_weights()
 
     def _init_weights(self):
@@ -431,24 +366,15 @@ class VisionTransformer(nn.Module):
             nn.init.trunc_normal_(w, std=math.sqrt(1.0 / w[0].numel()))
             nn.init.zeros_(self.patch_embed.proj.bias)
 
-    # --- what analysis needs --------------------------------------------------------------------
     @property
     def grid_size(self) -> tuple[int, int]:
         return tuple(self.patch_embed.grid_size)
 
-    @property
-    def patch_embedding_weight(self) -> torch.Tensor:
-        """The patch-embedding filters (D, C, P, P) (for hybrids: the 1x1 projection)."""
-        return self.patch_embed.proj.weight
-
     def position_embeddings(self) -> torch.Tensor | None:
         """The grid position embedding (gh, gw, D) for 1d/2d (the stem, shared, or first layer's table)."""
-        pe = next((p for p in (self.pos_embed, self.shared_pos_embed) if p is not None), None)
-        if pe is None and self.layer_pos_embed is not None:
-            pe = self.layer_pos_embed[0]
+        pe = self.pos_embed or self.shared_pos_embed or (self.layer_pos_embed[0] if self.layer_pos_embed else None)
         return None if pe is None else pe.grid_embedding()
 
-    # --- forward ----------------------------------------------------------------------------------
     def forward_tokens(self, x: torch.Tensor, return_attention: bool = False):
         """(B, C, H, W) -> encoder output after the final LayerNorm (B, N, D), list of attentions."""
         x, attentions = self._encode(x, return_attention)
@@ -511,10 +437,9 @@ class VisionTransformer(nn.Module):
         """Change the input resolution in place (used by weights.resize)."""
         self.patch_embed.set_img_size(img_size)
         self.img_size = img_size
-        grid = self.grid_size
         for pe in (self.pos_embed, self.shared_pos_embed, *(self.layer_pos_embed or ()), *(self.rel_bias or ())):
             if pe is not None:
-                pe.resize(grid)
+                pe.resize(self.grid_size)
 
 
 def check_vit_options(pool, pos_embed, pos_embed_at, head) -> None:

@@ -1,13 +1,9 @@
 """Pretrained weights: loading (timm / local files / official .npz) and resolution change.
 
-Three layouts meet here:
-  * ours   : the state_dict of our modules (names chosen to equal timm's where they exist);
-  * timm   : timm's VisionTransformer / hybrid / ResNetV2 state_dict. Differences from ours are only
-             `pos_embed` (ours: `pos_embed.table`) and the BiT classifier `head.fc` (1x1 conv, ours: Linear);
-  * npz    : the official JAX checkpoints. vit_jax (`Transformer/encoderblock_0/...`) and big_vision
-             (`params/` prefix, `MultiHeadDotProductAttention_0`, optionally layers stacked in one
-             `encoderblock` array) for ViT and hybrids; BiT's `resnet/...` layout for BiT ResNets.
-npz is converted to the timm layout, timm to ours, then loaded strictly (see load_pretrained).
+Three layouts: ours (timm's names, except `pos_embed.table` for timm's `pos_embed` and the BiT classifier
+`head` Linear for timm's 1x1-conv `head.fc`); timm's; and the official JAX npz checkpoints (vit_jax, big_vision
+with its `params/` prefix and optionally scan-stacked layers, BiT's `resnet/`). npz converts to timm, timm to
+ours, then loads strictly (`load_state`).
 """
 
 from __future__ import annotations
@@ -23,17 +19,9 @@ import torch.nn as nn
 from .bit import BiTResNet
 from .vit import PosEmbed1D, PosEmbed2D, RelativeBias, VisionTransformer, resample_1d, resample_grid
 
-# ----------------------------------------------------------------------------------------------------
-# resize
-
-
 def resize(model: nn.Module, img_size: int) -> nn.Module:
-    """Change the input resolution in place, keeping the patch size (fine-tuning at higher resolution).
-
-    Grid position embeddings are 2-D bilinearly interpolated "according to their location in the
-    original image" (Section 3.2); the class-token position is kept as is. 2d: each axis table is
-    interpolated along its axis; relative: the offset table; every_layer: each layer's table.
-    """
+    """Change the input resolution in place, keeping the patch size (fine-tuning at higher resolution):
+    position embeddings are interpolated "according to their location in the original image" (Section 3.2)."""
     if not isinstance(img_size, int) or img_size <= 0:
         raise ValueError(f"img_size must be a positive int, got {img_size!r}")
     if img_size == model.img_size:
@@ -46,20 +34,8 @@ def resize(model: nn.Module, img_size: int) -> nn.Module:
     return model
 
 
-# ----------------------------------------------------------------------------------------------------
-# npz <-> timm layout
-
-
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().float().numpy()
-
-
-def _conv_to_jax(w):  # torch OIHW -> jax HWIO
-    return np.ascontiguousarray(_np(w).transpose(2, 3, 1, 0))
-
-
-def _conv_from_jax(a):  # jax HWIO -> torch OIHW
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(3, 2, 0, 1)))
 
 
 def _dense_to_jax(w):  # torch (out, in) -> jax (in, out)
@@ -74,65 +50,51 @@ def _vec(a):
     return torch.from_numpy(np.asarray(a).reshape(-1).copy())
 
 
+# timm ResNet key -> npz name: BiT's `resnet/` layout (pre-activation) and the vit_jax hybrid's. {s}, {u}: 1-based
+# stage and unit; {i}: the layer of a bottleneck (1-3; BiT calls them a-c); {gb} / {sb}: gamma|beta / scale|bias.
+_B = r"stages\.(?P<s>\d+)\.blocks\.(?P<u>\d+)\."
+_RESNET_NAMES = {
+    True: ((r"stem\.conv\.weight", "root_block/standardized_conv2d/kernel"),
+           (r"norm\.(?P<w>weight|bias)", "group_norm/{gb}"),
+           (_B + r"conv(?P<i>\d)\.weight", "block{s}/unit{u:02d}/{abc}/standardized_conv2d/kernel"),
+           (_B + r"norm(?P<i>\d)\.(?P<w>weight|bias)", "block{s}/unit{u:02d}/{abc}/group_norm/{gb}"),
+           (_B + r"downsample\.conv\.weight", "block{s}/unit{u:02d}/a/proj/standardized_conv2d/kernel"),
+           (r"head\.fc\.weight", "head/conv2d/kernel"), (r"head\.fc\.bias", "head/conv2d/bias")),
+    False: ((r"stem\.conv\.weight", "conv_root/kernel"),
+            (r"stem\.norm\.(?P<w>weight|bias)", "gn_root/{sb}"),
+            (_B + r"conv(?P<i>\d)\.weight", "block{s}/unit{u}/conv{i}/kernel"),
+            (_B + r"norm(?P<i>\d)\.(?P<w>weight|bias)", "block{s}/unit{u}/gn{i}/{sb}"),
+            (_B + r"downsample\.conv\.weight", "block{s}/unit{u}/conv_proj/kernel"),
+            (_B + r"downsample\.norm\.(?P<w>weight|bias)", "block{s}/unit{u}/gn_proj/{sb}")),
+}
+
+
 def _resnet_pairs(keys, timm_prefix: str, npz_prefix: str, bit: bool):
-    """(timm key, npz key, kind) for the ResNet part. bit=True: BiT `resnet/` layout (pre-activation);
-    bit=False: the vit_jax hybrid layout (conv_root, gn_root, blockI/unitJ/convR, gnR, conv_proj, gn_proj)."""
+    """(timm key, npz key, kind) for the ResNet part (`_RESNET_NAMES`); a kernel is a conv, the rest vectors."""
     pairs = []
     for k in keys:
-        if not k.startswith(timm_prefix):
-            continue
-        s = k[len(timm_prefix):]
-        if bit:
-            conv = "standardized_conv2d"
-            if s == "stem.conv.weight":
-                pairs.append((k, f"{npz_prefix}root_block/{conv}/kernel", "conv"))
-            elif s in ("norm.weight", "norm.bias"):
-                pairs.append((k, f"{npz_prefix}group_norm/{'gamma' if s.endswith('weight') else 'beta'}", "vec"))
-            elif m := re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)", s):
-                bp = f"{npz_prefix}block{int(m[1]) + 1}/unit{int(m[2]) + 1:02d}/"
-                rest = m[3]
-                if rm := re.fullmatch(r"conv(\d)\.weight", rest):
-                    pairs.append((k, f"{bp}{'abc'[int(rm[1]) - 1]}/{conv}/kernel", "conv"))
-                elif rm := re.fullmatch(r"norm(\d)\.(weight|bias)", rest):
-                    pairs.append((k, f"{bp}{'abc'[int(rm[1]) - 1]}/group_norm/"
-                                     f"{'gamma' if rm[2] == 'weight' else 'beta'}", "vec"))
-                elif rest == "downsample.conv.weight":
-                    pairs.append((k, f"{bp}a/proj/{conv}/kernel", "conv"))
-        else:
-            if s == "stem.conv.weight":
-                pairs.append((k, f"{npz_prefix}conv_root/kernel", "conv"))
-            elif s in ("stem.norm.weight", "stem.norm.bias"):
-                pairs.append((k, f"{npz_prefix}gn_root/{'scale' if s.endswith('weight') else 'bias'}", "vec"))
-            elif m := re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)", s):
-                bp = f"{npz_prefix}block{int(m[1]) + 1}/unit{int(m[2]) + 1}/"
-                rest = m[3]
-                if rm := re.fullmatch(r"conv(\d)\.weight", rest):
-                    pairs.append((k, f"{bp}conv{rm[1]}/kernel", "conv"))
-                elif rm := re.fullmatch(r"norm(\d)\.(weight|bias)", rest):
-                    pairs.append((k, f"{bp}gn{rm[1]}/{'scale' if rm[2] == 'weight' else 'bias'}", "vec"))
-                elif rest == "downsample.conv.weight":
-                    pairs.append((k, f"{bp}conv_proj/kernel", "conv"))
-                elif rm := re.fullmatch(r"downsample\.norm\.(weight|bias)", rest):
-                    pairs.append((k, f"{bp}gn_proj/{'scale' if rm[1] == 'weight' else 'bias'}", "vec"))
+        for pattern, name in _RESNET_NAMES[bit]:
+            if k.startswith(timm_prefix) and (m := re.fullmatch(pattern, k[len(timm_prefix):])):
+                g = m.groupdict()
+                i, bias = int(g.get("i") or 1), g.get("w") == "bias"
+                nk = npz_prefix + name.format(s=int(g.get("s") or 0) + 1, u=int(g.get("u") or 0) + 1, i=i,
+                                              abc="abc"[i - 1], gb="beta" if bias else "gamma",
+                                              sb="bias" if bias else "scale")
+                pairs.append((k, nk, "conv" if nk.endswith("kernel") else "vec"))
     return pairs
 
 
-def _vit_pairs(keys, p: str = "", big_vision: bool = False):
+def _vit_pairs(keys, big_vision: bool = False):
     """(timm key, npz key(s), kind) for the ViT part; vit_jax names unless big_vision."""
     mha, mlp, ln2 = ("MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1") if big_vision else \
         ("MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2")
-    pos = f"{p}pos_embedding" if big_vision else f"{p}Transformer/posembed_input/pos_embedding"
+    pos = "pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding"
     fixed = {
-        "patch_embed.proj.weight": (f"{p}embedding/kernel", "conv"),
-        "patch_embed.proj.bias": (f"{p}embedding/bias", "vec"),
-        "cls_token": (f"{p}cls", "raw"),
-        "pos_embed": (pos, "raw"),
-        "norm.weight": (f"{p}Transformer/encoder_norm/scale", "vec"),
-        "norm.bias": (f"{p}Transformer/encoder_norm/bias", "vec"),
-        "pre_logits.fc.weight": (f"{p}pre_logits/kernel", "dense"),
-        "pre_logits.fc.bias": (f"{p}pre_logits/bias", "vec"),
-        "head.weight": (f"{p}head/kernel", "dense"),
-        "head.bias": (f"{p}head/bias", "vec"),
+        "patch_embed.proj.weight": ("embedding/kernel", "conv"), "patch_embed.proj.bias": ("embedding/bias", "vec"),
+        "cls_token": ("cls", "raw"), "pos_embed": (pos, "raw"),
+        "norm.weight": ("Transformer/encoder_norm/scale", "vec"), "norm.bias": ("Transformer/encoder_norm/bias", "vec"),
+        "pre_logits.fc.weight": ("pre_logits/kernel", "dense"), "pre_logits.fc.bias": ("pre_logits/bias", "vec"),
+        "head.weight": ("head/kernel", "dense"), "head.bias": ("head/bias", "vec"),
     }
     pairs = []
     for k in keys:
@@ -142,7 +104,7 @@ def _vit_pairs(keys, p: str = "", big_vision: bool = False):
         m = re.fullmatch(r"blocks\.(\d+)\.(.*)", k)
         if not m:
             continue
-        bp, rest = f"{p}Transformer/encoderblock_{m[1]}/", m[2]
+        bp, rest = f"Transformer/encoderblock_{m[1]}/", m[2]
         table = {
             "norm1.weight": (f"{bp}LayerNorm_0/scale", "vec"), "norm1.bias": (f"{bp}LayerNorm_0/bias", "vec"),
             "norm2.weight": (f"{bp}{ln2}/scale", "vec"), "norm2.bias": (f"{bp}{ln2}/bias", "vec"),
@@ -157,147 +119,94 @@ def _vit_pairs(keys, p: str = "", big_vision: bool = False):
     return pairs
 
 
-def _all_pairs(keys, p="", big_vision=False):
+def _all_pairs(keys, big_vision=False):
     keys = list(keys)
     if any(k.startswith("stem.") for k in keys):  # BiT ResNet
-        pairs = _resnet_pairs(keys, "", "resnet/", bit=True)
-        pairs += [(k, f"resnet/head/conv2d/{'kernel' if k.endswith('weight') else 'bias'}",
-                   "conv" if k.endswith("weight") else "vec") for k in keys if k.startswith("head.fc.")]
-        return pairs
-    return _vit_pairs(keys, p, big_vision) + _resnet_pairs(keys, "patch_embed.backbone.", p, bit=False)
+        return _resnet_pairs(keys, "", "resnet/", bit=True)
+    return _vit_pairs(keys, big_vision) + _resnet_pairs(keys, "patch_embed.backbone.", "", bit=False)
 
 
 def timm_to_npz(state_dict: dict, num_heads: int | None = None) -> dict[str, np.ndarray]:
-    """timm-layout state dict -> official npz layout (vit_jax names / BiT names).
-
-    The inverse of what load_pretrained reads; used by the tests (no internet) and to export.
-    num_heads is needed for the attention kernels of a ViT (their npz shape is (D, heads, D/heads)).
-    """
-    out = {}
-    pairs = _all_pairs(state_dict.keys())
-    covered = set()
-    for k, nk, kind in pairs:
+    """timm-layout state dict -> official npz layout (vit_jax / BiT names), the inverse of what load_pretrained
+    reads (export; the tests). num_heads shapes a ViT's attention kernels (D, heads, D/heads)."""
+    out, covered = {}, set()
+    for k, nk, kind in _all_pairs(state_dict.keys()):
         t = state_dict[k]
         covered.add(k)
         if kind == "conv":
-            out[nk] = _conv_to_jax(t)
-        elif kind == "vec":
-            out[nk] = _np(t)
-        elif kind == "raw":
+            out[nk] = np.ascontiguousarray(_np(t).transpose(2, 3, 1, 0))  # torch OIHW -> jax HWIO
+        elif kind in ("vec", "raw"):
             out[nk] = _np(t)
         elif kind == "dense":
             out[nk] = _dense_to_jax(t)
-        elif kind in ("qkv_w", "qkv_b", "out_w"):
-            if num_heads is None:
-                raise ValueError("timm_to_npz needs num_heads for a ViT state dict")
-            if kind == "qkv_w":
-                for name, w in zip(nk, t.chunk(3, 0)):  # (D, D) each, torch (out, in)
-                    out[name] = _dense_to_jax(w).reshape(w.shape[1], num_heads, -1)  # (D, h, dh)
-            elif kind == "qkv_b":
-                for name, b in zip(nk, t.chunk(3, 0)):
-                    out[name] = _np(b).reshape(num_heads, -1)  # (h, dh)
-            else:
-                out[nk] = _dense_to_jax(t).reshape(num_heads, -1, t.shape[0])  # (h, dh, D)
+        elif num_heads is None:  # the attention kernels
+            raise ValueError("timm_to_npz needs num_heads for a ViT state dict")
+        elif kind == "qkv_w":
+            for name, w in zip(nk, t.chunk(3, 0)):  # (D, D) each, torch (out, in)
+                out[name] = _dense_to_jax(w).reshape(w.shape[1], num_heads, -1)  # (D, h, dh)
+        elif kind == "qkv_b":
+            for name, b in zip(nk, t.chunk(3, 0)):
+                out[name] = _np(b).reshape(num_heads, -1)  # (h, dh)
+        else:
+            out[nk] = _dense_to_jax(t).reshape(num_heads, -1, t.shape[0])  # (h, dh, D)
     left = set(state_dict) - covered
     if left:
         raise KeyError(f"no npz name for {sorted(left)}")
     return out
 
 
+_FROM_NPZ = {  # kind -> the timm tensor from the npz arrays of one key
+    "conv": lambda a: torch.from_numpy(np.ascontiguousarray(a[0].transpose(3, 2, 0, 1))),  # jax HWIO -> torch OIHW
+    "vec": lambda a: _vec(a[0]),
+    "raw": lambda a: torch.from_numpy(a[0].copy()),
+    "dense": lambda a: _dense_from_jax(a[0]),
+    "qkv_w": lambda a: torch.cat([_dense_from_jax(x.reshape(x.shape[0], -1)) for x in a], 0),  # (3D, D)
+    "qkv_b": lambda a: torch.cat([_vec(x) for x in a], 0),
+    "out_w": lambda a: _dense_from_jax(a[0].reshape(-1, a[0].shape[-1])),  # (D, D)
+}
+
+
 def npz_to_timm(arrays: dict) -> dict[str, torch.Tensor]:
     """Official npz (vit_jax, big_vision, BiT) -> timm-layout state dict. Every array must be used."""
-    arrays = dict(arrays)
-    # Strip the container prefixes of the various releases.
-    for pre in ("opt/target/", "params/img/", "params/"):
-        if any(k.startswith(pre) for k in arrays):
-            arrays = {k[len(pre):] if k.startswith(pre) else k: v for k, v in arrays.items()}
-            big_vision_prefix = pre.startswith("params")
-            break
-    else:
-        big_vision_prefix = False
-    big_vision = big_vision_prefix or "pos_embedding" in arrays
+    # Strip the container prefix of the release (big_vision's: params/).
+    pre = next((p for p in ("opt/target/", "params/img/", "params/") if any(k.startswith(p) for k in arrays)), "")
+    arrays = {k.removeprefix(pre): v for k, v in arrays.items()}
+    big_vision = pre.startswith("params") or "pos_embedding" in arrays
     # big_vision may stack all layers in one `encoderblock` array (scan): unstack into encoderblock_i.
-    stacked = [k for k in arrays if k.startswith("Transformer/encoderblock/")]
-    for k in stacked:
+    for k in [k for k in arrays if k.startswith("Transformer/encoderblock/")]:
         a = arrays.pop(k)
         for i in range(a.shape[0]):
             arrays[k.replace("encoderblock/", f"encoderblock_{i}/")] = a[i]
-
-    if any(k.startswith("resnet/") for k in arrays):
-        keys = _bit_keys_from_npz(arrays)
-    else:
-        keys = _vit_keys_from_npz(arrays, big_vision)
     out, used = {}, set()
-    for k, nk, kind in _all_pairs(keys, "", big_vision):
+    for k, nk, kind in _all_pairs(_npz_keys(arrays), big_vision):
         names = nk if isinstance(nk, tuple) else (nk,)
         if not all(n in arrays for n in names):
             continue  # reported as missing by the strict load
         used.update(names)
-        a = [np.asarray(arrays[n], dtype=np.float32) for n in names]
-        if kind == "conv":
-            out[k] = _conv_from_jax(a[0])
-        elif kind == "vec":
-            out[k] = _vec(a[0])
-        elif kind == "raw":
-            out[k] = torch.from_numpy(a[0].copy())
-        elif kind == "dense":
-            out[k] = _dense_from_jax(a[0])
-        elif kind == "qkv_w":
-            out[k] = torch.cat([_dense_from_jax(x.reshape(x.shape[0], -1)) for x in a], 0)  # (3D, D)
-        elif kind == "qkv_b":
-            out[k] = torch.cat([_vec(x) for x in a], 0)
-        elif kind == "out_w":
-            out[k] = _dense_from_jax(a[0].reshape(-1, a[0].shape[-1]))  # (D, D)
+        out[k] = _FROM_NPZ[kind]([np.asarray(arrays[n], dtype=np.float32) for n in names])
     unused = sorted(set(arrays) - used)
     if unused:
         raise KeyError(f"npz arrays not understood (unexpected): {unused[:20]}{' ...' if len(unused) > 20 else ''}")
     return out
 
 
-def _vit_keys_from_npz(arrays, big_vision):
-    """The timm keys an npz file could map to (a superset; unmatched ones are skipped)."""
+def _npz_keys(arrays) -> list[str]:
+    """The timm keys an npz file could map to (a superset: `npz_to_timm` skips those without arrays)."""
+    units = {(int(m[1]) - 1, int(m[2]) - 1) for k in arrays if (m := re.search(r"block(\d+)/unit(\d+)/", k))}
+    resnet = ["stem.conv.weight", "stem.norm.weight", "stem.norm.bias", "norm.weight", "norm.bias"] + [
+        f"stages.{i}.blocks.{j}.{s}" for i, j in sorted(units) for s in (
+            "conv1.weight", "conv2.weight", "conv3.weight", "norm1.weight", "norm1.bias", "norm2.weight",
+            "norm2.bias", "norm3.weight", "norm3.bias", "downsample.conv.weight", "downsample.norm.weight",
+            "downsample.norm.bias")]
+    if any(k.startswith("resnet/") for k in arrays):
+        return resnet + ["head.fc.weight", "head.fc.bias"]
     depth = 1 + max((int(m[1]) for k in arrays if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))), default=-1)
     block_keys = [f"blocks.{i}.{s}" for i in range(depth) for s in (
         "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "attn.qkv.weight", "attn.qkv.bias",
         "attn.proj.weight", "attn.proj.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")]
-    keys = ["patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed", "norm.weight",
-            "norm.bias", "pre_logits.fc.weight", "pre_logits.fc.bias", "head.weight", "head.bias"] + block_keys
-    for k in arrays:  # hybrid ResNet part
-        if m := re.fullmatch(r"block(\d+)/unit(\d+)/(conv\d|gn\d|conv_proj|gn_proj)/(kernel|scale|bias)", k):
-            i, j, layer, what = int(m[1]) - 1, int(m[2]) - 1, m[3], m[4]
-            pre = f"patch_embed.backbone.stages.{i}.blocks.{j}."
-            if layer.startswith("conv_proj"):
-                keys.append(pre + "downsample.conv.weight")
-            elif layer.startswith("gn_proj"):
-                keys.append(pre + f"downsample.norm.{'weight' if what == 'scale' else 'bias'}")
-            elif layer.startswith("conv"):
-                keys.append(pre + f"conv{layer[-1]}.weight")
-            else:
-                keys.append(pre + f"norm{layer[-1]}.{'weight' if what == 'scale' else 'bias'}")
-    if "conv_root/kernel" in arrays:
-        keys += ["patch_embed.backbone.stem.conv.weight", "patch_embed.backbone.stem.norm.weight",
-                 "patch_embed.backbone.stem.norm.bias"]
-    return keys
-
-
-def _bit_keys_from_npz(arrays):
-    keys = ["stem.conv.weight", "norm.weight", "norm.bias", "head.fc.weight", "head.fc.bias"]
-    for k in arrays:
-        if m := re.fullmatch(r"resnet/block(\d+)/unit(\d+)/([abc])/(proj/)?(standardized_conv2d|group_norm)/(\w+)", k):
-            i, j, abc, proj, layer, what = int(m[1]) - 1, int(m[2]) - 1, m[3], m[4], m[5], m[6]
-            pre = f"stages.{i}.blocks.{j}."
-            r = "abc".index(abc) + 1
-            if proj:
-                keys.append(pre + "downsample.conv.weight")
-            elif layer == "standardized_conv2d":
-                keys.append(pre + f"conv{r}.weight")
-            else:
-                keys.append(pre + f"norm{r}.{'weight' if what == 'gamma' else 'bias'}")
-    return keys
-
-
-# ----------------------------------------------------------------------------------------------------
-# timm layout -> ours, and the strict load
+    return ["patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed", "norm.weight", "norm.bias",
+            "pre_logits.fc.weight", "pre_logits.fc.bias", "head.weight", "head.bias"] + block_keys + [
+        "patch_embed.backbone." + k for k in resnet]
 
 
 def timm_to_ours(sd: dict, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -337,10 +246,8 @@ def _resample_to(key: str, src: torch.Tensor, dst: torch.Tensor, model: nn.Modul
             raise ValueError(f"cannot resample {key}: {tuple(src.shape)} is not a square grid of width {dst.shape[-1]}")
         grid = resample_grid(src[0, prefix:].reshape(g, g, -1), owner.grid).reshape(1, -1, src.shape[-1])
         return torch.cat([src[:, :prefix], grid], dim=1)
-    if isinstance(owner, PosEmbed2D) and key.endswith(("x_table", "y_table")) and src.shape[1:] == dst.shape[1:]:
-        return resample_1d(src, dst.shape[0])
-    if isinstance(owner, RelativeBias) and key.endswith(".table") and src.shape[1:] == dst.shape[1:]:
-        return resample_1d(src, dst.shape[0])
+    if isinstance(owner, (PosEmbed2D, RelativeBias)) and key.endswith("table") and src.shape[1:] == dst.shape[1:]:
+        return resample_1d(src, dst.shape[0])  # a 2d axis table or the relative offset table
     raise ValueError(f"shape mismatch for {key}: checkpoint {tuple(src.shape)} vs model {tuple(dst.shape)}")
 
 
@@ -350,21 +257,18 @@ def _is_head(key: str) -> bool:
 
 @torch.no_grad()
 def load_state(model: nn.Module, sd: dict, source: str = "state_dict") -> dict:
-    """Strictly load a state dict in timm or our layout. Returns a report dict.
+    """Strictly load a state dict in timm or our layout; returns a report dict.
 
-    Everything but the head must match exactly (missing or unexpected keys raise KeyError; position
-    embeddings of another grid size are resampled bilinearly). The head: the pre-logits layer is
-    loaded when both have it; if the model wants one and the checkpoint has none, the whole head is
-    replaced by a zero-initialised linear layer (reset_head); if only the checkpoint has one, it is
-    dropped (as when fine-tuning from the in21k checkpoints). The classifier is loaded when its
-    shape matches and zero-initialised otherwise.
+    Everything but the head must match (else KeyError; position embeddings of another grid are resampled).
+    The pre-logits layer loads when both have it; a model wanting one from a checkpoint without gets the
+    zero-initialised linear head (reset_head); one only the checkpoint has is dropped (as when fine-tuning
+    from in21k). The classifier loads when its shape matches, else it is zero-initialised.
     """
-    sd = timm_to_ours({k: v for k, v in sd.items()}, model)
+    sd = timm_to_ours(sd, model)
     own = model.state_dict()
     report = {"source": source, "resampled": [], "head": ""}
 
-    body_src = {k for k in sd if not _is_head(k)}
-    body_own = {k for k in own if not _is_head(k)}
+    body_src, body_own = ({k for k in d if not _is_head(k)} for d in (sd, own))
     missing, unexpected = sorted(body_own - body_src), sorted(body_src - body_own)
     if missing or unexpected:
         raise KeyError(f"{source}: checkpoint does not match {getattr(model, 'name', type(model).__name__)}; "
@@ -380,8 +284,7 @@ def load_state(model: nn.Module, sd: dict, source: str = "state_dict") -> dict:
 
     # --- head ---
     notes = []
-    has_pre_src = "pre_logits.fc.weight" in sd
-    has_pre_own = "pre_logits.fc.weight" in own
+    has_pre_src, has_pre_own = ("pre_logits.fc.weight" in d for d in (sd, own))
     if has_pre_own and not has_pre_src:
         model.reset_head(model.num_classes)
         notes.append("checkpoint has no pre-logits layer: head replaced by a zero-init linear layer")
@@ -402,9 +305,6 @@ def load_state(model: nn.Module, sd: dict, source: str = "state_dict") -> dict:
             new["head.weight"], new["head.bias"] = torch.zeros_like(own["head.weight"]), torch.zeros_like(own["head.bias"])
             have = tuple(sd["head.weight"].shape) if "head.weight" in sd else None
             notes.append(f"classifier zero-initialised (checkpoint head {have}, model {tuple(own['head.weight'].shape)})")
-    for k in own:
-        if _is_head(k) and k not in new:
-            raise KeyError(f"{source}: no value for head parameter {k}")
     result = model.load_state_dict(new, strict=True)
     report["head"] = "; ".join(notes)
     report["missing"], report["unexpected"] = list(result.missing_keys), list(result.unexpected_keys)
