@@ -1,15 +1,7 @@
-"""Inspecting a Vision Transformer: the analyses behind Fig. 6 and Fig. 7 of the paper (Section 4.5).
-
-* Fig. 7 left: principal components of the patch-embedding filters (`filter_principal_components`).
-* Fig. 7 centre: cosine similarity of the position embeddings (`position_similarity`).
-* Fig. 7 right: mean attention distance per head against depth (`mean_attention_distance`), the analogue
-  of a CNN's receptive field.
-* Fig. 6: attention rollout (Abnar & Zuidema 2020) from the output token to the input space.
-
-Every analysis is a pure function of plain tensors, testable on hand-made attention matrices; the
-``model_*`` wrappers pull those tensors out of a model (``forward(x, return_attention=True)``,
-``grid_size``, ``img_size``, ``pool``, ``position_embeddings()``). Tokens are ``[class token] + patches
-in row-major order``; models pooled by global average (``pool="gap"``) have no class token.
+"""Inspecting a Vision Transformer: the analyses behind Fig. 6 (attention rollout, Abnar & Zuidema 2020) and
+Fig. 7 (patch-embedding filters' principal components, position-embedding similarity, mean attention distance)
+of the paper (Section 4.5). Each is a pure function of plain tensors; the ``model_*`` wrappers pull those out of
+a model. Tokens are ``[class token] + patches in row-major order``; ``pool="gap"`` models have no class token.
 """
 
 from __future__ import annotations
@@ -164,12 +156,9 @@ def mean_attention_distance(attn: torch.Tensor, grid_size: Sequence[int], patch_
                             has_cls_token: Optional[bool] = None, renormalize: bool = True) -> torch.Tensor:
     """(H,) mean attention distance in pixels of each head of one layer (B, H, N, N) (Fig. 7 right): for
     query patch q, sum_k a[q, k] * ||c_q - c_k|| over the patch centres c (``patch_size`` apart: for hybrids
-    the backbone's total stride), averaged over query patches and images.
-
-    The class token has no place in the image: it is dropped as a query and as a key (``has_cls_token``
-    None: inferred from N and the grid). ``renormalize`` rescales each query's patch weights to sum to one,
-    so mass on the class token does not pull the distance to zero (a query with all its mass there is left
-    out); False counts that mass as distance 0."""
+    the backbone's total stride), averaged over query patches and images. The class token has no place in the
+    image: it is dropped; ``renormalize`` rescales each query's patch weights to sum to one, so mass on the class
+    token does not pull the distance to zero (a query with all its mass there is left out)."""
     return _per_image_attention_distance(attn, grid_size, patch_size, has_cls_token,
                                          renormalize).nanmean(0).to(torch.float32)
 
@@ -225,15 +214,11 @@ def _discard_lowest(a: torch.Tensor, ratio: float, keep_cls: bool) -> torch.Tens
 
 def attention_rollout(attn_layers: Sequence[torch.Tensor], has_cls_token: Optional[bool] = None,
                       discard_ratio: float = 0.0, grid_size: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Attention rollout (Abnar & Zuidema 2020), the paper's Fig. 6 and 14: (B, gh, gw) maps.
-
-    Per layer the heads' mean, optionally less the ``discard_ratio`` smallest weights of each row (never
-    those on the class token), plus the identity for the residual, rows renormalised ((A + I) / rowsum:
-    the paper's 0.5 A + 0.5 I); then R = A'_L ... A'_1. The map is the class token's row of R over the
-    patches (GAP models: the mean over query rows), renormalised to sum to one, or uniform where its flow
-    to the patches is zero (e.g. identity attention everywhere). ``attn_layers``: per-layer (B, H, N, N);
-    ``grid_size`` defaults to a square grid.
-    """
+    """Attention rollout (Abnar & Zuidema 2020), the paper's Fig. 6 and 14: (B, gh, gw) maps from per-layer
+    (B, H, N, N) attention. Per layer the heads' mean, less the ``discard_ratio`` smallest weights of each row
+    (never those on the class token), plus the identity for the residual, rows renormalised (the paper's
+    0.5 A + 0.5 I); R = A'_L ... A'_1. The map is the class token's row of R over the patches (GAP: the mean
+    over query rows), summing to one, or uniform where that flow is zero; ``grid_size`` defaults to square."""
     if len(attn_layers) == 0:
         raise ValueError("no attention layers")
     b, _, n, _ = attn_layers[0].shape
@@ -307,16 +292,11 @@ def _model_patch_pixels(model, grid_size) -> float:
     return float(model.img_size) / grid_size[0]
 
 
-@torch.no_grad()
 def model_attention(model, x: torch.Tensor) -> list:
-    """Per-layer attention probabilities [(B, heads, N, N)] of ``model`` on ``x`` in eval mode (no
-    dropout); the model's training flag is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
+    """Per-layer attention probabilities [(B, heads, N, N)] of ``model`` on ``x`` in eval mode (no dropout)."""
+    from .evaluate import _evaluating
+    with _evaluating(model):
         _, attn = model(x, return_attention=True)
-    finally:
-        model.train(was_training)
     return [a.detach() for a in attn]
 
 

@@ -1,19 +1,11 @@
 """Datasets as uint8 arrays, class-balanced subsets, batch preprocessing and a resumable batch iterator.
 
-A dataset is read from (first match wins) a folder path in the Hub parquet layout
-(``<split>-00000-of-0000N.parquet``), ``<data directory>/<name>`` for the names in ``DATASETS`` (``settings``),
-or the Hugging Face Hub after one short reachability check; ``digits`` (scikit-learn's) is embedded.
-A *reference* ``"<name or folder>[label_column=fine_label,train_examples=1000]"`` (keys ``REF_KEYS``) chooses
-columns and splits, and ``train_examples=N`` a fixed class-balanced training subset (seed 0, drawn before any
-hold-out: a low-data task such as VTAB-1k); it is a plain string, so it travels wherever a name does (configs,
-evaluators, baselines, fingerprints, run ids). Decoded arrays are cached in memory and under the settings'
-cache folder. Pixels map to [-1, 1], the range the released ViT weights expect.
-
-Augmentation: ``crop_flip`` = pad by img_size/8 (edge replicate), random crop back + horizontal flip; ``crop``
-the same without the flip (digits, which a mirror does not preserve); ``rrc_flip`` = Inception-style random
-resized crop (area 5-100 %, aspect 3/4-4/3) + flip; ``flip``; ``none``; ``auto`` = crop_flip up to 64 px, else
-rrc_flip. The draws come for the whole *global* batch from a generator seeded by (seed, epoch, batch index), so
-DDP ranks and resumed runs see identical data.
+A dataset is read from a folder in the Hub parquet layout, ``<data directory>/<name>`` for ``DATASETS``, or the
+Hub (after one short reachability check); ``digits`` (scikit-learn's) is embedded. A *reference*
+``"<name or folder>[label_column=fine_label,train_examples=1000]"`` (``REF_KEYS``) is a plain string, so it
+travels wherever a name does (configs, evaluators, fingerprints, run ids). Pixels map to [-1, 1], the range the
+released ViT weights expect. Augmentations: docs/design.md; their draws come for the whole *global* batch from a
+generator seeded by (seed, epoch, batch index), so DDP ranks and resumed runs see identical data.
 """
 from __future__ import annotations
 
@@ -287,12 +279,9 @@ _MEM: dict[str, ImageArrays] = {}
 
 def load_arrays(name_or_path: str, split: str = "train", *, image_column: str | None = None,
                 label_column: str | None = None, size: int | None = None) -> ImageArrays:
-    """Load a whole split as uint8 arrays (N, C, H, W) with int64 labels.
-
-    ``split`` accepts `datasets` split expressions ("train+validation", "train[:90%]").
-    Images of mixed sizes are resized (bilinear, square) to ``size`` (default: the spec's
-    ``array_size`` or 160), matching the plain-resize test pipeline of the ViT code.
-    """
+    """A whole split (or a `datasets` split expression, "train[:90%]") as uint8 (N, C, H, W) and int64 labels;
+    images of mixed sizes are resized (bilinear, square: the ViT code's test pipeline) to ``size`` (default:
+    the spec's ``array_size`` or 160)."""
     base, opts = split_ref(name_or_path)  # "<folder>[label_column=...]": the columns / splits chosen
     n = ref_train_examples(name_or_path)
     if n is not None:  # "<name>[train_examples=N]": a fixed class-balanced subset of the training split
@@ -310,8 +299,7 @@ def load_arrays(name_or_path: str, split: str = "train", *, image_column: str | 
         label_column = label_column or src.spec.label_column
         split = {"train": src.spec.train_split, "test": src.spec.test_split}.get(split, split)
         size = size or src.spec.array_size
-    key = _fingerprint(src, split, image_column, label_column, size) if src.kind != "digits" \
-        else f"digits-{split}"
+    key = _fingerprint(src, split, image_column, label_column, size) if src.kind != "digits" else f"digits-{split}"
     if (hit := _MEM.get(key)) is not None:
         return hit
     cdir = _cache_dir() if src.kind != "digits" else None
@@ -479,8 +467,7 @@ def preprocess(x: torch.Tensor, img_size: int, in_chans: int) -> torch.Tensor:
         else:
             raise DataError(f"cannot convert {c} channels to {in_chans}")
     if x.shape[-2:] != (img_size, img_size):
-        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False,
-                          antialias=True)
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
     return (x - 127.5) / 127.5
 
 
@@ -635,13 +622,10 @@ def stream_batches(name: str, split: str, batch_size: int, img_size: int, in_cha
                    shuffle_buffer: int = 10_000, epoch: int = 0, skip_batches: int = 0,
                    drop_last: bool = True, train_examples: int | None = None, num_classes: int | None = None,
                    subset_seed: int = 0):
-    """Stream a large dataset (e.g. imagenet-1k) through ``datasets`` in batches of ``batch_size //
-    world_size`` per rank, with the same preprocessing. A simple path: decoding per image with PIL,
-    shuffling in a buffer; resuming skips ``skip_batches`` batches (not bit-exact across epochs).
-
-    ``train_examples``: a class-balanced subset of that many examples (``num_classes`` classes), drawn by
-    streaming (``class_quota``: the first examples of each class in stream order), then shuffled in a
-    buffer seeded by (seed, epoch); every rank reads the whole stream and keeps every world_size-th example."""
+    """Stream a large dataset (e.g. imagenet-1k) in batches of ``batch_size // world_size`` per rank, decoded
+    per image with PIL and shuffled in a buffer; resuming skips ``skip_batches`` (not bit-exact across epochs).
+    ``train_examples``: a class-balanced subset (the first examples of each class in stream order), shuffled
+    in a buffer seeded by (seed, epoch); every rank reads the whole stream, keeping every world_size-th."""
     from datasets.distributed import split_dataset_by_node
     ds, icol, lcol, split = open_stream(name, split)
     spec = resolve_source(name).spec or DatasetSpec(None)

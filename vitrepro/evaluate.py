@@ -1,14 +1,10 @@
-"""Evaluators: test accuracy and the paper's few-shot linear probe (regularised least squares).
+"""Evaluators (``evaluator(model, autocast_dtype=None) -> dict[str, float]``): test accuracy
+(``acc/<dataset>/<split>``) and the paper's few-shot linear probe (``fewshot/<dataset>/<k>shot``, and per seed
+``.../seed<s>``).
 
-An evaluator is called as ``evaluator(model, autocast_dtype=None) -> dict[str, float]``. Metric names:
-``acc/<dataset>/<split>`` for ``Accuracy``; ``fewshot/<dataset>/<k>shot`` (mean over seeds) and
-``fewshot/<dataset>/<k>shot/seed<s>`` for ``FewShot``.
-
-``fewshot_lsr`` follows the paper (§4.1: "a regularized least-squares regression problem that
-maps the (frozen) representation ... to {-1, 1}^K target vectors ... exact solution in closed
-form") in big_vision's form: features whitened by the train mean and (std + 1e-5), a constant bias
-feature (100, so the bias is almost unregularised) appended, ridge solved through the
-eigendecomposition of the smaller of XᵀX (D×D) and XXᵀ (N×N), prediction = argmax. Float64.
+``fewshot_lsr`` is the paper's closed-form regularised least squares to {-1, 1}^K targets (§4.1) in big_vision's
+form: features whitened by the train mean and (std + 1e-5), a constant bias feature (100: almost unregularised),
+ridge solved through the eigendecomposition of the smaller of XᵀX and XXᵀ, prediction = argmax. Float64.
 """
 from __future__ import annotations
 

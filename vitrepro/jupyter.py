@@ -17,10 +17,8 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "env" / "kernel" / "kernel.j
 
 def install_kernel(prefix: str | os.PathLike | None = None, python: str | os.PathLike | None = None) -> Path:
     """Install the kernel "Python (vitrepro)" running ``python`` (default: this interpreter) into
-    ``<prefix>/share/jupyter/kernels/vitrepro`` (default prefix: this environment, ``sys.prefix``); returns
-    that folder. Jupyter looks in an environment's own prefix before the user's folder, so each clone's
-    ``make lab`` and papermill start that clone's kernel. Nothing outside ``prefix`` changes: a user-wide
-    "vitrepro" kernel (what ``make kernel`` installed before) may still serve other clones."""
+    ``<prefix>/share/jupyter/kernels/vitrepro`` (default: ``sys.prefix``) and return that folder. Jupyter looks
+    in an environment's own prefix first, so each clone's ``make lab`` and papermill start its own kernel."""
     dest = Path(prefix or sys.prefix) / "share" / "jupyter" / "kernels" / KERNEL_NAME
     dest.mkdir(parents=True, exist_ok=True)
     spec = json.loads(TEMPLATE.read_text().replace("@PYTHON@", str(Path(python or sys.executable).absolute())))
@@ -41,11 +39,10 @@ class RunsFolderHandler:
         from papermill.iorw import LocalHandler
         return LocalHandler()
 
-    def read(self, path):
-        return self._local().read(path)
-
-    def listdir(self, path):
-        return self._local().listdir(path)
+    def __getattr__(self, name):  # read, listdir: papermill's local handler's
+        if name not in ("read", "listdir"):
+            raise AttributeError(name)
+        return getattr(self._local(), name)
 
     def write(self, buf, path):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -235,11 +235,10 @@ class PapermillDefaultOutput:
         from papermill.iorw import StreamHandler
         return StreamHandler()
 
-    def read(self, path):
-        return self._stream().read(path)
-
-    def listdir(self, path):
-        return self._stream().listdir(path)
+    def __getattr__(self, name):  # read, listdir: papermill's stdout handler's
+        if name not in ("read", "listdir"):
+            raise AttributeError(name)
+        return getattr(self._stream(), name)
 
     @staticmethod
     def _implicit(path) -> bool:
@@ -289,17 +288,11 @@ def _parent_is_jupyter_server() -> bool:
 
 
 def launch_kernel() -> None:
-    """Entry of the kernel "Python (vitrepro)" (env/kernel/kernel.json.in), then ipykernel as usual.
-
-    - The kernel's own stdout goes to /dev/null. ipykernel copies what child processes (the training
-      workers) write both to the notebook and to the kernel's stdout; under papermill that stdout is the
-      terminal, so with ``--log-output`` every step line showed twice. The notebook still gets it.
-    - Started by JupyterLab/Jupyter Server, training shows a tqdm bar (ipywidgets); started by anything
-      else (papermill, nbclient), ``VITREPRO_PROGRESS=log``: plain step lines, unless already set.
-    - ipykernel's "Kernel is running over TCP without encryption" warning, printed on every start, is dropped:
-      Lab and papermill start this kernel on 127.0.0.1 with a connection file only the user can read, whose
-      key signs every message; the warning concerns kernels reached over a network.
-    """
+    """Entry of the kernel "Python (vitrepro)" (env/kernel/kernel.json.in), then ipykernel as usual. The
+    kernel's own stdout goes to /dev/null (ipykernel copies the training workers' output to the notebook *and*
+    to it: under papermill ``--log-output`` every step line showed twice). Not started by Jupyter Server:
+    ``VITREPRO_PROGRESS=log`` unless set. ipykernel's "running over TCP without encryption" warning is dropped:
+    the kernel listens on 127.0.0.1 with a user-only connection file whose key signs every message."""
     if sys.path and sys.path[0] == "":  # as ipykernel_launcher: not the current directory first
         del sys.path[0]
     fd = os.open(os.devnull, os.O_WRONLY)

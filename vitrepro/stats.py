@@ -1,27 +1,7 @@
-"""The statistics behind every verdict, fixed before the run (issue 27): which test each kind of claim
-gets, at which level, and how the summary table is corrected for testing many claims.
-
-- "A beats B" on independent runs: one-sided Welch t-test (`scipy.stats.ttest_ind(equal_var=False)`).
-- "A beats B" where the design pairs (two layers of one model; two fine-tunes of one parent): one-sided
-  paired t-test (`scipy.stats.ttest_rel`) on the per-seed differences (`beats(..., paired=True)`).
-- "A gains more than B" from a change (1.8k -> 55k images) with independent runs in all four groups:
-  the interaction contrast (A_after - A_before) - (B_after - B_before), a t-test with its own
-  Welch-Satterthwaite degrees of freedom (`interaction`). Pairing seed i of one group with seed i of
-  another would invent a pairing the design does not have.
-- "A and B are alike within ±margin": the 90 % interval of the difference (the two one-sided tests,
-  TOST, at 5 % each). Inside the margin -> alike; wholly outside -> *not alike* (a difference larger
-  than the margin: evidence against the claim, not "no evidence"); otherwise inconclusive.
-
-Every test is two one-sided tests at `ALPHA` = 5 % each: one in the claim's direction (`p_for`), one
-against it (`p_against`), the same level as the 90 % intervals printed beside them. A claim made of
-several comparisons holds only if every part does (intersection-union: its `p_for` is the largest
-part's) and is refuted if any part reverses (Bonferroni within the claim: `p_against` is the smallest
-part's times the number of parts). Across the summary table the claims' p-values are adjusted with
-Benjamini-Hochberg (`adjust`, `scipy.stats.false_discovery_control`) and verdicts are decided on the
-adjusted p; raw and adjusted p are both reported.
-
-With n seeds per group the tests have few degrees of freedom, so a small real difference or a tight
-equivalence can come out "inconclusive": that is the honest answer, and more seeds are the remedy.
+"""The statistics behind every verdict, fixed before the run (issue 27): which test each kind of claim gets
+(Welch, paired, interaction contrast, TOST), at which level, and the correction across the summary table; the
+rules: docs/design.md (stats / verdicts) and docs/cpu-profile-budget.md. With few seeds a small real difference
+can come out "inconclusive": that is the honest answer, and more seeds are the remedy.
 
     beats([0.91, 0.92, 0.90], [0.85, 0.86, 0.84])   -> Comparison(verdict="reproduced", p=...)
     alike([0.90, 0.91, 0.89], [0.90, 0.90, 0.91])   -> Comparison(verdict=..., ci=(lo, hi))
@@ -133,14 +113,10 @@ def beats(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA, paired: 
 
 def alike(a: Sequence[float], b: Sequence[float], margin: float = EQUIVALENCE_MARGIN,
           alpha: float = ALPHA, paired: bool = False) -> Comparison:
-    """Are A and B equivalent within ``margin``? TOST: the (1 - 2 alpha) interval of the difference lies
-    inside [-margin, margin] -> reproduced (alike); it lies wholly outside -> not reproduced (not alike:
-    a real difference larger than the margin); otherwise inconclusive. Noise widens the interval, so
-    noisier runs can only make either conclusion harder to reach, never easier.
-
-    p_for is the TOST p (the larger of the two one-sided p); p_against the one-sided p that the
-    difference exceeds the margin on the side of the estimate (below alpha exactly when the interval
-    lies wholly outside the margin)."""
+    """Are A and B equivalent within ``margin``? TOST: the (1 - 2 alpha) interval of the difference inside
+    [-margin, margin] -> reproduced (alike); wholly outside -> not reproduced (a real difference larger than
+    the margin); otherwise inconclusive (noise widens the interval: it never makes a conclusion easier).
+    p_for: the TOST p; p_against: the one-sided p that the difference exceeds the margin on its side."""
     test = "TOST paired" if paired else "TOST Welch"
     a, b = _arrays(a, b, paired)
     if (few := _too_few(a, b, test)) is not None:

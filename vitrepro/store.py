@@ -171,8 +171,7 @@ _CHECKPOINT_KEYS = ("model", "optimizer", "data", "step", "loss_sum", "loss_n", 
 
 
 def _torch_content_problem(name: str, obj: Any) -> str | None:
-    """What is wrong with the loaded content of a run's model.pt or checkpoint.pt (None when it has the right
-    shape)."""
+    """What is wrong with the loaded content of a run's model.pt or checkpoint.pt (None: nothing)."""
     if name == "model.pt":
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return None
@@ -188,8 +187,7 @@ def _torch_content_problem(name: str, obj: Any) -> str | None:
 
 
 def check_torch_content(obj: Any, path, ref: str | None = None) -> Any:
-    """``obj``, loaded from a run's ``checkpoint.pt`` or ``model.pt``, has that file's content (a
-    checkpoint's keys, a state dict of tensors); else ``DamagedRunError``. Returns ``obj``."""
+    """``obj``, loaded from a run's ``checkpoint.pt`` or ``model.pt``, if it has that file's content."""
     problem = _torch_content_problem(Path(path).name, obj)
     if problem:
         raise _damaged(Path(path), problem, ref)
@@ -392,8 +390,7 @@ class _Tracked:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write a file atomically: `write(f)` fills a temp file in the same folder, then it is renamed; a full
-    disk or a read-only folder raises the store's named error (``write_error``)."""
+    """`write(f)` fills a temp file in the same folder, then it is renamed (a failed write: ``write_error``)."""
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -418,8 +415,7 @@ def atomic_write(path: Path, write) -> None:
 
 
 def atomic_write_json(path, obj) -> None:
-    data = json.dumps(_jsonable(obj), indent=2, sort_keys=True).encode()
-    atomic_write(Path(path), lambda f: f.write(data))
+    atomic_write(Path(path), lambda f: f.write(json.dumps(_jsonable(obj), indent=2, sort_keys=True).encode()))
 
 
 def atomic_torch_save(path, obj) -> None:
@@ -427,8 +423,7 @@ def atomic_torch_save(path, obj) -> None:
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
-    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -442,10 +437,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 class RunLock:
-    """An exclusive OS lock (``fcntl.flock``) on ``<run folder>/.lock``: held by one process at a
-    time, released by ``release()`` or by the kernel when the owner dies (even by SIGKILL). The lock
-    file keeps the owner's pid and host (shown to a waiting process). Where ``fcntl`` is missing
-    (Windows) it is a no-op."""
+    """An exclusive ``fcntl.flock`` on ``<run folder>/.lock``, released by ``release()`` or by the kernel when
+    the owner dies (even by SIGKILL); the file names the owner (pid, host). A no-op without ``fcntl``."""
 
     def __init__(self, path: Path):
         self.path, self._fd, self.waited = Path(path), None, False  # waited: another process held it first
@@ -554,8 +547,7 @@ class RunStore:
                 yield rd.parent.name, rd.name, rd
 
     @staticmethod
-    def _or_warn(read, *args):
-        """``read(*args)``; None, with a message naming it, for a damaged file."""
+    def _or_warn(read, *args):  # None, with a message naming it, for a damaged file
         try:
             return read(*args)
         except DamagedRunError as e:
@@ -647,10 +639,8 @@ class RunStore:
         return out
 
     def _rebuild_config(self, exp: str, rid: str, d: Path, problem: str) -> str | None:
-        """Write a damaged or missing config.json again from what the run's other files hold: record.json
-        (its ``config`` and ``resolved``, checked against the run id where the record's versions allow) or
-        checkpoint.pt (its ``config``; the ``_resolved`` facts are written again when the run resumes).
-        Returns what was done, or None when neither file holds the configuration."""
+        """Write a damaged or missing config.json again from record.json (checked against the run id) or
+        checkpoint.pt; what was done, or None when neither holds the configuration."""
         rec = None
         with contextlib.suppress(DamagedRunError):
             rec = self.record(exp, rid)
@@ -675,8 +665,7 @@ class RunStore:
         return None
 
     def repair(self, ref: str) -> list[str]:
-        """Mend the damaged files of one run, never leaving it worse (``_FILES``; docs/damage.md).
-        Returns what was done, one line per file."""
+        """Mend the damaged files of one run, never leaving it worse (``_FILES``); one line per file."""
         exp, rid, d = self.find(ref)
         done = []
         if ".lock" in self.damage(exp, rid):  # not a file: nobody can hold it, and the lock below needs it gone
@@ -715,8 +704,7 @@ class RunStore:
             lk.release()  # an open descriptor: fine after the folder was deleted
 
     def forget(self, ref: str) -> tuple[Path, list[str]]:
-        """Delete one run folder (refused while a process trains it). Returns the folder and the runs
-        fine-tuned from it (kept; their parent is gone)."""
+        """Delete one run folder (not while it trains); the folder and the runs fine-tuned from it (kept)."""
         exp, rid, d = self.find(ref)
         lk = self.lock(exp, rid)
         if not lk.acquire(blocking=False):
@@ -742,9 +730,8 @@ class RunStore:
             f.write(json.dumps(_jsonable(row)) + "\n")
 
     def truncate_metrics(self, experiment: str, run_id: str, max_step: int, rows: int | None = None) -> int:
-        """Keep the log rows a checkpoint at ``max_step`` had written: its first ``rows`` rows (the count the
-        checkpoint keeps; rows written after it at the same step, e.g. a final evaluation, are dropped), or
-        where that count is unknown the rows up to ``max_step``. Returns how many rows are kept."""
+        """Keep the log rows a checkpoint at ``max_step`` had written (its first ``rows``: a final evaluation at
+        the same step is dropped; unknown: the rows up to ``max_step``); how many are kept."""
         kept = [r for r in self.metrics(experiment, run_id) if r["step"] <= max_step][:rows]
         _write_rows(self.run_dir(experiment, run_id) / "metrics.jsonl", kept)
         return len(kept)
@@ -758,9 +745,6 @@ class RunStore:
         if p.exists():
             with writing(p):
                 p.unlink()
-
-    def clear_record(self, experiment: str, run_id: str) -> None:
-        self.drop(experiment, run_id, "record.json")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -263,8 +263,7 @@ class TrainingPlan:
 
 
 def _find_init_run(cfg: TrainConfig, store: RunStore) -> tuple[Path | None, dict | None]:
-    """For ``init=run:<experiment>/<id>``: that run's folder and stored config (it must have finished, with
-    weights that read back, and be the same model); (None, None) for any other init."""
+    """``init=run:...``: that run's folder and config (finished, readable, the same model); else (None, None)."""
     if init_names_a_file(cfg.init) and not Path(cfg.init).exists():
         raise ConfigError(f"init={cfg.init!r}: no such file (use run:<experiment>/<run_id>, timm:<name>.<tag> "
                           "or a .pth/.safetensors/.npz path)")
@@ -293,8 +292,7 @@ def _find_init_run(cfg: TrainConfig, store: RunStore) -> tuple[Path | None, dict
 
 
 def _prepare(cfg: TrainConfig, store: RunStore) -> TrainingPlan:
-    """Every check that needs I/O (the init run, the subset, the model's shapes), before any compute or store
-    write (the data reads: `resolved_identity` fingerprinted it)."""
+    """Every check that needs I/O (the init run, the subset, the model's shapes), before any compute or write."""
     init_run, init_config = _find_init_run(cfg, store)
     parent = init_config["_resolved"] if init_config else {}
     src = resolve_source(cfg.dataset)
@@ -403,8 +401,7 @@ def _param_groups(model, weight_decay: float):
 
 
 def _make_optimizer(model, cfg: TrainConfig):
-    # fused=True: the same update rule, computed in one multi-tensor kernel (on CPU ~5x faster than the
-    # default per-parameter loop: 15 -> 3 ms per step for ViT-Nano, ~5% of its training step).
+    # fused: the same update rule in one multi-tensor kernel (on CPU ~5x faster than the per-parameter loop)
     groups = _param_groups(model, cfg.weight_decay)
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters()) or None
     if cfg.optimizer == "adam":
@@ -429,9 +426,8 @@ def data_used(cfg: TrainConfig) -> list[tuple[str, str]]:
 
 
 def resolved_identity(cfg: TrainConfig | dict, threads: int | None = None) -> dict:
-    """What a configuration resolves to on this machine and data (part of the run id; docs/design.md): device
-    type, precision, CPU threads (``threads``, else this process's), whether the step is compiled, a fingerprint
-    of every split it reads and, for an ``init`` file, its size and modification time."""
+    """What a configuration resolves to on this machine and data (part of the run id: docs/design.md);
+    ``threads``: the CPU threads of the process that trains it (None: this one's)."""
     cfg = TrainConfig.from_dict(cfg)
     device = _resolve_device(cfg.device, 0)
     precision = resolve_precision(cfg.precision, device)
@@ -474,15 +470,13 @@ def _expected_steps(cfg: TrainConfig, fingerprint: dict | None) -> int | None:
 
 
 def run_id_of(config: TrainConfig | dict, threads: int | None = None) -> str:
-    """The store id of a configuration (normalised through ``from_dict``, so lr=1 and lr=1.0 agree) and what it
-    resolves to here; ``threads``: the intra-op thread count of the process that trains it (None: this one's)."""
+    """The store id of a configuration (``from_dict`` normalises it: lr=1 and lr=1.0 agree) as it resolves here."""
     cfg = TrainConfig.from_dict(config)
     return run_id_for(cfg.to_dict(), resolved=resolved_identity(cfg, threads))
 
 
 def _arch_of(cfg: TrainConfig, init_config: dict | None) -> dict:
-    """The full architecture a run builds: its own options, else those inherited from the run it
-    fine-tunes (``init=run:...``, whose ``_resolved.arch`` is complete), else the model's defaults."""
+    """The full architecture: the run's own options, else its ``init=run:`` parent's, else the model's defaults."""
     import inspect
 
     from . import models
@@ -529,8 +523,7 @@ def finished_record(store: RunStore, exp: str, rid: str, quiet: bool = False) ->
     return rec
 
 
-def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool = False,
-        progress: str = "auto") -> dict:
+def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool = False, progress: str = "auto") -> dict:
     """Train (or resume, or return the stored record of) one configuration. Returns the record. A second
     process of the same configuration waits for the run folder's owner (``RunStore.lock``), then returns its
     record or takes the run over; under DDP rank 0 takes the lock and decides for every rank (`_agree`)."""
@@ -576,7 +569,10 @@ def run(config: TrainConfig | dict, store: RunStore | None = None, force: bool =
             return _train(plan, store, rid, device, rank, world, progress, facts)
         except Exception as e:  # record the failure (rank 0), then re-raise
             if rank == 0:
-                _record_failure(store, cfg, rid, facts, e)
+                rec = {**_record_base(store, cfg, rid, facts, "failed"), "error": f"{type(e).__name__}: {e}",
+                       "error_type": type(e).__name__}
+                with contextlib.suppress(OSError):  # e.g. the disk is full: the original error says so
+                    store.write_record(cfg.experiment, rid, rec)
             raise
     finally:
         if lock is not None:
@@ -593,7 +589,6 @@ def _agree(record: dict | None, world: int) -> dict | None:
 
 
 def _start_distributed(world: int, device: torch.device) -> None:
-    """Join the torchrun process group (gloo on CPU, NCCL on CUDA) when there is more than one process."""
     if world > 1 and not torch.distributed.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -601,8 +596,7 @@ def _start_distributed(world: int, device: torch.device) -> None:
 
 
 def _resolved_facts(plan: TrainingPlan, identity: dict) -> dict:
-    """What the configuration resolved to: shapes, steps, the full architecture, whether the head was reset,
-    ``resolved_identity`` and the numerics version (config.json's ``_resolved``, record.json's ``resolved``)."""
+    """What the configuration resolved to (config.json's ``_resolved``, record.json's ``resolved``)."""
     cfg = plan.cfg
     head_reset = bool(cfg.init) and (cfg.reset_head is not False or (
         plan.init_config is not None and plan.init_config["_resolved"]["num_classes"] != plan.num_classes))
@@ -613,8 +607,7 @@ def _resolved_facts(plan: TrainingPlan, identity: dict) -> dict:
 
 
 def _open_run_folder(store: RunStore, cfg: TrainConfig, rid: str, facts: dict, force: bool) -> None:
-    """Rank 0, holding the run's lock: start clean where forced or never checkpointed, check a checkpoint
-    to resume from, and write config.json (with ``_resolved``)."""
+    """Rank 0, holding the lock: start clean where forced or never checkpointed, else check the checkpoint."""
     if force:
         for n in ("record.json", "checkpoint.pt", "metrics.jsonl", "model.pt"):
             store.drop(cfg.experiment, rid, n)
@@ -623,7 +616,7 @@ def _open_run_folder(store: RunStore, cfg: TrainConfig, rid: str, facts: dict, f
         check_torch_file(checkpoint, f"{cfg.experiment}/{rid}")  # DamagedRunError names it and the remedy
     else:
         store.drop(cfg.experiment, rid, "metrics.jsonl")  # rows of an attempt that never checkpointed: start clean
-    store.clear_record(cfg.experiment, rid)
+    store.drop(cfg.experiment, rid, "record.json")
     store.create(cfg.experiment, rid, {**cfg.to_dict(), "_resolved": facts})
 
 
@@ -633,16 +626,8 @@ def _record_base(store: RunStore, cfg: TrainConfig, rid: str, facts: dict, statu
             "git_revision": _git_revision(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _record_failure(store: RunStore, cfg: TrainConfig, rid: str, facts: dict, error: Exception) -> None:
-    rec = {**_record_base(store, cfg, rid, facts, "failed"), "error": f"{type(error).__name__}: {error}",
-           "error_type": type(error).__name__}
-    with contextlib.suppress(OSError):  # e.g. the disk is full: the original error says so
-        store.write_record(cfg.experiment, rid, rec)
-
-
 def _train(plan: TrainingPlan, store: RunStore, rid: str, device: torch.device, rank: int, world: int,
            progress: str, facts: dict) -> dict:
-    """Build (or resume), run the training loop, evaluate and write the record (rank 0)."""
     t = _build(plan, store, rid, device, rank, world, facts)
     _resume(t)
     _loop(t, progress)
@@ -724,8 +709,7 @@ def _build(plan: TrainingPlan, store: RunStore, rid: str, device: torch.device, 
 
 
 def _resume(t: _Training) -> None:
-    """Continue from the run's checkpoint when there is one (model, optimiser, data order, loss sums, RNG,
-    selection), then wrap the model for DDP and put it in training mode."""
+    """Continue from the run's checkpoint where there is one, then wrap the model (DDP, compile)."""
     path = t.run_dir / "checkpoint.pt"
     if path.exists():
         ref = f"{t.cfg.experiment}/{t.rid}"
@@ -770,8 +754,7 @@ def _check_finite(t: _Training, value: float) -> None:
 
 
 def _train_step(t: _Training) -> float:
-    """One optimiser step: set the scheduled lr, reseed dropout from (seed, step, rank), accumulate the
-    gradients of ``accum_steps`` micro-batches, clip, update. Returns the step's lr."""
+    """One optimiser step over ``accum_steps`` micro-batches, dropout reseeded from (seed, step, rank); its lr."""
     cfg, accum = t.cfg, t.cfg.accum_steps
     lr = lr_at(t.step, cfg, t.plan.steps)
     for g in t.optimizer.param_groups:
@@ -859,8 +842,7 @@ def _loop(t: _Training, progress: str) -> None:
 
 
 def _evaluate(t: _Training) -> dict[str, float]:
-    """Every evaluator on the final (or chosen) parameters, the last training loss and the best validation
-    accuracy: the run's last metrics row."""
+    """Every evaluator on the final (or chosen) parameters, the last loss, the best validation accuracy."""
     metrics: dict[str, float] = {}
     for ev in t.plan.evaluators:
         metrics.update(ev(t.model, autocast_dtype=t.amp))
@@ -930,8 +912,7 @@ class _BestOnValidation:
             setattr(self, k, state[k])
 
 
-def _json_safe(report):
-    """A load report as stored in the record: itself when it is JSON, else its text (at most 2,000 characters)."""
+def _json_safe(report):  # a load report as the record stores it: itself when it is JSON, else its text
     try:
         json.dumps(report)
         return report

@@ -114,6 +114,12 @@ def _judge(claim: str, src: str, comparisons: dict[str, stats.Comparison],
     return Verdict(claim, src, verdict, ev, p_for, p_against, below_flag(floors))
 
 
+def _sweep_floor(df: pd.DataFrame, d: pd.DataFrame, metric: str) -> float:
+    """The pixel baseline of ``d``'s split; for top-1, the one trained on ``d``'s pre-training size."""
+    n = d.upstream_examples.dropna().iloc[0] if d.upstream_examples.notna().any() else None
+    return floor(df, metric, d.dataset.iloc[0], n if metric == "top1" else None)
+
+
 # --------------------------------------------------------------------------------------- scaling
 def _main_model(d: pd.DataFrame, family: str) -> str | None:
     """The family's model of the main sweep: the one at the most pre-training sizes, then the smallest
@@ -247,8 +253,7 @@ def position_embedding_verdicts(df: pd.DataFrame) -> list[Verdict]:
         d = select(table8_runs(df), metric=metric)
         if d.empty:
             continue
-        n = d.upstream_examples.dropna().iloc[0] if d.upstream_examples.notna().any() else None
-        base = floor(df, metric, d.dataset.iloc[0], n if metric == "top1" else None)
+        base = _sweep_floor(df, d, metric)
         none = seeds(d, pos_embed="none")
         kinds = {k: v for k in ("1d", "2d", "relative") if (v := seeds(d, pos_embed=k, pos_embed_at="stem")).size}
         if not none.size or not kinds:
@@ -284,14 +289,13 @@ def _pooling_verdict(df: pd.DataFrame) -> list[Verdict]:
             return [Verdict("Class token and GAP work alike, each at its own learning rate", "[P] App. D.3, Fig. 9",
                             "not run", "no validation accuracy recorded: the learning rate cannot be chosen")]
         chosen[pool] = best([{"lr": r.lr, "top1_val": r.value} for r in val.itertuples()], "top1_val", ["lr"])["lr"]
-    n = d.upstream_examples.dropna().iloc[0] if d.upstream_examples.notna().any() else None
     edge = "; ".join(f"{pool}'s lr {chosen[pool]:g} at the edge of its grid ({', '.join(f'{x:g}' for x in grid)})"
                      for pool, grid in ((p, sorted(g.lr.unique())) for p, g in d.groupby("pool"))
                      if chosen[pool] in (grid[0], grid[-1]))
     out = []
     for metric, label in (("fewshot5", "5-shot linear"), ("top1", "top-1")):
         values = {pool: seeds(g, metric=metric, lr=chosen[pool]) for pool, g in d.groupby("pool")}
-        base = floor(df, metric, d.dataset.iloc[0], n if metric == "top1" else None)
+        base = _sweep_floor(df, d, metric)
         v = _judge(f"Class token and GAP work alike within ±1 pp, each at its own learning rate ({label})",
                    "[P] App. D.3, Fig. 9", {"token vs GAP": stats.alike(values["token"], values["gap"])},
                    {p: (v, base) for p, v in values.items()},
@@ -466,8 +470,7 @@ def position_embedding_pairs(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         d = select(grid, metric=metric)
         if d.empty:
             continue
-        n = d.upstream_examples.dropna().iloc[0] if d.upstream_examples.notna().any() else None
-        base = floor(df, metric, d.dataset.iloc[0], n if metric == "top1" else None)
+        base = _sweep_floor(df, d, metric)
         groups = {variant_label(k, at): seeds(d, pos_embed=k, pos_embed_at=at) for k, at in VARIANTS}
         table = pairwise(groups, base)
         if len(table):

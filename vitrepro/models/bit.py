@@ -20,8 +20,7 @@ from timm.models.resnetv2 import ResNetV2
 
 from .vit import make_head, replace_head
 
-RESNET_OPTIONS = ("img_size", "in_chans", "num_classes", "head", "representation_size", "drop_rate",
-                  "drop_path_rate")
+RESNET_OPTIONS = ("img_size", "in_chans", "num_classes", "head", "representation_size", "drop_rate", "drop_path_rate")
 STAGE_CHANNELS = (256, 512, 1024, 2048)  # bottleneck output channels per stage at width 1
 _REDUCED = (torch.bfloat16, torch.float16)
 
@@ -33,16 +32,11 @@ def _cpu_reduced_precision(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int) -> torch.Tensor:
-    """``F.conv2d``, routed around a oneDNN bug in CPU bf16 weight gradients (torch 2.x, AVX512-BF16/AMX).
-
-    Where along an axis the stride exceeds the kernel positions (``n + 2*pad - dilation*(k-1) < stride``, e.g.
-    a 3x3/2 conv on a 1x1 map: BiT stage 3 at <= 16 px), oneDNN's bf16 backward-weights kernel leaves the
-    gradient of the taps that only see padding uninitialised (heap garbage, often NaN: unrepeatable bf16 BiT
-    runs). The work-around is exact: an axis with a single output position never moves the kernel, so its
-    stride becomes 1, the positions its one window never reaches are cropped and the padding is applied
-    explicitly (with the conv's own padding oneDNN still misses taps). Only those CPU reduced-precision convs
-    are touched; fp32 and CUDA keep the plain call.
-    """
+    """``F.conv2d``, routed around a oneDNN bug in CPU bf16 weight gradients (torch 2.x, AVX512-BF16/AMX):
+    where the stride exceeds an axis's kernel positions (e.g. a 3x3/2 conv on a 1x1 map: BiT stage 3 at <= 16
+    px), its backward-weights kernel leaves the taps that only see padding uninitialised (often NaN). Exact
+    work-around: an axis with one output position never moves the kernel, so its stride becomes 1, what its
+    window never reaches is cropped and the padding is explicit. fp32 and CUDA keep the plain call."""
     if isinstance(padding, str) or not _cpu_reduced_precision(x, weight):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     positions = [x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) for i in (0, 1)]
@@ -51,8 +45,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilatio
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     (ph, pw), (sh, sw) = padding, stride
     # F.pad order (w_before, w_after, h_before, h_after); a negative "after" crops unreachable positions
-    x = F.pad(x, (pw, pw - (positions[1] - 1) if single[1] else pw,
-                  ph, ph - (positions[0] - 1) if single[0] else ph))
+    x = F.pad(x, (pw, pw - (positions[1] - 1) if single[1] else pw, ph, ph - (positions[0] - 1) if single[0] else ph))
     return F.conv2d(x, weight, bias, (1 if single[0] else sh, 1 if single[1] else sw), 0, dilation, groups)
 
 

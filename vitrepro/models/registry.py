@@ -1,20 +1,9 @@
 """Model names (the paper's Table 1 and Section 4; the grammar: docs/design.md) and the variant table.
 
-    ViT-{size}/{patch}                 plain ViT, e.g. ViT-B/16
-    R{depth}x{width}+ViT-{size}/{s}    hybrid: ViT on a ResNet's feature map; s is the ResNet's *total* stride
-    R50+ViT-B/16                       short form of R50x1+ViT-B/16 (the paper's hybrid)
-    BiT-R{depth}x{width}               BiT ResNet, e.g. BiT-R50x1
-
-A hybrid of total stride s (Section 3.1, generalised to small CPU hybrids) keeps the first log2(s) - 1 of
-the ResNet's stages (strides 4, 8, 16, 32 after stages 1..4) and appends the removed stages' blocks to the
-last kept one, so the depth is unchanged:
-
-    s = 32  -> stages (b1, b2, b3, b4)        paper option (i):  R50+ViT-B/32, blocks (3, 4, 6, 3)
-    s = 16  -> stages (b1, b2, b3 + b4)       paper option (ii): R50+ViT-B/16, blocks (3, 4, 9)
-    s = 8   -> stages (b1, b2 + b3 + b4)      CPU sizes, e.g. R26x0.25+ViT-Micro/8, blocks (2, 6)
-    s = 4   -> stages (b1 + b2 + b3 + b4)     e.g. R14x0.25+ViT-Nano/4, blocks (4,)
-
-Fractional ResNet widths (x0.25) are for CPU runs; GroupNorm then has 32 * width groups.
+A hybrid of total stride s keeps the first log2(s) - 1 of the ResNet's stages (strides 4, 8, 16, 32) and appends
+the removed stages' blocks to the last kept one, so the depth is unchanged: s = 32 is the paper's option (i)
+(R50+ViT-B/32, blocks (3, 4, 6, 3)), s = 16 option (ii) (R50+ViT-B/16, blocks (3, 4, 9)); s = 8 and 4 are CPU
+sizes. Fractional ResNet widths (x0.25) are for CPU runs; GroupNorm then has 32 * width groups.
 """
 
 from __future__ import annotations

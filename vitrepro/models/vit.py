@@ -1,16 +1,7 @@
-"""Vision Transformer (Dosovitskiy et al. 2021), as one readable module.
-
-    z0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos                (Eq. 1)
-    z'_l = MSA(LN(z_{l-1})) + z_{l-1}                            (Eq. 2, pre-LN)
-    z_l  = MLP(LN(z'_l)) + z'_l                                  (Eq. 3)
-    y    = LN(z_L^0)                                             (Eq. 4)
-
-Parameter names follow timm's VisionTransformer (`patch_embed.proj`, `cls_token`, `blocks.i.attn.qkv`,
-...), so timm checkpoints map onto this module with only a handful of renames (see weights.py).
-
-Position-embedding variants (App. D.4, Table 8):
-    pos_embed    = none | 1d | 2d | relative
-    pos_embed_at = stem | every_layer | every_layer_shared
+"""Vision Transformer (Dosovitskiy et al. 2021, Eq. 1-4, pre-LN), as one readable module. Parameter names follow
+timm's VisionTransformer, so timm checkpoints map onto it with a handful of renames (weights.py). Position-embedding
+variants (App. D.4, Table 8): ``pos_embed`` none | 1d | 2d | relative, ``pos_embed_at`` stem | every_layer |
+every_layer_shared.
 """
 
 from __future__ import annotations

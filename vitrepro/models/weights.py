@@ -257,13 +257,10 @@ def _is_head(key: str) -> bool:
 
 @torch.no_grad()
 def load_state(model: nn.Module, sd: dict, source: str = "state_dict") -> dict:
-    """Strictly load a state dict in timm or our layout; returns a report dict.
-
-    Everything but the head must match (else KeyError; position embeddings of another grid are resampled).
-    The pre-logits layer loads when both have it; a model wanting one from a checkpoint without gets the
-    zero-initialised linear head (reset_head); one only the checkpoint has is dropped (as when fine-tuning
-    from in21k). The classifier loads when its shape matches, else it is zero-initialised.
-    """
+    """Strictly load a state dict in timm or our layout; returns a report dict. Everything but the head must
+    match (else KeyError; position embeddings of another grid are resampled). The pre-logits layer loads when
+    both have it, is dropped when only the checkpoint has it (fine-tuning from in21k), else the model gets a
+    zero-initialised linear head; the classifier loads when its shape matches, else it is zero-initialised."""
     sd = timm_to_ours(sd, model)
     own = model.state_dict()
     report = {"source": source, "resampled": [], "head": ""}
