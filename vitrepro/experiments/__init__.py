@@ -22,11 +22,10 @@ def module(name: str):
 
 def export_all(results: Path, profile: str = "cpu") -> None:
     """Re-export every notebook's results.csv from the run store (tables/figures need the notebook)."""
+    from .results import atomic_write_text
+
     for name in NOTEBOOKS:
         mod = module(name)
-        params = mod.Params(profile=profile, results_dir=str(Path(results) / name))
-        df = mod.collect(params)
+        df = mod.collect(mod.Params(profile=profile, results_dir=str(Path(results) / name)))
         if len(df):
-            from .results import atomic_write_text
-
             atomic_write_text(Path(results) / name / "results.csv", df.to_csv(index=False))

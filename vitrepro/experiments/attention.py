@@ -20,8 +20,12 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from .. import analysis
 from . import common, floors, launch, recipes, skeleton
 from .common import Job, ParameterError
+from .explorer import pretrain_runs, test_images, uniform_distance
+from .results import grid_array, grid_rows
+from .transfer import pretrained_model_name
 
 NOTEBOOK = "attention"
 
@@ -45,12 +49,9 @@ class Params(launch.ExperimentParams):
         if self.model_run and not self.model_run.startswith("run:"):
             raise ParameterError(f"model_run must look like 'run:<experiment>/<run_id>', got {self.model_run!r}")
         if self.pretrained:
-            from .transfer import pretrained_model_name
-            from ..models import registry
-
-            registry.parse_name(pretrained_model_name(self.pretrained, self.pretrained_model))
-        if self.num_images is not None and (not isinstance(self.num_images, int) or self.num_images < 1):
-            raise ParameterError(f"num_images must be a positive integer, got {self.num_images!r}")
+            name = pretrained_model_name(self.pretrained, self.pretrained_model)
+            skeleton.check_models("pretrained_model", name, single=True)
+        skeleton.check_positive("num_images", self.num_images)
 
 
 @dataclass
@@ -120,40 +121,38 @@ def models(params: Params, df: pd.DataFrame | None = None) -> list[tuple[str, to
         return [(params.model_run, common.load_run_model(params, params.model_run))]
     if params.pretrained:
         from ..models import create_model, load_pretrained
-        from .transfer import pretrained_model_name
 
         model = create_model(pretrained_model_name(params.pretrained, params.pretrained_model))
         load_pretrained(model, params.pretrained)
         return [(params.pretrained, model)]
-    ids = df[df.stage == "pretrain"].drop_duplicates("run_id").sort_values("seed")
-    return [(f"{r.model} seed {int(r.seed)}", common.load_run_model(params, r.run_id)) for r in ids.itertuples()]
+    return [(f"{r.model} seed {int(r.seed)}", common.load_run_model(params, r.run_id))
+            for r in pretrain_runs(df).itertuples()]
 
 
 def sample_images(params: Params, model: torch.nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n test images: (uint8 originals, model inputs in [-1, 1] at the model's resolution)."""
-    from .explorer import test_images
-
     return test_images(profile(params).dataset, model, n)
 
 
 SAMPLE_IMAGES = 8  # Fig. 6: test images shown with their attention rollout
-ANALYSIS_TABLES = ("similarity", "filters", "rollout_images", "rollout_maps")  # written beside results.csv
+# The tables written beside results.csv (what the weight-dependent figures are drawn from): their axes
+DIMS = {"filters": ("component", "channel", "y", "x"), "similarity": ("row", "col", "other_row", "other_col"),
+        "rollout_images": ("image", "channel", "y", "x"), "rollout_maps": ("image", "row", "col")}
+ANALYSIS_TABLES = tuple(DIMS)
 
 
 def analyse(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, dict, dict]:
     """Attention distances and position-similarity statistics of every analysed model; the small tables the
     weight-dependent figures are drawn from (`ANALYSIS_TABLES`, of the first model); and the Fig. 6/7 figures,
     drawn from those two (`figures`), so that `source="results"` draws the same ones without the weights."""
-    from .. import analysis
-
     if params.source != "train":  # the committed rows and tables: no weights needed
         analysed = _committed(params, "analysis")
-        extra = {name: skeleton.read_results(params, NOTEBOOK, analysis=name) for name in ANALYSIS_TABLES}
-        extra = {k: v for k, v in extra.items() if v is not None}
+        extra = {name: t for name in ANALYSIS_TABLES
+                 if (t := skeleton.read_results(params, NOTEBOOK, analysis=name)) is not None}
         return analysed, figures(analysed, extra), extra
     rows, extra = [], {}
     p = profile(params)
-    stored = df[df.stage == "pretrain"].drop_duplicates("run_id").sort_values("seed") if len(df) else df
+    stored = pretrain_runs(df) if len(df) else df
     for i, (label, model) in enumerate(models(params, df)):
         raw, x = sample_images(params, model, p.num_images)
         dist = analysis.model_attention_distance(model, x, batch_size=64)
@@ -162,9 +161,7 @@ def analyse(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, dict, dict]
                     family="ViT", dataset=p.dataset, seed=i)
         rows += [dict(keys, metric="attention_distance", value=r.distance, layer=r.layer, head=r.head)
                  for r in dist.itertuples()]
-        grid = analysis._model_grid(model)
-        pix = analysis._model_patch_pixels(model, grid)
-        rows.append(dict(keys, metric="uniform_attention_distance", value=analysis.uniform_attention_distance(grid, pix)))
+        rows.append(dict(keys, metric="uniform_attention_distance", value=uniform_distance(model)))
         sim = analysis.model_position_similarity(model)
         if sim is not None:
             rows.append(dict(keys, metric="pos_similarity_vs_distance",
@@ -177,49 +174,33 @@ def analyse(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, dict, dict]
 
 def first_model_tables(model, raw: torch.Tensor, x: torch.Tensor, label: str, run_id: str) -> dict[str, pd.DataFrame]:
     """The data of Fig. 7 left (filter principal components), Fig. 7 centre (position-embedding similarity)
-    and Fig. 6 (sample test images and their attention rollout) as long-form tables (`common.grid_rows`)."""
-    from .. import analysis
-    from .results import grid_rows
-
-    out = {"filters": grid_rows(analysis.model_filter_components(model).components, ("component", "channel", "y", "x"),
-                                model=label, run_id=run_id)}
-    sim = analysis.model_position_similarity(model)
-    if sim is not None:
-        out["similarity"] = grid_rows(sim, ("row", "col", "other_row", "other_col"), model=label, run_id=run_id)
-    out["rollout_images"] = grid_rows(raw[:SAMPLE_IMAGES], ("image", "channel", "y", "x"), model=label, run_id=run_id)
-    out["rollout_maps"] = grid_rows(analysis.model_rollout(model, x[:SAMPLE_IMAGES]), ("image", "row", "col"),
-                                    model=label, run_id=run_id)
-    return out
+    and Fig. 6 (sample test images and their attention rollout) as long-form tables (`results.grid_rows`)."""
+    arrays = {"filters": analysis.model_filter_components(model).components,
+              "similarity": analysis.model_position_similarity(model), "rollout_images": raw[:SAMPLE_IMAGES],
+              "rollout_maps": analysis.model_rollout(model, x[:SAMPLE_IMAGES])}
+    return {k: grid_rows(a, DIMS[k], model=label, run_id=run_id) for k, a in arrays.items() if a is not None}
 
 
 def figures(analysed: pd.DataFrame, extra: dict) -> dict:
     """Fig. 6, Fig. 7 left/centre/right from the analysis rows and tables (`analyse`, or the committed CSVs);
     a figure whose table is missing (None) is left out."""
-    from .. import analysis
-    from .results import grid_array
-
     figs, extra = {}, {k: v for k, v in (extra or {}).items() if v is not None and len(v)}
-    if "filters" in extra:
-        f = extra["filters"]
-        figs["fig7_left_filters"] = analysis.plot_filters(
-            torch.tensor(grid_array(f, ("component", "channel", "y", "x"))),
-            title=f"Fig. 7 left: embedding filter PCs ({f.model.iloc[0]})")
-    if "similarity" in extra:
-        f = extra["similarity"]
-        figs["fig7_centre_position_similarity"] = analysis.plot_position_similarity(
-            torch.tensor(grid_array(f, ("row", "col", "other_row", "other_col"))),
-            title=f"Fig. 7 centre: position-embedding similarity ({f.model.iloc[0]})")
+    grid = {k: torch.tensor(grid_array(v, DIMS[k])) for k, v in extra.items()}
+    for name, key, plot, title in (
+            ("filters", "fig7_left_filters", analysis.plot_filters, "Fig. 7 left: embedding filter PCs"),
+            ("similarity", "fig7_centre_position_similarity", analysis.plot_position_similarity,
+             "Fig. 7 centre: position-embedding similarity")):
+        if name in extra:
+            figs[key] = plot(grid[name], title=f"{title} ({extra[name].model.iloc[0]})")
     if "rollout_images" in extra and "rollout_maps" in extra:
-        raw = torch.tensor(grid_array(extra["rollout_images"], ("image", "channel", "y", "x"))).to(torch.uint8)
-        figs["fig6_attention_rollout"] = analysis.plot_rollout(
-            raw, torch.tensor(grid_array(extra["rollout_maps"], ("image", "row", "col"))))
+        figs["fig6_attention_rollout"] = analysis.plot_rollout(grid["rollout_images"].to(torch.uint8),
+                                                               grid["rollout_maps"])
     d = analysed[analysed.metric == "attention_distance"] if len(analysed) else analysed
     if len(d):
         d = d.rename(columns={"value": "distance"}).astype({"layer": int, "head": int})
         fig = analysis.plot_attention_distance(d, hue="head", title="Fig. 7 right: mean attention distance")
-        uniform = analysed[analysed.metric == "uniform_attention_distance"]["value"]
-        if len(uniform):
-            fig.axes[0].axhline(float(uniform.iloc[0]), color="grey", ls="--", lw=1, label="uniform attention")
+        if (uniform := _uniform(analysed)) is not None:
+            fig.axes[0].axhline(uniform, color="grey", ls="--", lw=1, label="uniform attention")
             fig.axes[0].legend(fontsize=7)
         figs["fig7_right_attention_distance"] = fig
     return figs
@@ -251,9 +232,8 @@ def tables(df: pd.DataFrame, analysed: pd.DataFrame) -> dict[str, pd.DataFrame]:
     if len(d):
         t = d.groupby(["model", "layer"])["value"].agg(["mean", "min", "max"]).reset_index()
         t.columns = ["model", "layer", "mean distance (px)", "min over heads", "max over heads"]
-        u = analysed[analysed.metric == "uniform_attention_distance"]["value"]
-        if len(u):
-            t["uniform attention (px)"] = float(u.iloc[0])
+        if (uniform := _uniform(analysed)) is not None:
+            t["uniform attention (px)"] = uniform
         out["Fig. 7 right: mean attention distance by layer"] = t.round(2)
         s = analysed[analysed.metric == "pos_similarity_vs_distance"]
         if len(s):
@@ -277,37 +257,28 @@ def over_training(params: Params, df: pd.DataFrame, num_images: int = 128) -> tu
     """Attention distance by layer and the position-similarity correlation at every stored snapshot of
     the analysed runs (cpu profile: 8 per run), so a user sees whether the structure is emerging.
     Returns long-form rows (run_id, seed, step, layer, metric, value) and the figure."""
-    from .. import analysis
     from ..store import RunStore
 
     if params.source != "train":  # the committed rows; the uniform line from the analysis rows
         tracked = _committed(params, "over_training")
         return tracked, over_training_figure(tracked, _uniform(_committed(params, "analysis")))
-
     store = RunStore(common.runs_dir(params))
     rows = []
-    for r in df[df.stage == "pretrain"].drop_duplicates("run_id").sort_values("seed").itertuples():
+    for r in pretrain_runs(df).itertuples():
         model = common.load_run_model(params, r.run_id)
-        snaps = sorted((store.find(r.run_id)[2] / "snapshots").glob("step_*.pt"))
-        for snap in snaps:
-            step = int(snap.stem.removeprefix("step_"))
+        for snap in sorted((store.find(r.run_id)[2] / "snapshots").glob("step_*.pt")):
+            keys = dict(run_id=r.run_id, seed=int(r.seed), step=int(snap.stem.removeprefix("step_")))
             model.load_state_dict(torch.load(snap, map_location="cpu", weights_only=True))
             _, x = sample_images(params, model, num_images)
             dist = analysis.model_attention_distance(model.eval(), x, batch_size=64)
-            for layer, g in dist.groupby("layer"):
-                rows.append(dict(run_id=r.run_id, seed=int(r.seed), step=step, layer=int(layer),
-                                 metric="attention_distance_during_training", value=float(g.distance.mean())))
+            rows += [dict(keys, layer=int(layer), metric="attention_distance_during_training",
+                          value=float(g.distance.mean())) for layer, g in dist.groupby("layer")]
             sim = analysis.model_position_similarity(model)
             if sim is not None:
-                rows.append(dict(run_id=r.run_id, seed=int(r.seed), step=step, layer=None,
-                                 metric="pos_similarity_during_training",
+                rows.append(dict(keys, layer=None, metric="pos_similarity_during_training",
                                  value=analysis.position_similarity_vs_distance(sim)))
     out = pd.DataFrame(rows)
-    if out.empty:
-        return out, {}
-    model = common.load_run_model(params, out.run_id.iloc[0])
-    grid = analysis._model_grid(model)
-    uniform = analysis.uniform_attention_distance(grid, analysis._model_patch_pixels(model, grid))
+    uniform = uniform_distance(common.load_run_model(params, out.run_id.iloc[0])) if len(out) else None
     return out, over_training_figure(out, uniform)
 
 
@@ -330,22 +301,20 @@ def over_training_figure(tracked: pd.DataFrame, uniform: float | None) -> dict:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    out = tracked
-    if out.empty:
+    if tracked.empty:
         return {}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    d = out[out.metric == "attention_distance_during_training"].astype({"layer": int})
+    d = tracked[tracked.metric == "attention_distance_during_training"].astype({"layer": int})
     sns.lineplot(data=d, x="step", y="value", hue="layer", errorbar="sd", palette="viridis", ax=axes[0])
     if uniform is not None:
         axes[0].axhline(uniform, color="grey", ls="--", lw=1, label="uniform")
-    axes[0].set_ylabel("mean attention distance (px)")
-    axes[0].set_title("attention distance over training (mean over heads, ± sd over seeds)")
+    axes[0].set(ylabel="mean attention distance (px)",
+                title="attention distance over training (mean over heads, ± sd over seeds)")
     axes[0].legend(fontsize=7, title="layer")
-    d = out[out.metric == "pos_similarity_during_training"]
+    d = tracked[tracked.metric == "pos_similarity_during_training"]
     if len(d):
         sns.lineplot(data=d, x="step", y="value", errorbar="sd", marker="o", ax=axes[1])
         axes[1].axhline(0, color="grey", lw=0.8)
-        axes[1].set_ylabel("Pearson r (similarity, distance)")
-        axes[1].set_title("position-embedding structure over training")
+        axes[1].set(ylabel="Pearson r (similarity, distance)", title="position-embedding structure over training")
     fig.tight_layout()
     return {"fig7_over_training": fig}

@@ -3,25 +3,25 @@
     python -m vitrepro.experiments.run_all --profile paper --dry-run [--tiny]
     papermill notebooks/scaling.ipynb out.ipynb -p profile gpu -p dry_run True
 
-What fails here would fail on the cluster: each configuration of the profile trains for `STEPS` steps
-with its real model (with ``tiny``, the largest ones, above 25 M parameters,
-swapped for a tiny one of the same family),
-optimizer, schedule (warm-up shortened to fit), augmentation, resolution and evaluators (accuracy, the
-few-shot probe, fine-tuning from its parent run, streaming where the real set is streamed), at a small
-batch, on stand-in datasets with the real ones' schema: the same parquet columns and features (image
-column, ClassLabel with the real number of classes), splits, image sizes and modes (mixed sizes where the
-real set has them), written once into ``<tmp>/vitrepro-dryrun-data-v1/<name>/`` and used as this process's
-data directory (``settings.override``; the sweep's workers receive it). Seeds default to 1, subset sizes are capped at what the stand-in
-holds (so sizes that differ only there become one run), and the run store is a fresh temporary folder:
-nothing of a real run store, cache or results/ is touched.
+What fails here would fail on the cluster: each configuration of the profile trains for `STEPS` steps with its
+real model (with ``tiny``, those above 25 M parameters swapped for a tiny one of the same family), optimizer,
+schedule (warm-up shortened to fit), augmentation, resolution and evaluators, at a small batch, on stand-in
+datasets with the real ones' schema (parquet columns and features, splits, image sizes and modes), written once
+into ``<tmp>/vitrepro-dryrun-data-v<VERSION>/<name>/`` and used as this process's data directory
+(``settings.override``; the sweep's workers receive it). Seeds default to 1, subset sizes are capped at what
+the stand-in holds, and the run store is a fresh temporary folder: nothing of a real run store, cache or
+results/ is touched.
 """
 from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence
+
+from .. import settings
 
 STEPS = 2
 BATCH = 8
@@ -45,13 +45,7 @@ SCHEMAS = {
 PRESENT = {"imagenet-1k": 100}  # classes with training examples (the rest: declared, never drawn)
 
 
-def _encode(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def write_standin(root: Path, name: str, seed: int = 0) -> Path:
+def write_standin(root: Path, name: str) -> Path:
     """Write the stand-in of ``name`` as ``root/name/<split>-00000-of-00001.parquet`` (Hub layout)."""
     import datasets
     import numpy as np
@@ -60,9 +54,9 @@ def write_standin(root: Path, name: str, seed: int = 0) -> Path:
     icol, lcol, k, splits, size, mode, extra = SCHEMAS[name]
     out = Path(root) / name
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    feats = {icol: datasets.Image(), lcol: datasets.ClassLabel(names=[f"class_{i}" for i in range(k)])}
-    feats.update({c: datasets.ClassLabel(names=[f"group_{i}" for i in range(m)]) for c, m in extra.items()})
+    rng = np.random.default_rng(0)
+    feats = {icol: datasets.Image(), lcol: datasets.ClassLabel(names=[f"class_{i}" for i in range(k)]),
+             **{c: datasets.ClassLabel(names=[f"group_{i}" for i in range(m)]) for c, m in extra.items()}}
     present = np.sort(rng.choice(k, size=PRESENT[name], replace=False)) if name in PRESENT else np.arange(k)
     for split, per in splits.items():
         labels = (np.repeat(present, per) if per >= 1 else
@@ -73,19 +67,19 @@ def write_standin(root: Path, name: str, seed: int = 0) -> Path:
             c = 1 if mode == "L" else 3
             base = rng.integers(0, 256, size=(h, w, c), dtype=np.uint8)  # noise plus a class-dependent level
             arr = ((base.astype(np.int32) + int(y) * 37) % 256).astype(np.uint8)
-            images.append({"bytes": _encode(Image.fromarray(arr[..., 0] if c == 1 else arr, mode)), "path": None})
-        cols = {icol: images, lcol: labels.tolist()}
-        cols.update({c: (labels % m).tolist() for c, m in extra.items()})
-        ds = datasets.Dataset.from_dict(cols, features=datasets.Features(feats))
-        ds.to_parquet(str(out / f"{split}-00000-of-00001.parquet"))
+            buf = io.BytesIO()
+            Image.fromarray(arr[..., 0] if c == 1 else arr, mode).save(buf, format="PNG", compress_level=1)
+            images.append({"bytes": buf.getvalue(), "path": None})
+        cols = {icol: images, lcol: labels.tolist(), **{c: (labels % m).tolist() for c, m in extra.items()}}
+        datasets.Dataset.from_dict(cols, features=datasets.Features(feats)).to_parquet(
+            str(out / f"{split}-00000-of-00001.parquet"))
     return out
 
 
 def standin_root(names: Sequence[str] | None = None) -> Path:
     """The stand-in data directory (written once per machine and reused; every set of `SCHEMAS`)."""
-    import shutil
-
-    root = Path(os.environ.get("VITREPRO_DRY_RUN_DATA") or Path(tempfile.gettempdir()) / f"vitrepro-dryrun-data-v{VERSION}")
+    root = Path(os.environ.get("VITREPRO_DRY_RUN_DATA")
+                or Path(tempfile.gettempdir()) / f"vitrepro-dryrun-data-v{VERSION}")
     for name in names or SCHEMAS:
         if (root / name / ".complete").exists():
             continue
@@ -136,23 +130,16 @@ def shrink(cfg: dict, tiny: bool = False) -> dict:
     """A configuration as the dry run trains it: `STEPS` steps (warm-up 1 unless constant), batch at most
     `BATCH`, subsets capped at the stand-in's size, checks every step; model, optimizer, lr, schedule,
     augmentation, resolution, evaluators and init unchanged (with ``tiny``: a tiny model of the family)."""
-    cfg = dict(cfg)
-    cfg.pop("epochs", None)
-    cfg["steps"] = STEPS
-    cfg["warmup_steps"] = min(int(cfg.get("warmup_steps") or 0), 1)
-    cfg["accum_steps"] = 1
-    cfg["batch_size"] = min(int(cfg.get("batch_size", 64)), BATCH)
+    cfg = {k: v for k, v in cfg.items() if k not in ("epochs", "eval_every")}
+    # checkpoint_every: the final checkpoint only (a checkpoint of ViT-B is 1 GB)
+    cfg.update(steps=STEPS, warmup_steps=min(int(cfg.get("warmup_steps") or 0), 1), accum_steps=1,
+               batch_size=min(int(cfg.get("batch_size", 64)), BATCH), checkpoint_every=STEPS, log_every=1,
+               **{k: 1 for k in ("select_every", "snapshot_every") if cfg.get(k)})
     if cfg.get("dataset"):
         cfg["dataset"] = cap_ref(cfg["dataset"])
     n = available(cfg.get("dataset"), float(cfg.get("val_fraction") or 0.0))
     if cfg.get("train_examples") is not None and n is not None:
         cfg["train_examples"] = min(int(cfg["train_examples"]), n)
-    for key in ("select_every", "snapshot_every"):
-        if cfg.get(key):
-            cfg[key] = 1
-    cfg["checkpoint_every"] = STEPS  # the final checkpoint only (a checkpoint of ViT-B is 1 GB)
-    cfg["log_every"] = 1
-    cfg.pop("eval_every", None)
     if tiny:
         cfg["model"] = tiny_model(cfg["model"])
     return cfg
@@ -186,12 +173,9 @@ def activate(params) -> None:
     """Point this process's settings at the stand-in data (no array cache; `settings.override`, undone by
     giving back what it returns) and ``params`` at a fresh run store (a temporary folder, unless ``runs_dir``
     is given); seeds default to 1."""
-    from .. import settings
-
     settings.override({"data_dir": standin_root(), "cache_dir": None})
     if not params.runs_dir:
         import atexit
-        import shutil
 
         params.runs_dir = tempfile.mkdtemp(prefix=f"vitrepro-dryrun-{params.profile}-")
         if os.environ.get("VITREPRO_DRY_RUN_KEEP", "") in ("", "0"):

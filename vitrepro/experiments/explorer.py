@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import analysis
 from . import common
 
 
@@ -26,19 +27,27 @@ def test_images(dataset: str, model: torch.nn.Module, n: int) -> tuple[torch.Ten
 
     spec = DATASETS.get(dataset)
     if spec is not None and spec.streaming:  # imagenet-1k: the first n test images, by streaming
-        arrays = stream_arrays(dataset, "test", n, size=model.img_size)
-        return arrays.images, preprocess(arrays.images, model.img_size, model.in_chans)
-    arrays = load_arrays(dataset, "test")
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(arrays.labels), generator=g)[:n]
-    raw = arrays.images[idx]
+        raw = stream_arrays(dataset, "test", n, size=model.img_size).images
+    else:
+        arrays = load_arrays(dataset, "test")
+        raw = arrays.images[torch.randperm(len(arrays.labels), generator=torch.Generator().manual_seed(0))[:n]]
     return raw, preprocess(raw, model.img_size, model.in_chans)
+
+
+def uniform_distance(model) -> float:
+    """The mean attention distance of uniform attention on the model's patch grid (the dashed line)."""
+    grid = analysis._model_grid(model)
+    return analysis.uniform_attention_distance(grid, analysis._model_patch_pixels(model, grid))
+
+
+def pretrain_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """The pre-training runs of a results frame, one row each, in seed order (stable: the sweep's within a seed)."""
+    return df[df.stage == "pretrain"].drop_duplicates("run_id").sort_values("seed", kind="stable")
 
 
 def stored_runs(df: pd.DataFrame, label) -> dict[str, str]:
     """{label: run_id} of the pre-training runs of a results frame, in seed order; `label(row)` names a run."""
-    runs = df[df.stage == "pretrain"].drop_duplicates("run_id").sort_values("seed", kind="stable")  # sweep order
-    return {label(r): r.run_id for r in runs.itertuples()}
+    return {label(r): r.run_id for r in pretrain_runs(df).itertuples()}
 
 
 @dataclass
@@ -53,11 +62,8 @@ class Explorer:
 
     def model(self, label: str):
         if label not in self.cache:
-            from .. import analysis
-
             model = common.load_run_model(self.params, self.runs[label])
-            dist = analysis.model_attention_distance(model, self.images[1], batch_size=64)
-            self.cache[label] = (model, dist)
+            self.cache[label] = (model, analysis.model_attention_distance(model, self.images[1], batch_size=64))
         return self.cache[label]
 
     def shape(self, label: str) -> tuple[int, int]:
@@ -69,13 +75,10 @@ class Explorer:
         """The three panels for one choice (layer 1-based, head 0-based)."""
         import matplotlib.pyplot as plt
 
-        from .. import analysis
-
         model, dist = self.model(label)
         fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 1.3, 1.2]})
         _attention_panel(axes[0], model, self.images, layer, head, image)
-        _distance_panel(axes[1], dist, layer, head, analysis.uniform_attention_distance(
-            analysis._model_grid(model), analysis._model_patch_pixels(model, analysis._model_grid(model))))
+        _distance_panel(axes[1], dist, layer, head, uniform_distance(model))
         sim = analysis.model_position_similarity(model)
         if sim is None:
             axes[2].axis("off")
@@ -90,23 +93,17 @@ class Explorer:
 
 def _attention_panel(ax, model, images, layer: int, head: int, image: int) -> None:
     """One head's attention on one test image: from the class token (token pooling), else the mean over queries."""
-    import torch.nn.functional as F
-
-    from .. import analysis
-
     raw, x = images
     attn = analysis.model_attention(model, x[image:image + 1])[layer - 1][0, head]  # (N, N)
     grid = analysis._model_grid(model, attn.shape[-1])
     cls = attn.shape[-1] - grid[0] * grid[1]  # 1 with a class token, 0 with GAP
     row = attn[0, cls:] if cls else attn.mean(0)
     amap = row.reshape(1, 1, *grid).float()
-    h, w = raw.shape[-2:]
-    up = F.interpolate(amap / amap.max().clamp_min(1e-12), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    shown = analysis._to_display(raw[image:image + 1])[0]
-    ax.imshow(shown)
+    up = torch.nn.functional.interpolate(amap / amap.max().clamp_min(1e-12), size=tuple(raw.shape[-2:]),
+                                         mode="bilinear", align_corners=False)[0, 0]
+    ax.imshow(analysis._to_display(raw[image:image + 1])[0])
     ax.imshow(up.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(xticks=[], yticks=[])
     ax.set_title("attention " + ("of the class token" if cls else "(mean over patches)"), fontsize=9)
 
 
@@ -116,34 +113,29 @@ def _distance_panel(ax, dist: pd.DataFrame, layer: int, head: int, uniform: floa
     chosen = dist[(dist.layer == layer) & (dist["head"] == head)]
     ax.scatter(chosen.layer, chosen.distance, s=160, facecolors="none", edgecolors="red", linewidths=2)
     ax.axhline(uniform, color="grey", ls="--", lw=1, label="uniform attention")
-    ax.set_xticks(np.arange(1, int(dist.layer.max()) + 1))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("mean attention distance (px)")
+    ax.set(xticks=np.arange(1, int(dist.layer.max()) + 1), xlabel="layer", ylabel="mean attention distance (px)")
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("every head (colour: head index)", fontsize=9)
 
 
-def explore(params, runs: dict[str, str], dataset: str, num_images: int = 16, *, display=None):
+def explore(params, runs: dict[str, str], dataset: str, num_images: int = 16):
     """The explorer cell: a run / layer / head / test-image picker and one figure it redraws (`num_images` test
     images of `dataset`, also those its attention distances average over). Returns the `Explorer` and the
     control box (None, None when there is no stored run to explore, e.g. with `source="results"`)."""
     import ipywidgets as W
-    from IPython.display import display as ipy_display
+    from IPython.display import display
 
-    display = display or ipy_display
     if getattr(params, "source", "train") != "train" or not runs:
         print("The explorer needs the runs' weights: run with source='train' (the run store).")
         return None, None
     first = next(iter(runs))
     ex = Explorer(params, runs, test_images(dataset, common.load_run_model(params, runs[first]), num_images))
-    images = ex.images
     layers, heads = ex.shape(first)
     run = W.Dropdown(options=list(runs), value=first, description="run")
     layer = W.IntSlider(value=1, min=1, max=layers, description="layer")
     head = W.IntSlider(value=0, min=0, max=heads - 1, description="head")
-    image = W.IntSlider(value=0, min=0, max=len(images[0]) - 1, description="test image")
-    box = W.HBox([run, layer, head, image])
-    display(box)
+    image = W.IntSlider(value=0, min=0, max=len(ex.images[0]) - 1, description="test image")
+    display(box := W.HBox([run, layer, head, image]))
     handle = display(ex.figure(first, 1, 0, 0), display_id=True)
 
     def redraw(_=None):

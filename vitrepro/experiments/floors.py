@@ -33,38 +33,31 @@ def _streamed(dataset: str) -> bool:
 
 
 def _row(params: NotebookParams, notebook: str, model: str, dataset: str, metric: str, value: float,
-         n: int | None = None, seed: int | None = None, img_size: int | None = None) -> dict:
-    row = dict.fromkeys(SCHEMA)
-    row.update(notebook=notebook, profile=params.profile, run_id=f"baseline:{model}", stage="baseline", model=model,
-               family="baseline", upstream=dataset, upstream_examples=n, dataset=dataset, img_size=img_size,
-               seed=seed, metric=metric, value=value)
-    return row
+         n: int | None = None, seed: int | None = None) -> dict:
+    return dict(dict.fromkeys(SCHEMA), notebook=notebook, profile=params.profile, run_id=f"baseline:{model}",
+                stage="baseline", model=model, family="baseline", upstream=dataset, upstream_examples=n,
+                dataset=dataset, seed=seed, metric=metric, value=value)
 
 
 def rows(params: NotebookParams, notebook: str, *, trained_on: Sequence[tuple[str, int | None, float]] = (),
          fewshot: Sequence[str] = (), fewshot_val_fraction: float = 0.0, seeds: Sequence[int] = (0, 1, 2),
          log=print) -> pd.DataFrame:
-    """Baseline rows: a pixel logistic regression per (dataset, training examples or None = all,
-    validation hold-out fraction as the models had it) in ``trained_on``, and the pixel few-shot probe
-    per dataset in ``fewshot`` (shots from the held-out part when ``fewshot_val_fraction`` > 0)."""
+    """Baseline rows (none on a streamed set): a pixel logistic regression per (dataset, training examples or
+    None = all, validation hold-out fraction as the models had it) in ``trained_on``, and the pixel few-shot
+    probe per dataset in ``fewshot`` (shots from the held-out part when ``fewshot_val_fraction`` > 0)."""
+    from .dryrun import cap, cap_ref
+
     cache = runs_dir(params)
     out = []
-    dry = getattr(params, "dry_run", False)
-    for dataset, n, hold in trained_on:
-        if _streamed(dataset):
-            continue
-        if dry:  # stand-in data: subsets capped at what it holds
-            from .dryrun import cap, cap_ref
-
+    for dataset, n, hold in [t for t in trained_on if not _streamed(t[0])]:
+        if getattr(params, "dry_run", False):  # stand-in data: subsets capped at what it holds
             dataset = cap_ref(dataset)
             n = cap(dataset, n, hold)
         r = baselines.pixel_logistic_regression(dataset, train_examples=n, val_fraction=hold, cache=cache)
         log(f"baseline: pixel logistic regression on {dataset} ({n or 'all'} examples): top-1 {100 * r['top1']:.2f}% "
             f"(C={r['C']} chosen on validation)")
         out.append(_row(params, notebook, LOGREG, dataset, "top1", r["top1"], n=r.get("train_size", n)))
-    for dataset in fewshot:
-        if _streamed(dataset):
-            continue
+    for dataset in [d for d in fewshot if not _streamed(d)]:
         r = baselines.pixel_fewshot(dataset, seeds=seeds, val_fraction=fewshot_val_fraction, cache=cache)
         log(f"baseline: pixel 5-shot linear probe on {dataset}: {100 * r['mean']:.2f}%")
         out += [_row(params, notebook, FEWSHOT, dataset, "fewshot5", v, seed=s) for s, v in zip(seeds, r["per_seed"])]

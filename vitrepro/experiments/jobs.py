@@ -2,6 +2,8 @@
 `train_config`, the `vitrepro.train.TrainConfig` dict the notebooks build their jobs from."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,26 +25,20 @@ def finetune_from(parent: Job, record: dict) -> str:
 
 
 def train_config(*, fewshot_dataset: str | None = None, fewshot_shots: Sequence[int] = (5,),
-                 fewshot_seeds: Sequence[int] = (0, 1, 2), augment: bool | str = False,
-                 eval_examples: int | None = None, **fields) -> dict:
-    """A `vitrepro.train.TrainConfig` dict: test accuracy (on the first `eval_examples` test images
-    where given), plus the 5-shot probe where asked."""
-    evaluators = [{"type": "accuracy"} if eval_examples is None else {"type": "accuracy", "max_examples": eval_examples}]
+                 augment: bool | str = False, **fields) -> dict:
+    """A `vitrepro.train.TrainConfig` dict: test accuracy, plus the few-shot probe (seeds 0-2) where asked."""
+    evaluators = [{"type": "accuracy"}]
     if fewshot_dataset:
         evaluators.append({"type": "fewshot", "dataset": fewshot_dataset, "shots": list(fewshot_shots),
-                           "seeds": list(fewshot_seeds)})
-    cfg = dict(fields, evaluators=evaluators)
-    cfg["augment"] = {True: "crop_flip", False: "none"}.get(augment, augment)
-    cfg.setdefault("log_every", 50)
-    return cfg
+                           "seeds": [0, 1, 2]})
+    return {"log_every": 50, **fields, "evaluators": evaluators,
+            "augment": {True: "crop_flip", False: "none"}.get(augment, augment)}
 
 
 def unique(jobs: Sequence[Job]) -> list[Job]:
     """``jobs`` with each training run once: two jobs are the same run when their configurations and their
     parents' (recursively) are equal, as in the run store. A duplicate fine-tune's parent becomes the kept
     job, so the union of several notebooks' sweeps is one sweep (`run_all` trains a profile that way)."""
-    import json
-
     kept: dict[str, Job] = {}
 
     def key(j: Job) -> str:
@@ -52,7 +48,7 @@ def unique(jobs: Sequence[Job]) -> list[Job]:
         k = key(j)
         if k not in kept:
             parent = keep(j.parent) if j.parent is not None else None
-            kept[k] = j if parent is j.parent else Job(j.config, j.stage, j.upstream, j.upstream_examples, parent)
+            kept[k] = j if parent is j.parent else dataclasses.replace(j, parent=parent)
         return kept[k]
 
     for j in jobs:

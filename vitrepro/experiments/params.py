@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import typed
+from .. import settings, typed
 
 PROFILES = ("smoke", "cpu", "gpu", "paper")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -43,29 +43,32 @@ DATASET_KEYS = ("path", "image_column", "label_column", "train_split", "test_spl
 _EXAMPLE = '{"path": "/data/my_set", "label_column": "fine_label"}'
 
 
+def _hints(names, valid) -> str:
+    """'name' (did you mean 'closest'?), ... for unknown names."""
+    return ", ".join(f"{n!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(str(n), valid, n=1))
+                                 else "") for n in names)
+
+
 def dataset_param(name: str, value: Any) -> Any:
     """A dataset parameter -> what the training configs carry: a name or folder stays as it is; a dict
     ``{"path": ..., "label_column": ..., "image_column": ..., "train_split": ..., "test_split": ...,
     "train_examples": 1000}`` (the last: a fixed class-balanced training subset, e.g. VTAB-1k's size) (or its
     JSON text, for ``papermill -p``) becomes the reference ``"<path>[label_column=...]"`` of `data.dataset_ref`,
-    which every config, evaluator, baseline and run id then carries. Checked strictly: unknown keys, a
-    missing path and empty or odd values are `ParameterError`s (whether the columns exist: `preflight`)."""
+    which every config, evaluator, baseline and run id then carries. Checked strictly (whether the columns
+    exist: `preflight`)."""
     if isinstance(value, str) and value.lstrip().startswith("{"):
-        import json
-
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise ParameterError(f"{name}={value!r} is neither a dataset name nor a JSON dict like {_EXAMPLE}: {e}") from e
+            raise ParameterError(f"{name}={value!r} is neither a dataset name nor a JSON dict like {_EXAMPLE}: "
+                                 f"{e}") from e
     if isinstance(value, (list, tuple)):
         return [dataset_param(f"{name}[{i}]", v) for i, v in enumerate(value)]
     if not isinstance(value, dict):
         return value
     unknown = [k for k in value if k not in DATASET_KEYS]
     if unknown:
-        hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(str(k), DATASET_KEYS, n=1))
-                             else "") for k in unknown]
-        raise ParameterError(f"{name}: unknown key(s) {', '.join(hints)} in the dataset dict; valid keys: "
+        raise ParameterError(f"{name}: unknown key(s) {_hints(unknown, DATASET_KEYS)} in the dataset dict; valid keys: "
                              f"{', '.join(DATASET_KEYS)} (e.g. {name}={_EXAMPLE})")
     if "path" not in value:
         raise ParameterError(f"{name}: the dataset dict has no 'path' (a dataset name or a parquet folder); "
@@ -74,11 +77,11 @@ def dataset_param(name: str, value: Any) -> Any:
         if k == "train_examples":
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ParameterError(f"{name}: 'train_examples' must be a positive integer, got {v!r}")
-            continue
-        if not isinstance(v, str) or not v.strip():
+        elif not isinstance(v, str) or not v.strip():
             raise ParameterError(f"{name}: {k!r} must be a non-empty string, got {v!r}")
-        if k != "path" and any(c in v for c in ",[]=/"):
-            raise ParameterError(f"{name}: {k}={v!r} contains one of , [ ] = / (not supported in a column or split name)")
+        elif k != "path" and any(c in v for c in ",[]=/"):
+            raise ParameterError(f"{name}: {k}={v!r} contains one of , [ ] = / (not supported in a column or split "
+                                 "name)")
     from ..data import dataset_ref
 
     return dataset_ref(value["path"], **{k: v for k, v in value.items() if k != "path"})
@@ -106,45 +109,37 @@ def _is_parameter_like(name: str, value: Any) -> bool:
     """True for the notebook globals that can only have come from the parameters cell."""
     if name.startswith("_") or name in {"In", "Out", "get_ipython", "exit", "quit", "display"} | NOTEBOOK_VARIABLES:
         return False
-    if isinstance(value, (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType)):
-        return False
     return isinstance(value, (str, int, float, bool, list, tuple, dict, type(None)))
 
 
-def validate_params(cls: type, values: dict[str, Any], *, strict_globals: bool = True):
-    """Build the experiment's parameter dataclass from notebook globals, strictly.
-
-    papermill only *warns* about a parameter the notebook does not declare and injects it anyway,
-    so a misspelled `-p profil cpu` would silently run the default. Here every parameter-like
-    global must be a declared field; unknown names fail with the closest valid spelling.
-    """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs, unknown = {}, []
-    for name, value in values.items():
-        if name in fields:
-            kwargs[name] = value
-        elif strict_globals and _is_parameter_like(name, value):
-            unknown.append(name)
+def validate_params(cls: type, values: dict[str, Any]):
+    """Build the experiment's parameter dataclass from notebook globals, strictly: papermill only *warns*
+    about a parameter the notebook does not declare, so a misspelled `-p profil cpu` would silently run the
+    default. Here every parameter-like global must be a declared field (else the closest valid spelling)."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = [n for n, v in values.items() if n not in fields and _is_parameter_like(n, v)]
     if unknown:
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, fields, n=1)
-            hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise ParameterError(
-            f"unknown notebook parameter(s) {', '.join(hints)}; valid parameters: {', '.join(fields)}")
-    kwargs = {k: dataset_param(k, v) if k in DATASET_PARAMS else v for k, v in kwargs.items()}
-    params = cls(**kwargs)
-    for f in dataclasses.fields(cls):  # by the fields' type hints (vitrepro.typed): none is left unchecked
-        typed.check(cls, f.name, getattr(params, f.name), ParameterError)
+        raise ParameterError(f"unknown notebook parameter(s) {_hints(unknown, fields)}; valid parameters: "
+                             f"{', '.join(fields)}")
+    kwargs = {k: v for k, v in values.items() if k in fields}
+    for f in dataclasses.fields(cls):  # papermill -p passes a list as its JSON text (it parses numbers, bools, None)
+        text = kwargs.get(f.name)
+        if str(f.type).startswith("list") and isinstance(text, str) and text.lstrip().startswith("["):
+            try:
+                kwargs[f.name] = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ParameterError(f"{f.name}={text!r} is not a JSON list such as '[\"a\", \"b\"]': {e}") from e
+    params = cls(**{k: dataset_param(k, v) if k in DATASET_PARAMS else v for k, v in kwargs.items()})
+    for name in fields:  # by the fields' type hints (vitrepro.typed): none is left unchecked
+        typed.check(cls, name, getattr(params, name), ParameterError)
     if params.profile not in PROFILES:
         raise ParameterError(f"profile={params.profile!r} is not one of {PROFILES}")
     if params.seeds is not None and params.seeds < 1:  # its type: checked above
         raise ParameterError(f"seeds must be a positive integer (number of seeds), got {params.seeds!r}")
     if params.device not in ("auto", "cpu") and not str(params.device).startswith(("cuda", "mps")):
         raise ParameterError(f"device={params.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    check = getattr(params, "check", None)
-    if check is not None:
-        check()
+    if hasattr(params, "check"):
+        params.check()
     return params
 
 
@@ -159,6 +154,4 @@ def results_dir(params: NotebookParams, notebook: str) -> Path:
 def runs_dir(params: NotebookParams) -> Path:
     """The run store: `params.runs_dir`, else the settings' (`$VITREPRO_RUNS`, ``runs`` in vitrepro.toml,
     `<repo>/runs`): the one source every entry point, the run store's CLI and the sweeps share."""
-    from .. import settings
-
     return Path(params.runs_dir).expanduser() if params.runs_dir else settings.get().runs_dir

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from .. import analysis
 from . import common, floors, launch, recipes, skeleton
 from .common import Job
+from .results import grid_array, grid_rows
 
 NOTEBOOK = "position_embeddings"
 
@@ -91,19 +93,12 @@ def cpu() -> Profile:
     (validation-selected recipe, early-stopped on 5k held-out images, each seed its own subset), 3 seeds per
     cell; few-shot probes (5/10/25 shots, 10 draws) with shots from held-out training images.
 
-    Table 8 at 18k images (issue 27): there the models are above a pixel logistic regression on the same images
-    (last run: 86.3 vs 85.0 % top-1, seed SD 0.3-0.4 pp), so both metrics can test the kinds; at 5.5k (the last
-    run) top-1 was 81 % against the pixels' 84 %. Cells: the four kinds at the stem (none, 1-D, 2-D, relative; the
-    (1-D, stem) row is the scaling sweep's 18k ViT) and 1-D added at every layer: the placement claim on the one
-    comparison the last run suggested (stem below every-layer), as the full 3x3 grid at 18k would cost ~45
-    process-min more. With the 18k seed SD, n = 3 gives a 90 % interval of about ±0.6 pp for 1-D - 2-D (t 2.13,
-    df ~4): inside the ±1 pp margin if the true difference is below ~0.4 pp.
-
-    App. D.3: class token and GAP with everything else equal (same head), each at learning rates
-    {1e-3, 2e-3, 4e-3} (the last run chose 2e-3, the top of a two-point grid, for both: a loser on each side is
-    needed to call it each pooling's own rate), pre-trained on the 1.8k subset (its token run at 2e-3 is
-    scaling's); each pooling's rate is chosen on validation accuracy, then compared on test. The report flags a
-    choice at its grid's edge. Budget: docs/cpu-profile-budget.md.
+    Table 8 at 18k images, where the models beat a pixel logistic regression on the same images (at 5.5k they
+    did not): the four kinds at the stem (the (1-D, stem) row is the scaling sweep's 18k ViT) and 1-D at every
+    layer, the one placement comparison the last run suggested (the full 3x3 grid costs ~45 process-min more).
+    App. D.3: token and GAP with the same head, each at lr {1e-3, 2e-3, 4e-3} (a loser on each side of each
+    pooling's rate), on the 1.8k subset; each pooling's rate chosen on validation, then compared on test.
+    Design and budget (issue 27): docs/cpu-profile-budget.md.
 
     Expected (paper): `none` below the others (Table 8: 61.4 vs 64.0-64.2); 1-D/2-D/relative and the
     placements within 1 point of each other (equivalence margin 1 pp); token ~ GAP.
@@ -148,27 +143,17 @@ def variants(p: Profile) -> list[tuple[str, str]]:
 def _config(params: Params, p: Profile, seed: int, n: int | None, **overrides) -> dict:
     if p.train is None:  # cpu: the shared upstream runs (validation-selected recipe, early stopping)
         options = {k: v for k, v in overrides.items() if v not in (None, "1d", "stem", "token") or k == "lr"}
-        lr = options.pop("lr", None)
-        return recipes.upstream_config(params.profile, p.model, seed, n=n, dataset=p.dataset,
-                                       img_size=p.img_size, lr=lr, steps=p.steps, **options)
-    t = dict(p.train)
-    t.update(overrides)
-    if p.steps is not None:  # the budget in steps replaces the recipe's epochs or steps
-        t = {k: v for k, v in t.items() if k != "epochs"} | {"steps": p.steps}
-        if t.get("warmup_steps", 0) >= p.steps:  # a short budget keeps a tenth of it for warm-up
-            t["warmup_steps"] = p.steps // 10
+        return recipes.upstream_config(params.profile, p.model, seed, n=n, dataset=p.dataset, img_size=p.img_size,
+                                       lr=options.pop("lr", None), steps=p.steps, **options)
     return common.train_config(
         experiment=f"{NOTEBOOK}-{params.profile}", model=p.model, dataset=p.dataset, img_size=p.img_size,
-        train_examples=n, seed=seed, fewshot_dataset=p.fewshot_dataset, fewshot_shots=(5,), **t)
-
-
-def grid_lr(p: Profile) -> float:
-    """The learning rate of Table 8's grid (the profile's, or the cpu recipe's for a ViT)."""
-    return p.train["lr"] if p.train is not None else recipes.CPU_LR["vit"]
+        train_examples=n, seed=seed, fewshot_dataset=p.fewshot_dataset,
+        **skeleton.with_steps({**p.train, **overrides}, p.steps))
 
 
 def jobs(params: Params) -> list[Job]:
     p = profile(params)
+    grid_lr = p.train["lr"] if p.train is not None else recipes.CPU_LR["vit"]  # Table 8's learning rate
     out = []
     for seed in range(p.seeds):
         for kind, at in variants(p):
@@ -177,13 +162,11 @@ def jobs(params: Params) -> list[Job]:
         n = p.pooling_examples
         for pool in p.poolings if len(p.poolings) > 1 else ():  # D.3 compares poolings: one alone is no sweep
             for lr in p.gap_lrs:
-                if pool == "token" and lr == grid_lr(p) and n == p.train_examples and ("1d", "stem") in variants(p):
+                if pool == "token" and lr == grid_lr and n == p.train_examples and ("1d", "stem") in variants(p):
                     continue  # the (1d, stem) run above
-                if p.train is None:  # cpu: everything else equal, the same head for both poolings
-                    cfg = _config(params, p, seed, n, pos_embed="1d", pos_embed_at="stem", pool=pool, lr=lr)
-                else:
-                    cfg = _config(params, p, seed, n, pos_embed="1d", pos_embed_at="stem", pool=pool, lr=lr,
-                                  head="linear" if pool == "gap" else p.train.get("head", "mlp"))
+                # cpu: everything else equal, the same head for both poolings
+                head = {} if p.train is None else {"head": "linear" if pool == "gap" else p.train.get("head", "mlp")}
+                cfg = _config(params, p, seed, n, pos_embed="1d", pos_embed_at="stem", pool=pool, lr=lr, **head)
                 out.append(Job(cfg, stage="pretrain", upstream=p.dataset))
     return out
 
@@ -193,21 +176,18 @@ def baseline_rows(params: Params, log=print) -> pd.DataFrame:
     p = profile(params)
     hold = skeleton.held_out_fraction(p.train is None)  # cpu: the shared upstream runs' hold-out
     sizes = dict.fromkeys((p.train_examples, p.pooling_examples))  # Table 8's, then D.3's (once if the same)
-    draws = tuple(range(recipes.CPU_FEWSHOT_DRAWS)) if p.train is None else (0, 1, 2)  # the models' shot draws
     return floors.rows(params, NOTEBOOK, trained_on=[(p.dataset, n, hold) for n in sizes], fewshot=[p.fewshot_dataset],
-                       fewshot_val_fraction=hold, seeds=draws, log=log)
+                       fewshot_val_fraction=hold, seeds=skeleton.shot_draws(p.train is None), log=log)
 
 
 run, collect = skeleton.run_and_collect(NOTEBOOK, jobs, baseline_rows)
 
-
-def _label(kind: str) -> str:
-    return {"none": "None", "1d": "1-D", "2d": "2-D", "relative": "Relative"}[kind]
+LABELS = {"none": "None", "1d": "1-D", "2d": "2-D", "relative": "Relative"}  # the paper's words
 
 
 def variant_label(kind: str, at: str) -> str:
     """A Table 8 cell's name in the paper's words, e.g. "2-D, every layer"."""
-    return f"{_label(kind)}, {at.replace('_', ' ')}"
+    return f"{LABELS[kind]}, {at.replace('_', ' ')}"
 
 
 def run_label(row) -> str:
@@ -219,8 +199,7 @@ def _at_size_of(df: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """The rows of ``df`` pre-trained on as many examples as ``runs`` (NaN = the whole set)."""
     if runs.empty:
         return df.iloc[:0]
-    size = runs.upstream_examples.fillna(-1).iloc[0]
-    return df[df.upstream_examples.fillna(-1) == size]
+    return df[df.upstream_examples.fillna(-1) == runs.upstream_examples.fillna(-1).iloc[0]]
 
 
 def table8_runs(df: pd.DataFrame) -> pd.DataFrame:
@@ -234,8 +213,7 @@ def table8_runs(df: pd.DataFrame) -> pd.DataFrame:
         return d
     others = d[(d.pos_embed != "1d") | (d.pos_embed_at != "stem")]
     d = _at_size_of(d, others) if len(others) else d
-    runs = d.drop_duplicates("run_id")
-    return d[d.lr == runs["lr"].mode().iloc[0]]
+    return d[d.lr == d.drop_duplicates("run_id")["lr"].mode().iloc[0]]
 
 
 def pooling_runs(df: pd.DataFrame) -> pd.DataFrame:
@@ -255,19 +233,18 @@ def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     for metric, title in (("fewshot5", "Table 8: 5-shot linear accuracy (%)"),
                           ("top1", "Top-1 on the training set's test split (%)")):
         d = base[(base.metric == metric)]
-        title += _pretrained_on(d)
         if d.empty:
             continue
         w = skeleton.percent_table(d, "pos_embed", "pos_embed_at", digits=2)
-        w = w.reindex(columns=[at for at in PLACEMENTS if at in w.columns]).astype(object).fillna("N/A").reset_index()  # trained
-        w["pos_embed"] = w["pos_embed"].map(_label)
+        w = w.reindex(columns=[at for at in PLACEMENTS if at in w.columns]).astype(object).fillna("N/A").reset_index()
+        w["pos_embed"] = w["pos_embed"].map(LABELS)
         b = df[(df.stage == "baseline") & (df.metric == metric)]
         n = d.upstream_examples.dropna()
         if metric == "top1" and len(n):  # pixel logistic regression on as many images as the grid
             b = floors.trained_on(b, n.iloc[0])
         if len(b):  # the pixel baseline of the same split, as the last row
-            w.loc[len(w)] = [b.model.iloc[0]] + [skeleton.percent_cell(b.value, 2)] + ["" for _ in w.columns[2:]]
-        out[title] = w
+            w.loc[len(w)] = [b.model.iloc[0], skeleton.percent_cell(b.value, 2)] + ["" for _ in w.columns[2:]]
+        out[title + _pretrained_on(d)] = w
     d = pooling_runs(df)
     if d.pool.nunique() > 1:
         rows = []
@@ -276,14 +253,14 @@ def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             rows.append({"pool": pool, "lr": lr, "validation top-1 (%)": skeleton.percent_cell(val, 2),
                          "test top-1 (%)": skeleton.percent_cell(test, 2), "_val": val.mean()})
         t = pd.DataFrame(rows)
-        t["chosen on validation"] = t.groupby("pool")["_val"].transform("max").eq(t["_val"]).map({True: "yes", False: ""})
+        best = t.groupby("pool")["_val"].transform("max").eq(t["_val"])
+        t["chosen on validation"] = best.map({True: "yes", False: ""})
         out["App. D.3: class token vs global average pooling (same head), learning rate chosen on validation"
-            + _pretrained_on(d)] = \
-            t.drop(columns="_val")
+            + _pretrained_on(d)] = t.drop(columns="_val")
     return out
 
 
-def figures(df: pd.DataFrame, store_records: list | None = None) -> dict:
+def figures(df: pd.DataFrame) -> dict:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -292,8 +269,8 @@ def figures(df: pd.DataFrame, store_records: list | None = None) -> dict:
     d = d[d.metric == "fewshot5"]
     if not d.empty:
         fig, ax = plt.subplots(figsize=(7.5, 3.8))
-        sns.barplot(data=d.assign(kind=d.pos_embed.map(_label)), x="kind", y="value", hue="pos_embed_at",
-                    errorbar="sd", ax=ax, order=["None", "1-D", "2-D", "Relative"])
+        sns.barplot(data=d.assign(kind=d.pos_embed.map(LABELS)), x="kind", y="value", hue="pos_embed_at",
+                    errorbar="sd", ax=ax, order=list(LABELS.values()))
         lo = d["value"].min()
         pixels = df[(df.stage == "baseline") & (df.metric == "fewshot5")].value
         if len(pixels):  # the floor a representation has to beat
@@ -301,18 +278,14 @@ def figures(df: pd.DataFrame, store_records: list | None = None) -> dict:
             lo = min(lo, pixels.mean())
         ax.set_ylim(max(0, lo - 0.1), min(1, d["value"].max() + 0.05))
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
-        ax.set_ylabel("5-shot linear accuracy")
-        ax.set_xlabel("position embedding")
-        ax.set_title("Table 8: position embeddings")
+        ax.set(ylabel="5-shot linear accuracy", xlabel="position embedding", title="Table 8: position embeddings")
         figs["table8_position_embeddings"] = fig
     d = pooling_runs(df)
     d = d[d.metric == "top1"]
     if d.pool.nunique() > 1:
         fig, ax = plt.subplots(figsize=(4.5, 3.5))
         sns.lineplot(data=d, x="lr", y="value", hue="pool", marker="o", errorbar="sd", ax=ax)
-        ax.set_xscale("log")
-        ax.set_ylabel("top-1")
-        ax.set_title("App. D.3: token vs GAP")
+        ax.set(xscale="log", ylabel="top-1", title="App. D.3: token vs GAP")
         figs["d3_token_vs_gap"] = fig
     return figs
 
@@ -321,35 +294,24 @@ def similarity_tables(params: Params, df: pd.DataFrame) -> dict[str, pd.DataFram
     """Fig. 7 centre's data: the cosine similarity of the learned position embeddings of the (1-D, stem) and
     (2-D, stem) runs of seed 0, as one long-form table `similarity` (kind, run_id, row, col, other_row,
     other_col, value; written beside results.csv so that `source="results"` redraws the figure)."""
-    from .. import analysis
-    from .results import grid_rows
-
     if params.source != "train":  # the committed table beside results.csv (absent: no figure)
         table = skeleton.read_results(params, NOTEBOOK, analysis="similarity")
         return {} if table is None else {"similarity": table}
-
-    frames = []
+    frames, d = [], table8_runs(df)
     for kind in ("1d", "2d"):
-        d = table8_runs(df)
-        d = d[(d.pos_embed == kind) & (d.pos_embed_at == "stem") & (d.seed == 0)]
-        if d.empty:
-            continue
-        pos = common.load_run_model(params, d.iloc[0]["run_id"]).position_embeddings()
+        run_ids = d[(d.pos_embed == kind) & (d.pos_embed_at == "stem") & (d.seed == 0)].run_id
+        pos = common.load_run_model(params, run_ids.iloc[0]).position_embeddings() if len(run_ids) else None
         if pos is not None:
             sim = analysis.position_similarity(pos.detach())
-            frames.append(grid_rows(sim, ("row", "col", "other_row", "other_col"), kind=kind, run_id=d.iloc[0]["run_id"]))
+            frames.append(grid_rows(sim, ("row", "col", "other_row", "other_col"), kind=kind, run_id=run_ids.iloc[0]))
     return {"similarity": pd.concat(frames, ignore_index=True)} if frames else {}
 
 
 def similarity_figures(tables: dict) -> dict:
     """Fig. 7 centre: one figure per kind of the `similarity` table (`similarity_tables`, or the committed CSV)."""
-    from .. import analysis
-    from .results import grid_array
-
     figs, sim = {}, (tables or {}).get("similarity")
     for kind, g in ([] if sim is None else sim.groupby("kind", sort=True)):
         fig = analysis.plot_position_similarity(grid_array(g, ("row", "col", "other_row", "other_col")))
-        fig.suptitle(f"Fig. 7 centre: {_label(kind)} position-embedding similarity")
+        fig.suptitle(f"Fig. 7 centre: {LABELS[kind]} position-embedding similarity")
         figs[f"fig7_position_similarity_{kind}"] = fig
     return figs
-

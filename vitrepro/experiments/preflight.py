@@ -3,7 +3,6 @@ draws, init files, shapes, run ids, and writable folders with free space."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,8 +17,7 @@ def _check_writable(path: Path, what: str, param: str, need_bytes: int) -> None:
 
     from ..store import existing_ancestor
 
-    path = Path(path)
-    base = existing_ancestor(path)
+    base = existing_ancestor(Path(path))
     if not base.is_dir():
         raise PreflightError(f"{what} {path} cannot be created: {base} is a file, not a folder; "
                              f"pass another with {param}=...")
@@ -29,9 +27,6 @@ def _check_writable(path: Path, what: str, param: str, need_bytes: int) -> None:
     except OSError as e:
         raise PreflightError(f"{what} {path} is not writable ({base}: {e.strerror or e}); "
                              f"pass a writable folder with {param}=...") from e
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise PreflightError(f"{what} {path} is not writable ({base} is read-only for this user); "
-                             f"pass a writable folder with {param}=...")
     free = shutil.disk_usage(base).free
     if free < need_bytes:
         raise PreflightError(f"{what} {path}: only {free / 2**20:.0f} MiB free on its disk, the sweep needs "
@@ -55,10 +50,9 @@ def _param_hint(params: NotebookParams, dataset: str, columns: bool = False) -> 
     if named:
         return f"pass another with {named[0]}=..."
     cands = [n for n in own if any(w in n for w in ("dataset", "upstream", "downstream", "data"))]
-    if cands:
-        return (f"it comes from profile {params.profile!r}; choose the datasets with "
-                + " / ".join(f"{n}=..." for n in cands) + ", or another profile=...")
-    return f"it comes from profile {params.profile!r}; choose another profile=..."
+    return (f"it comes from profile {params.profile!r}; choose "
+            + (f"the datasets with {' / '.join(f'{n}=...' for n in cands)}, or " if cands else "")
+            + "another profile=...")
 
 
 def param_count(model: str, opts: dict | None = None, sizes=(32,), num_classes: int = 10) -> int:
@@ -120,11 +114,8 @@ def _open_splits(cfgs: list, params: NotebookParams) -> dict[tuple[str, str], An
             if (ds, split) in sizes:
                 continue
             try:
-                src = resolve_source(ds)
-                if src.spec is not None and src.spec.streaming:
-                    sizes[(ds, split)] = None
-                    continue
-                sizes[(ds, split)] = load_arrays(ds, split)
+                spec = resolve_source(ds).spec
+                sizes[(ds, split)] = None if spec is not None and spec.streaming else load_arrays(ds, split)
             except Exception as e:  # noqa: BLE001 - DataError, a corrupt parquet, ...
                 hint = _param_hint(params, ds, columns="column" in str(e))  # a column missing or ambiguous
                 raise PreflightError(f"dataset {ds!r} (split {split!r}, used by the {job.stage} runs) cannot be "
@@ -135,55 +126,44 @@ def _open_splits(cfgs: list, params: NotebookParams) -> dict[tuple[str, str], An
 def _check_job(job: Job, c, sizes: dict, params: NotebookParams) -> None:
     """One job's subset size, batch, few-shot draws, init file, shapes, device and run id."""
     from .. import train
+    from ..data import balanced_subset
 
+    what = f"the {job.stage} runs of {c.model}"
     arrays = sizes.get((c.dataset, c.train_split))
     if arrays is not None:
         avail = len(arrays) - (int(round(len(arrays) * c.val_fraction)) if c.val_fraction > 0 else 0)
         if c.train_examples is not None and c.train_examples > avail:
             raise PreflightError(
-                f"the {job.stage} runs of {c.model} use train_examples={c.train_examples} of {c.dataset!r}, "
-                f"which has only {avail} training examples{' after the validation hold-out' if c.val_fraction else ''}; "
+                f"{what} use train_examples={c.train_examples} of {c.dataset!r}, which has only {avail} training "
+                f"examples{' after the validation hold-out' if c.val_fraction else ''}; "
                 f"{_param_hint(params, c.dataset)} (a larger dataset, "
                 + ("smaller sizes=[...], " if hasattr(params, "sizes") else "") + "or a profile with smaller subsets)")
         n = min(avail, c.train_examples or avail)
         if c.batch_size > n:
-            raise PreflightError(f"the {job.stage} runs of {c.model} on {c.dataset!r} use batch_size={c.batch_size} "
-                                 f"but have only {n} training examples; {_param_hint(params, c.dataset)}")
-    _check_fewshot_draws(c, sizes, params)
+            raise PreflightError(f"{what} on {c.dataset!r} use batch_size={c.batch_size} but have only {n} "
+                                 f"training examples; {_param_hint(params, c.dataset)}")
+    for e in c.evaluators:  # every few-shot probe can draw its shots per class from its training split
+        ds = e.get("dataset") or c.dataset
+        tr = sizes.get((ds, e.get("train_split", "train"))) if e.get("type") == "fewshot" else None
+        shots = max(e.get("shots") or (25,))
+        for seed in (e.get("seeds") or (0, 1, 2)) if tr is not None else ():
+            try:
+                balanced_subset(tr.labels, shots * tr.num_classes, seed)
+            except Exception as err:  # noqa: BLE001
+                raise PreflightError(f"the few-shot probe on {ds!r} cannot draw {shots} examples per class from its "
+                                     f"training split: {err}; {_param_hint(params, ds)}") from err
     if train.init_names_a_file(c.init) and not Path(c.init).exists():
-        raise PreflightError(f"init weights {c.init!r} (the {job.stage} runs of {c.model}) do not exist; "
-                             "pass an existing file")
-    if c.img_size:  # impossible shapes (a patch size that does not divide a fine-tuning resolution, ...)
-        try:
+        raise PreflightError(f"init weights {c.init!r} ({what}) do not exist; pass an existing file")
+    try:
+        if c.img_size:  # impossible shapes (a patch size that does not divide a fine-tuning resolution, ...)
             train.check_shapes(c, c.img_size, c.in_chans or 3, 10)
-        except train.ConfigError as e:
-            raise PreflightError(f"the {job.stage} runs of {c.model}: {e}") from e
+    except train.ConfigError as e:
+        raise PreflightError(f"{what}: {e}") from e
     try:  # the device exists, and every run id can be computed (data fingerprints: already loaded)
         train.resolved_identity(c)
     except train.ConfigError as e:
         hint = "pass device=..." if "device" in str(e) else _param_hint(params, c.dataset)
-        raise PreflightError(f"the {job.stage} runs of {c.model}: {e}; {hint}") from e
-
-
-def _check_fewshot_draws(c, sizes: dict, params: NotebookParams) -> None:
-    """Every few-shot probe of a configuration can draw its shots per class from its training split."""
-    from ..data import balanced_subset
-
-    for e in c.evaluators:
-        if e.get("type") != "fewshot":
-            continue
-        ds = e.get("dataset") or c.dataset
-        tr = sizes.get((ds, e.get("train_split", "train")))
-        if tr is None:
-            continue
-        need = max(e.get("shots") or (25,)) * tr.num_classes
-        for seed in e.get("seeds") or (0, 1, 2):
-            try:
-                balanced_subset(tr.labels, need, seed)
-            except Exception as err:  # noqa: BLE001
-                raise PreflightError(f"the few-shot probe on {ds!r} cannot draw {max(e.get('shots') or (25,))} "
-                                     f"examples per class from its training split: {err}; "
-                                     f"{_param_hint(params, ds)}") from err
+        raise PreflightError(f"{what}: {e}; {hint}") from e
 
 
 def _bytes_needed(cfgs: list, dry_run: bool = False, workers: int = 1) -> int:

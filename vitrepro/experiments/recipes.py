@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+from .jobs import train_config
 from .select import Search
 
 # ---------------------------------------------------------------------------------- the paper's
@@ -42,21 +43,15 @@ TRAIN_IMAGES = {
 }
 
 
-def epochs_to_steps(epochs: float, dataset: str, batch_size: int) -> int:
-    """``epochs`` passes over the whole of ``dataset`` (``TRAIN_IMAGES``) at ``batch_size``, in steps."""
-    return int(math.ceil(epochs * TRAIN_IMAGES[dataset] / batch_size))
-
-
-def paper_pretrain(dataset: str, *, as_steps: bool = True) -> dict:
+def paper_pretrain(dataset: str) -> dict:
     """[P] Table 3's recipe for ViT-B on ``dataset`` (ImageNet-1k, ImageNet-21k or JFT-300M).
 
-    With ``as_steps`` (default) the epochs are given as steps over the whole set (ImageNet-1k: 300
+    Its epochs are given as steps over the whole set (ImageNet-1k: 300
     epochs at batch 4096 = 93,836 steps, [P] "~93k"): these sets are streamed, which takes steps, and a
     class-balanced subset of them trains the same number of steps ([P] §4.3: the same hyper-parameters for
     every subset)."""
     recipe = {**PAPER_PRETRAIN_COMMON, **PAPER_PRETRAIN[dataset]}
-    if as_steps:
-        recipe["steps"] = epochs_to_steps(recipe.pop("epochs"), dataset, recipe["batch_size"])
+    recipe["steps"] = math.ceil(recipe.pop("epochs") * TRAIN_IMAGES[dataset] / recipe["batch_size"])
     return recipe
 
 
@@ -65,7 +60,6 @@ def paper_pretrain(dataset: str, *, as_steps: bool = True) -> dict:
 # steps for CIFAR from [VT] vit_jax/configs/common.py (the paper gives none).
 PAPER_FINETUNE = dict(steps=10000, batch_size=512, optimizer="sgd", lr=0.01, weight_decay=0.0, warmup_steps=500,
                       schedule="cosine", grad_clip=1.0, img_size=384)
-PAPER_FINETUNE_LRS = (0.001, 0.003, 0.01, 0.03)
 # [P] Table 4 steps per dataset; warm-up 100 for Pets/Flowers ([BV] configs/transfer.py: 500 would leave
 # no decay in their 500 steps); ImageNet lr 0.03 ([VT] vit_jax/configs/common.py base_lr, inside Table 4's grid).
 PAPER_FINETUNE_STEPS = {"imagenet-1k": 20000, "cifar10": 10000, "cifar100": 10000, "oxford_iiit_pet": 500,
@@ -80,12 +74,9 @@ NO_FLIP_DATASETS = ("digits", "mnist", "fashion_mnist")
 def paper_finetune(dataset: str, *, img_size: int | None = 384) -> dict:
     """[P] App. B.1.1 / Table 4: the fine-tuning recipe on ``dataset`` (steps per Table 4; CIFAR's 10k where
     the table has no row), at ``img_size`` (384 in the paper; None: keep the key out)."""
-    recipe = dict(PAPER_FINETUNE, steps=PAPER_FINETUNE_STEPS.get(dataset, PAPER_FINETUNE["steps"]),
-                  **PAPER_FINETUNE_OVERRIDES.get(dataset, {}))
-    recipe.pop("img_size")
-    if img_size is not None:
-        recipe["img_size"] = img_size
-    return recipe
+    recipe = {k: v for k, v in PAPER_FINETUNE.items() if k != "img_size"} | PAPER_FINETUNE_OVERRIDES.get(dataset, {})
+    recipe["steps"] = PAPER_FINETUNE_STEPS.get(dataset, PAPER_FINETUNE["steps"])
+    return recipe if img_size is None else recipe | {"img_size": img_size}
 
 
 def finetune_augment(dataset: str, img_size: int | None = None) -> str:
@@ -100,50 +91,36 @@ def finetune_augment(dataset: str, img_size: int | None = None) -> str:
 # ------------------------------------------------------------------------------------- cpu recipes
 FASHION_VAL = 5000 / 60000  # 5,000 of the 60,000 training images held out for selection (never trained on)
 FASHION_TRAIN = 55000        # what is left to pre-train on
-CPU_BATCH = 128              # small-data ViT recipes use ~1e-3 at batch 128 (e.g. Lee et al. 2021, ViT for small datasets)
+CPU_BATCH = 128              # small-data ViT recipes use ~1e-3 at batch 128 (e.g. Lee et al. 2021)
 
 # Pre-training, shared by ViT and ResNet except where noted:
 #   AdamW, decoupled weight decay 0.05 (DeiT, Touvron et al. 2021: 0.05 for small data, [P] uses 0.1-0.3 at
 #   batch 4096), cosine decay ([P] Table 3, ImageNet row), grad clip 1 ([P] App. B.1), learning rate from the
-#   `vit_pretrain` / `bit_pretrain` searches. No augmentation: on validation, crop + flip lost at this budget
-#   (ViT-Nano/4: 84.7% after 12 epochs with it vs 85.8% after 4 without; BiT-R14x0.25: 88.2% after 8 epochs
-#   with it vs 89.2% after 4 without; results/recipes/augmentation.md). It pays off only over longer schedules.
+#   `vit_pretrain` / `bit_pretrain` searches. No augmentation: crop + flip lost on validation at this budget
+#   (results/recipes/augmentation.md); it pays off only over longer schedules.
 CPU_PRETRAIN = dict(optimizer="adam", batch_size=CPU_BATCH, weight_decay=0.05, schedule="cosine", grad_clip=1.0,
                     augment="none")
-# results/recipes/{vit,bit}_pretrain.csv (3 epochs, seed 0, held-out 5k): ViT-Nano/4 5e-4 80.0%, 1e-3 84.5%,
-# 2e-3 86.0%, 4e-3 85.1%, 8e-3 83.9%; BiT-R14x0.25 1e-3 88.7%, 3e-3 89.6%, 1e-2 90.5%, 3e-2 89.6%. Both grids
-# were extended until the winner had a loser on each side (`select` flags a winner at a grid's edge).
-# Hybrids: their ViT's ([P] B.1).
+# Chosen on validation: results/recipes/{vit,bit}_pretrain.md (each grid extended until its winner had a loser on
+# each side). Hybrids: their ViT's ([P] B.1).
 CPU_LR = {"vit": 2e-3, "bit": 1e-2, "hybrid": 2e-3}
 CPU_EPOCHS = 8               # of the 55k set: the upstream budget (one long schedule, early-stopped on validation)
 CPU_MAX_SUBSET_EPOCHS = 30   # a subset trains the same schedule, capped at this many passes over it
 
 # Fine-tuning ([P] App. B.1.1 at CPU scale): SGD momentum 0.9, no weight decay, clip 1, cosine, zero head,
-# batch 128; lr 0.3 from the `finetune` search (250 steps, no augmentation, on held-out MNIST: 0.003 56.7%,
-# 0.01 69.5%, 0.03 80.7%, 0.1 88.5%, 0.3 89.5%, 1.0 50.7%: [P]'s grid without 0.001, extended upwards until
-# its winner had a loser on each side). Steps and augmentation from the `finetune_budget` search at that lr
-# (held-out MNIST, 799 images, seed 0, 1 thread; none / random translation): 500 steps 92.9 / 89.6%, 1,000
-# 94.4 / 95.0%, 2,000 94.4 / 97.9%, 4,000 94.9 / 98.0%. The search chooses by the one-standard-error rule
-# (`select.cheapest_within_one_se`): 4,000 steps with translation is best, but 2,000 is within its binomial
-# standard error (0.5 pp, one image in 799 apart) at half the cost (+~22 min of cpu profile for 4,000). So:
-# 2,000 steps (32 passes over MNIST's 8k training images) with `crop` (random translation by up to 3 px; no
-# flip, digits are not mirror-symmetric). The 1,437 scikit-learn digits
-# keep 500 steps (45 passes; not searched), as [P] Table 4 gives each dataset its own number of steps.
+# batch 128; lr 0.3 from the `finetune` search, then 2,000 steps with `crop` (random translation by up to 3 px;
+# no flip, digits are not mirror-symmetric) from the `finetune_budget` search by the one-standard-error rule
+# (`select.cheapest_within_one_se`: 4,000 steps was within one binomial SE, at twice the cost); results/recipes/.
+# The 1,437 scikit-learn digits keep 500 steps (not searched), as [P] Table 4 gives each dataset its own steps.
 CPU_FINETUNE = dict(optimizer="sgd", batch_size=CPU_BATCH, weight_decay=0.0, schedule="cosine", grad_clip=1.0,
                     lr=0.3, steps=2000, warmup_steps=20)
 CPU_FINETUNE_AUGMENT = "crop"
 # The low-data downstream task: MNIST with 1,000 training images, VTAB-1k's size ([P] §4.1: "1000 training
-# examples per task"); MNIST's whole 8k split and scikit-learn's digits leave a pixel logistic regression at
-# 90.6 / 95.8 % and every fine-tune at 98-99 %, too close to the ceiling to tell upstream sets or pre-training
-# from scratch apart.
+# examples per task"); on MNIST's whole split every fine-tune reached 98-99 %, too close to the ceiling to tell
+# upstream sets or pre-training from scratch apart.
 LOW_DATA_EXAMPLES = 1000
 MNIST_1K = f"mnist[train_examples={LOW_DATA_EXAMPLES}]"
-# Its budget from the `finetune_1k` search (results/recipes/finetune_1k.md; held-out MNIST, 800 images, seed 0, lr
-# 0.3): with translation 125 / 250 / 500 / 1,000 / 2,000 / 4,000 steps scored 60.2 / 75.3 / 88.9 / 94.9 / 95.9 /
-# 96.7 % (without: 79-87 %). The one-standard-error rule alone would take 4,000 steps, the top of its grid (more
-# might be better still: [P]'s VTAB-1k runs 2,500 steps at batch 512); the profile affords at most 1,000
-# (`max_cost`): 2,000 for the 18 MNIST-1k runs would add ~7.5 min to a profile at 85.5 of its 90 min. So 1,000
-# steps (128 passes over the 1,000 images) with `crop`, 1.8 pp below the best budget on validation.
+# Its budget from the `finetune_1k` search (results/recipes/finetune_1k.md): 1,000 steps with `crop`, the most the
+# profile affords (`max_cost`; the rule alone would take 4,000, the top of its grid).
 MNIST_1K_MAX_STEPS = 1000
 CPU_FINETUNE_STEPS = {"digits": 500, MNIST_1K: 1000}
 
@@ -167,13 +144,10 @@ def pretrain_steps(n: int, epochs: float = CPU_EPOCHS, cap: float = CPU_MAX_SUBS
     return int(min(math.ceil(epochs * full / batch), math.ceil(cap * n / batch)))
 
 
-# The upstream runs' data draw and probe (issue 27). CPU_DATA_SEED: the seed of every run's training
-# subset and 5k hold-out (None: each model seed draws its own, data_seed = seed, so a verdict is not
-# conditional on one subset). CPU_FEWSHOT_SHOTS / CPU_FEWSHOT_DRAWS: the shot counts probed and how many
-# class-balanced shot draws each is averaged over (the probe's own noise shrinks as 1/sqrt(draws); a draw
-# costs one least-squares fit on features computed once per run, milliseconds).
-# The cpu profile (issue 27, build 1): every seed its own subset and hold-out; 10 draws of 5, 10 and 25 shots
-# (the 5-shot SD was about twice top-1's, up to two thirds of it probe noise with 3 draws).
+# The upstream runs' data draw and probe (issue 27). CPU_DATA_SEED: the seed of every run's training subset
+# and 5k hold-out (None: each model seed draws its own, so a verdict is not conditional on one subset).
+# CPU_FEWSHOT_SHOTS / CPU_FEWSHOT_DRAWS: the shots probed and how many class-balanced shot draws each averages
+# (the probe's own noise shrinks as 1/sqrt(draws); a draw costs milliseconds).
 CPU_DATA_SEED: int | None = None
 CPU_FEWSHOT_SHOTS: tuple[int, ...] = (5, 10, 25)
 CPU_FEWSHOT_DRAWS = 10
@@ -201,14 +175,13 @@ def upstream_config(profile: str, model: str, seed: int, *, n: int | None = None
     copies of itself during training (the attention notebook follows its structure over training).
     `steps` replaces the schedule's length (a notebook's `steps` parameter; None: `pretrain_steps`)."""
     steps = steps or pretrain_steps(FASHION_TRAIN if n is None else n, epochs)
-    # 4 validation checks per run (5k images each, plus the last step): a check costs ~20 training steps, so
-    # 8 checks took ~20 % of a 1.8k run (cProfile: 9.5 of ~50 s), and under the cosine decay the best check is
-    # one of the last (a 1.8k ViT: 70.88 % at step 364 of 422, 70.82 % at the end)
+    # 4 validation checks per run (plus the last step): a check of 5k images costs ~20 training steps, and under
+    # the cosine decay the best check is one of the last
     select_every = max(1, steps // 4)
     cfg = dict(CPU_PRETRAIN, experiment=f"upstream-{profile}", model=model, dataset=dataset, img_size=img_size,
                train_examples=n, val_fraction=FASHION_VAL, data_seed=seed if data_seed is None else data_seed,
-               seed=seed, steps=steps,
-               lr=lr if lr is not None else CPU_LR[family(model)], warmup_steps=min(500, steps // 10),
+               seed=seed, steps=steps, lr=lr if lr is not None else CPU_LR[family(model)],
+               warmup_steps=min(500, steps // 10),
                select_on="val", select_every=select_every, checkpoint_every=select_every, log_every=100,
                evaluators=[{"type": "accuracy"}, fewshot_on_heldout(dataset, fewshot_shots, range(fewshot_draws))],
                **model_options)
@@ -218,22 +191,16 @@ def upstream_config(profile: str, model: str, seed: int, *, n: int | None = None
 
 
 # ------------------------------------------------------------------------ searches on validation
-def _vit_pretrain() -> Search:
-    base = upstream_config("select", "ViT-Nano/4", 0, epochs=3, **SEARCH_DATA)
-    return Search(base=base, grid={"lr": [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]},
-                  note="ViT-Nano/4, Fashion-MNIST 55k, 3 epochs, seed 0; validation = 5k held-out training images.")
-
-
-def _bit_pretrain() -> Search:
-    base = upstream_config("select", "BiT-R14x0.25", 0, epochs=3, **SEARCH_DATA)
-    return Search(base=base, grid={"lr": [1e-3, 3e-3, 1e-2, 3e-2]},
-                  note="BiT-R14x0.25, Fashion-MNIST 55k, 3 epochs, seed 0; validation = 5k held-out training images.")
+def _pretrain_search(model: str, lrs: list) -> Search:
+    return Search(base=upstream_config("select", model, 0, epochs=3, **SEARCH_DATA), grid={"lr": lrs},
+                  note=f"{model}, Fashion-MNIST 55k, 3 epochs, seed 0; validation = 5k held-out training images.")
 
 
 def _finetune() -> Search:
     parent = upstream_config("select", "ViT-Nano/4", 0, epochs=3, **SEARCH_DATA)
-    base = dict(CPU_FINETUNE, steps=250, augment="none", experiment="finetune-select", model="ViT-Nano/4", dataset="mnist", img_size=28,
-                val_fraction=0.1, data_seed=0, select_on="val", evaluators=[{"type": "accuracy", "split": "val"}])
+    base = dict(CPU_FINETUNE, steps=250, augment="none", experiment="finetune-select", model="ViT-Nano/4",
+                dataset="mnist", img_size=28, val_fraction=0.1, data_seed=0, select_on="val",
+                evaluators=[{"type": "accuracy", "split": "val"}])
     return Search(base=base, grid={"lr": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]}, parent=parent,
                   note=f"Fine-tuning ViT-Nano/4 (pre-trained 3 epochs on Fashion-MNIST, lr {CPU_LR['vit']:g}) on "
                        "MNIST, 10% of its training split held out; the [P] Table 4 grid without 0.001, extended "
@@ -250,15 +217,16 @@ def _finetune_bit() -> Search:
                 augment=CPU_FINETUNE_AUGMENT)
     return Search(base=base, grid={"lr": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0]}, parent=parent,
                   note=f"Fine-tuning BiT-R14x0.25 (pre-trained 3 epochs on Fashion-MNIST, lr {CPU_LR['bit']:g}) on "
-                       f"MNIST with {LOW_DATA_EXAMPLES:,} training images, 10% of MNIST's split held out; the ViT's grid, "
-                       "extended upwards until its largest value lost (1.0, the top of the ViT's grid, won a first pass).")
+                       f"MNIST with {LOW_DATA_EXAMPLES:,} training images, 10% of MNIST's split held out; the ViT's "
+                       "grid, extended upwards until its largest value lost (1.0, the top of the ViT's grid, won a "
+                       "first pass).")
 
 
 def _finetune_budget() -> Search:
     lr_search = _finetune()
     base = dict(lr_search.base, lr=CPU_FINETUNE["lr"])
-    return Search(base=base, grid={"steps": [500, 1000, 2000, 4000], "augment": ["none", "crop"]}, parent=lr_search.parent,
-                  cost="steps",
+    return Search(base=base, grid={"steps": [500, 1000, 2000, 4000], "augment": ["none", "crop"]},
+                  parent=lr_search.parent, cost="steps",
                   note="The `finetune` search's model and held-out MNIST at its chosen lr: steps (9 to 71 passes over "
                        "the 7.2k training images) and random translation by up to 3 px (`crop`; no flip on digits).")
 
@@ -268,12 +236,13 @@ def _finetune_1k() -> Search:
     base = dict(budget.base, train_examples=LOW_DATA_EXAMPLES)
     return Search(base=base, grid={"steps": [125, 250, 500, 1000, 2000, 4000], "augment": ["none", "crop"]},
                   parent=budget.parent, cost="steps", max_cost=MNIST_1K_MAX_STEPS,
-                  note=f"The `finetune_budget` search with {LOW_DATA_EXAMPLES:,} training images (class-balanced, drawn "
-                       "from MNIST's training split after its 10% hold-out; VTAB-1k's size, [P] §4.1): steps (16 to "
-                       "512 passes) and random translation by up to 3 px (`crop`).")
+                  note=f"The `finetune_budget` search with {LOW_DATA_EXAMPLES:,} training images (class-balanced, "
+                       "drawn from MNIST's training split after its 10% hold-out; VTAB-1k's size, [P] §4.1): steps "
+                       "(16 to 512 passes) and random translation by up to 3 px (`crop`).")
 
 
-SEARCHES = {"vit_pretrain": _vit_pretrain, "bit_pretrain": _bit_pretrain, "finetune": _finetune,
+SEARCHES = {"vit_pretrain": lambda: _pretrain_search("ViT-Nano/4", [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]),
+            "bit_pretrain": lambda: _pretrain_search("BiT-R14x0.25", [1e-3, 3e-3, 1e-2, 3e-2]), "finetune": _finetune,
             "finetune_budget": _finetune_budget, "finetune_1k": _finetune_1k, "finetune_bit": _finetune_bit}
 PENDING_SEARCHES: tuple[str, ...] = ()  # searches defined but not yet run (no results/recipes/<name>.csv)
 # The fine-tuning lr per family, each chosen on validation: the ViT's by the `finetune` search, the ResNet's by
@@ -281,14 +250,10 @@ PENDING_SEARCHES: tuple[str, ...] = ()  # searches defined but not yet run (no r
 CPU_FINETUNE_LR = {"vit": CPU_FINETUNE["lr"], "bit": 1.0, "hybrid": CPU_FINETUNE["lr"]}
 
 
-def finetune_config(profile: str, model: str, dataset: str, seed: int, img_size: int = 28, **changes) -> dict:
-    """A cpu fine-tuning run (its ``init`` is added by the sweep once the parent has finished).
-
-    Shared by the scaling and transfer notebooks (same experiment name, so the same run)."""
-    from .common import train_config
-
-    return train_config(**{**CPU_FINETUNE, "lr": CPU_FINETUNE_LR[family(model)], "steps": cpu_finetune_steps(dataset),
-                           **changes},
+def finetune_config(profile: str, model: str, dataset: str, seed: int, img_size: int = 28) -> dict:
+    """A cpu fine-tuning run (its ``init`` is added by the sweep once the parent has finished), shared by the
+    scaling and transfer notebooks (same experiment name, so the same run)."""
+    return train_config(**{**CPU_FINETUNE, "lr": CPU_FINETUNE_LR[family(model)], "steps": cpu_finetune_steps(dataset)},
                         experiment=f"finetune-{profile}", model=model, dataset=dataset, img_size=img_size, seed=seed,
                         augment=CPU_FINETUNE_AUGMENT)
 
@@ -297,8 +262,6 @@ def scratch_config(profile: str, model: str, dataset: str, seed: int, steps: int
     """Training on a downstream set from random weights: the pre-training recipe (its optimiser, lr and
     weight decay) with the fine-tuning augmentation (so only the initialisation differs from a fine-tune),
     for ``steps`` steps on the whole training split."""
-    from .common import train_config
-
     pre = {k: v for k, v in CPU_PRETRAIN.items() if k != "augment"}
     return train_config(**pre, experiment=f"scratch-{profile}", model=model, dataset=dataset, img_size=img_size,
                         seed=seed, steps=steps, lr=CPU_LR[family(model)], warmup_steps=min(500, steps // 10),

@@ -7,17 +7,20 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+import pandas as pd
+
 from .jobs import Job, finetune_from
 from .params import NotebookParams, runs_dir
-from .sweep import LAST_SWEEP, SweepError
+from .sweep import LAST_SWEEP, SweepError, run_threads
 
-# The long-form results frame every notebook writes (results.csv) and vitrepro.report reads.
+# The long-form results frame every notebook writes (results.csv) and vitrepro.report reads. data_seed: the
+# seed of the run's training subset / hold-out draw (the model seed unless fixed); shot_draws: how many shot
+# draws each few-shot value averages (issue 27: whether the data varied with the seed, how noisy the probe is)
 SCHEMA = ["notebook", "profile", "run_id", "stage", "model", "family", "upstream", "upstream_examples",
           "dataset", "img_size", "pos_embed", "pos_embed_at", "pool", "lr", "seed", "metric", "value",
           "train_flops", "params", "wall_s", "data_seed", "shot_draws"]
-# data_seed: the seed of the run's training subset / hold-out draw (the model seed unless fixed);
-# shot_draws: how many shot draws each few-shot value averages (issue 27: the report says whether the
-# data varied with the seed and how noisy the probe is)
+ARCH_KEYS = ("pool", "pos_embed", "pos_embed_at", "head", "representation_size")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -37,66 +40,55 @@ def save_figure(fig, path: Path) -> Path:
 
 
 def grid_rows(values, dims: Sequence[str], **keys):
-    """A small array (a similarity grid, filter components, attention maps) as a long-form frame: one column
-    per axis (`dims`, the index along it), `value`, and the constant `keys` (e.g. seed, run_id) first."""
-    import numpy as np
-    import pandas as pd
-
+    """A small array (a similarity grid, filter components, attention maps) as a long-form frame: the constant
+    `keys` (e.g. seed, run_id), one column per axis (`dims`, the index along it), then `value`."""
     a = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
     if a.ndim != len(dims):
         raise ValueError(f"an array of shape {a.shape} needs {a.ndim} axis names, got {list(dims)}")
     index = np.indices(a.shape).reshape(a.ndim, -1)
-    frame = pd.DataFrame({d: index[i] for i, d in enumerate(dims)})
-    frame["value"] = a.reshape(-1)
-    for i, (k, v) in enumerate(keys.items()):
-        frame.insert(i, k, v)
-    return frame
+    return pd.DataFrame({**keys, **{d: index[i] for i, d in enumerate(dims)}, "value": a.reshape(-1)})
 
 
 def grid_array(frame, dims: Sequence[str]):
     """The array `grid_rows` wrote (rows of one key combination), back as a numpy array."""
-    import numpy as np
-
-    shape = tuple(int(frame[d].max()) + 1 for d in dims)
-    out = np.full(shape, np.nan)
+    out = np.full(tuple(int(frame[d].max()) + 1 for d in dims), np.nan)
     out[tuple(frame[d].astype(int).to_numpy() for d in dims)] = frame["value"].to_numpy(dtype=float)
     return out
 
 
 def write_results(out: Path, frame, tables: dict[str, Any], figures: dict[str, Any], notes: str = "",
-                  partial: str | None = None, analysis: dict[str, Any] | None = None,
-                  redraw: bool = False) -> list[Path]:
+                  analysis: dict[str, Any] | None = None, redraw: bool = False) -> list[Path]:
     """Write `<out>/results.csv` (long form), `<out>/tables.md`, one PNG per figure and one `<name>.csv` per
-    frame of `analysis` (what figures that need model weights are drawn from: similarity grids, filters,
-    attention maps; small, so that `source="results"` redraws them without the run store). With `redraw`, the
-    CSVs are where they were read from (`make figures`): only tables.md and the figures are rewritten.
+    frame of `analysis` (what figures that need model weights are drawn from; small, so that
+    `source="results"` redraws them without the run store). With `redraw`, the CSVs are where they were read
+    from (`make figures`): only tables.md and the figures are rewritten.
 
-    Refuses an empty frame (nothing finished: no header-only files). Partial results (a sweep run
-    with `allow_partial=True` where some runs failed; `partial` defaults to what `run_jobs` reported)
-    are marked so at the top of tables.md and in every table title."""
+    Refuses an empty frame (nothing finished: no header-only files). Partial results (`allow_partial=True`
+    where some runs failed: the frame's mark, else what `run_jobs` reported) are marked so at the top of
+    tables.md and in every table title."""
     import matplotlib.pyplot as plt
 
-    out = Path(out)
+    out, written = Path(out), []
     if frame is None or len(frame) == 0:
         raise SweepError(f"nothing to write to {out}: no run of the sweep finished (the results frame is empty)")
-    if partial is None:
-        partial = (getattr(frame, "attrs", {}) or {}).get("partial") or LAST_SWEEP.get("partial")
-    written = []
+    partial = frame.attrs.get("partial") or LAST_SWEEP.get("partial")
+
+    def put(name: str, text: str) -> None:
+        atomic_write_text(out / name, text)
+        written.append(out / name)
+
     if not redraw:
-        atomic_write_text(out / "results.csv", frame.to_csv(index=False))
-        written.append(out / "results.csv")
+        put("results.csv", frame.to_csv(index=False))
     md = [notes.strip(), ""] if notes else []
     if partial:
-        md = ["> **Partial results** (`allow_partial=True`): these tables leave out the runs below.", ">"] + \
-             [f"> {line}" for line in str(partial).splitlines()] + [""] + md
+        md = (["> **Partial results** (`allow_partial=True`): these tables leave out the runs below.", ">"]
+              + [f"> {line}" for line in str(partial).splitlines()] + [""] + md)
     for title, table in tables.items():
-        title = f"{title} (partial)" if partial else title
-        md += [f"## {title}", "", table.to_markdown(index=False) if hasattr(table, "to_markdown") else str(table), ""]
-    atomic_write_text(out / "tables.md", "\n".join(md))
-    written.append(out / "tables.md")
+        md += [f"## {title}{' (partial)' if partial else ''}", "",
+               table.to_markdown(index=False) if hasattr(table, "to_markdown") else str(table), ""]
+    put("tables.md", "\n".join(md))
     for name, table in ({} if redraw else analysis or {}).items():
-        atomic_write_text(out / f"{name}.csv", table.to_csv(index=False, float_format="%.6g"))
-        written.append(out / f"{name}.csv")
+        put(f"{name}.csv", table.to_csv(index=False, float_format="%.6g"))
     for name, fig in figures.items():
         written.append(save_figure(fig, out / f"{name}.png"))
         plt.close(fig)
@@ -105,88 +97,55 @@ def write_results(out: Path, frame, tables: dict[str, Any], figures: dict[str, A
 
 def mean_spread(frame, by: Sequence[str], value: str = "value"):
     """Mean, standard deviation and count over seeds for each group (what every table shows)."""
-    g = frame.groupby(list(by), dropna=False)[value]
-    table = g.agg(mean="mean", std="std", n="count").reset_index()
+    table = frame.groupby(list(by), dropna=False)[value].agg(mean="mean", std="std", n="count").reset_index()
     table["std"] = table["std"].fillna(0.0)
     return table
 
 
 def fmt_pm(mean: float, std: float, n: int, scale: float = 1.0, digits: int = 1) -> str:
-    if n <= 1:
-        return f"{mean * scale:.{digits}f}"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
-
-
-def _metric_rows(record: dict) -> list[tuple[str, str, float]]:
-    """(dataset, metric, value) from a run record: `top1` on the test split, `fewshot<k>` per probe."""
-    rows = []
-    for key, value in (record.get("metrics") or {}).items():
-        parts = key.split("/")
-        if parts[0] == "acc" and len(parts) == 3:
-            rows.append((parts[1], "top1" if parts[2] == "test" else f"top1_{parts[2]}", value))
-        elif parts[0] == "fewshot" and len(parts) == 3:
-            rows.append((parts[1], f"fewshot{parts[2].removesuffix('shot')}", value))
-    return rows
-
-
-def _data_seed(cfg: dict):
-    return cfg.get("seed") if cfg.get("data_seed") is None else cfg.get("data_seed")
-
-
-def _shot_draws(cfg: dict):
-    probes = [e for e in cfg.get("evaluators") or [] if isinstance(e, dict) and e.get("type") == "fewshot"]
-    return len(probes[0].get("seeds", (0, 1, 2))) if probes else None
-
-
-def _family(model: str) -> str:
-    return "Hybrid" if "+" in model else ("ResNet" if model.startswith("BiT") else "ViT")
-
-
-def _arch(rec: dict, cfg: dict) -> dict:
-    """The architecture a run built: the record's resolved one (complete, inherited by fine-tunes),
-    else the configuration's options."""
-    arch = dict(((rec.get("resolved") or {}).get("arch")) or {})
-    for k in ("pool", "pos_embed", "pos_embed_at"):
-        if arch.get(k) is None and cfg.get(k) is not None:
-            arch[k] = cfg[k]
-    return arch
+    return f"{mean * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if n > 1 else "")
 
 
 def tidy(results: Sequence[tuple[Job, dict]], notebook: str, profile: str):
     """Long-form frame (`SCHEMA`): one row per run, seed and metric, from the stored records. A
     partial sweep (`run_jobs` with allow_partial) marks the frame: `frame.attrs["partial"]`."""
-    import pandas as pd
-
     rows = []
     by_job = {id(job): rec for job, rec in results}
 
     def upstream_size(job):
         """Upstream examples: the configured subset, else the size the pre-training run resolved."""
-        if job.upstream_examples is not None:
+        if job.upstream_examples is not None or job.stage == "scratch":
             return job.upstream_examples
-        pre = job if job.parent is None else job.parent
-        if job.stage == "scratch":
-            return None
-        return ((by_job.get(id(pre)) or {}).get("resolved") or {}).get("train_size")
+        return ((by_job.get(id(job.parent or job)) or {}).get("resolved") or {}).get("train_size")
 
     for job, rec in results:
         if rec.get("status") != "ok":
             continue
-        cfg = rec.get("config") or job.config
-        arch = _arch(rec, cfg)
-        for dataset, metric, value in _metric_rows(rec):
+        cfg, res = rec.get("config") or job.config, rec.get("resolved") or {}
+        arch = {**{k: cfg.get(k) for k in ARCH_KEYS}, **{k: v for k, v in (res.get("arch") or {}).items()
+                                                         if v is not None}}  # resolved (complete), else the config
+        probes = [e for e in cfg.get("evaluators") or [] if isinstance(e, dict) and e.get("type") == "fewshot"]
+        model = cfg["model"]
+        for key, value in (rec.get("metrics") or {}).items():  # `top1` on the test split, `fewshot<k>` per probe
+            kind, *rest = key.split("/")
+            if kind not in ("acc", "fewshot") or len(rest) != 2:
+                continue
+            dataset, split = rest
+            metric = (("top1" if split == "test" else f"top1_{split}") if kind == "acc"
+                      else f"fewshot{split.removesuffix('shot')}")
             rows.append(dict(
-                notebook=notebook, profile=profile, run_id=rec["run_id"], stage=job.stage, model=cfg["model"],
-                family=_family(cfg["model"]), upstream=job.upstream, upstream_examples=upstream_size(job),
-                dataset=dataset, img_size=(rec.get("resolved") or {}).get("img_size", cfg.get("img_size")),
-                pos_embed=arch.get("pos_embed") or "1d", pos_embed_at=arch.get("pos_embed_at") or "stem",
-                pool=arch.get("pool") or "token", lr=cfg.get("lr"), seed=cfg.get("seed"), metric=metric,
-                value=value, train_flops=rec.get("train_flops"), params=rec.get("params"),
-                wall_s=rec.get("wall_time_s"), data_seed=_data_seed(cfg), shot_draws=_shot_draws(cfg)))
+                notebook=notebook, profile=profile, run_id=rec["run_id"], stage=job.stage, model=model,
+                family="Hybrid" if "+" in model else ("ResNet" if model.startswith("BiT") else "ViT"),
+                upstream=job.upstream, upstream_examples=upstream_size(job), dataset=dataset,
+                img_size=res.get("img_size", cfg.get("img_size")), pos_embed=arch.get("pos_embed") or "1d",
+                pos_embed_at=arch.get("pos_embed_at") or "stem", pool=arch.get("pool") or "token", lr=cfg.get("lr"),
+                seed=cfg.get("seed"), metric=metric, value=value, train_flops=rec.get("train_flops"),
+                params=rec.get("params"), wall_s=rec.get("wall_time_s"),
+                data_seed=cfg.get("seed") if cfg.get("data_seed") is None else cfg.get("data_seed"),
+                shot_draws=len(probes[0].get("seeds", (0, 1, 2))) if probes else None))
     frame = pd.DataFrame(rows, columns=SCHEMA)
-    partial = getattr(results, "partial", None)
-    if partial:
-        frame.attrs["partial"] = partial
+    if getattr(results, "partial", None):
+        frame.attrs["partial"] = results.partial
     return frame
 
 
@@ -195,19 +154,16 @@ def collect(jobs: Sequence[Job], params: NotebookParams, notebook: str):
     from ..store import RunStore
     from ..train import ConfigError, finished_record, run_id_of
 
-    from .sweep import run_threads
-
     store = RunStore(runs_dir(params))
     threads = run_threads(params)  # the thread count `run_jobs` would train with: the same run ids
     records: dict[int, dict] = {}
-    results = []
-    for job in [j for j in jobs if j.parent is None] + [j for j in jobs if j.parent is not None]:
+    order = [j for j in jobs if j.parent is None] + [j for j in jobs if j.parent is not None]
+    for job in order:
         cfg = dict(job.config)
         if job.parent is not None:
-            parent = records.get(id(job.parent))
-            if parent is None:
+            if id(job.parent) not in records:
                 continue
-            cfg["init"] = finetune_from(job.parent, parent)
+            cfg["init"] = finetune_from(job.parent, records[id(job.parent)])
         if params.device != "auto":
             cfg["device"] = params.device
         try:
@@ -218,8 +174,7 @@ def collect(jobs: Sequence[Job], params: NotebookParams, notebook: str):
         rec = finished_record(store, cfg["experiment"], rid)  # a damaged record or model is named, then skipped
         if rec is not None:
             records[id(job)] = rec
-            results.append((job, rec))
-    return tidy(results, notebook, params.profile)
+    return tidy([(j, records[id(j)]) for j in order if id(j) in records], notebook, params.profile)
 
 
 def _arch_chain(store, conf: dict, depth: int = 0) -> dict:
@@ -236,9 +191,7 @@ def _arch_chain(store, conf: dict, depth: int = 0) -> dict:
             arch = _arch_chain(store, check_json_file(store.resolve(init) / "config.json"), depth + 1)
         except FileNotFoundError:
             arch = {}
-    arch.update({k: conf[k] for k in ("pool", "pos_embed", "pos_embed_at", "head", "representation_size")
-                 if conf.get(k) is not None})
-    return arch
+    return arch | {k: conf[k] for k in ARCH_KEYS if conf.get(k) is not None}
 
 
 def load_run_model(params: NotebookParams, run_ref: str):
@@ -254,12 +207,9 @@ def load_run_model(params: NotebookParams, run_ref: str):
     conf = check_json_file(d / "config.json", f"{exp}/{rid}")
     res = conf.get("_resolved", {})
     arch = _arch_chain(store, conf)
-    opts = {k: arch[k] for k in ("pool", "pos_embed", "pos_embed_at", "head", "representation_size")
-            if arch.get(k) is not None}
     model = create_model(conf["model"], img_size=res["img_size"], in_chans=res["in_chans"],
-                         num_classes=res["num_classes"], **opts)
-    head_reset = res.get("head_reset", bool(conf.get("init")) and conf.get("reset_head") is not False)
-    if head_reset:
+                         num_classes=res["num_classes"], **{k: arch[k] for k in ARCH_KEYS if arch.get(k) is not None})
+    if res.get("head_reset", bool(conf.get("init")) and conf.get("reset_head") is not False):
         model.reset_head(res["num_classes"])  # fine-tuned runs carry the zero-initialised linear head
     if not (d / "model.pt").exists():
         raise FileNotFoundError(f"{d / 'model.pt'} does not exist: run {exp}/{rid} has not finished")

@@ -5,13 +5,10 @@
     python -m vitrepro.experiments.run_all --profile paper --dry-run [--tiny]   (stand-in data, experiments/dryrun.py)
     python -m vitrepro.experiments.run_all --profile gpu --launcher torchrun --nproc-per-node 8
 
-Every run the notebooks need is trained first, in one sweep over all of them (`train_all`: one pool,
-longest chains first, one ETA); each notebook then finds its runs in the store and builds its tables.
-Executed notebooks (with outputs) go to `<runs_dir>/executed/` (kept out of git); the committed notebooks
-stay clean. Tables, figures, REPORT.md and the wall times (`timings_<profile>.json`) go to the results
-folder: `results/` only for the whole cpu profile (`make reproduce`, what the committed results come
-from), else `<runs_dir>/results/run_all/<profile>/`, unless `--results` names one. A notebook run on
-its own writes under `<runs_dir>/results/`.
+Every run the notebooks need is trained first, in one sweep over all of them (`train_all`); each notebook then
+finds its runs in the store. Executed notebooks go to `<runs_dir>/executed/`; tables, figures, REPORT.md and
+the wall times (`timings_<profile>.json`) to `results/` only for the whole cpu profile, else
+`<runs_dir>/results/run_all/<profile>/`, unless `--results` names a folder.
 
 SIGINT / SIGTERM / SIGHUP stop everything this command started (the notebook kernel and its pool
 workers) before it exits; the runs stay resumable, so running the same command again carries on.
@@ -21,15 +18,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
-from . import NOTEBOOKS
+from . import NOTEBOOKS, module
 from .common import REPO_ROOT, atomic_write_text, runs_dir, NotebookParams
+from .jobs import unique
+from .launch import run_jobs
 
 COMMITTED_PROFILE = "cpu"  # the profile results/ comes from: only its full run writes there by default
 
@@ -87,19 +88,11 @@ def main(argv=None) -> None:
     ap.add_argument("--nproc-per-node", type=int, default=None, help="processes per configuration under torchrun")
     args = ap.parse_args(argv)
     if args.dry_run:
-        import tempfile
-
         args.results = tempfile.mkdtemp(prefix=f"vitrepro-dryrun-results-{args.profile}-")
-        args.parameter.append(("dry_run", "true"))
-        if args.tiny:
-            args.parameter.append(("tiny", "true"))
+        args.parameter += [("dry_run", "true")] + ([("tiny", "true")] if args.tiny else [])
     args.results = args.results or str(default_results(args.profile, args.only))
-    if args.launcher:
-        args.parameter.append(("launcher", args.launcher))
-    if args.nproc_per_node:
-        args.parameter.append(("nproc_per_node", str(args.nproc_per_node)))
-    import logging
-
+    args.parameter += [(k, str(v)) for k, v in (("launcher", args.launcher), ("nproc_per_node", args.nproc_per_node))
+                       if v]
     import papermill as pm
 
     # papermill forwards each cell's output to its logger: show it, so long runs show progress
@@ -107,9 +100,8 @@ def main(argv=None) -> None:
 
     from .. import report
 
-    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None:
-            signal.signal(sig, _on_signal)
+    for sig in filter(None, (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))):
+        signal.signal(sig, _on_signal)
     try:
         _run(args, pm, report)
     except KeyboardInterrupt as e:
@@ -154,10 +146,6 @@ def train_all(profile: str, notebooks: Sequence[str], parameters: dict) -> None:
     in the store). One pool for the whole profile: no notebook waits for another's last run while a core
     idles, the longest chains of work start first (`sweep.chain_work`), a run two notebooks share is
     trained once (`jobs.unique`), and the progress lines give one ETA for the whole profile."""
-    from . import module
-    from .jobs import unique
-    from .launch import run_jobs
-
     jobs, params = [], None
     for nb in notebooks:
         mod = module(nb)
@@ -173,23 +161,24 @@ def _run(args, pm, report) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     timings_file = Path(args.results) / f"timings_{args.profile}.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    parameters = {k: _value(v) for k, v in args.parameter}
+
+    def timed(key: str, step) -> None:
+        t0 = time.time()
+        step()
+        timings[key] = round(time.time() - t0, 1)
+        atomic_write_text(timings_file, json.dumps(timings, indent=1))
+
     if not args.dry_run:  # a dry run's notebooks each switch to stand-in data: they train their own
-        t0 = time.time()
-        train_all(args.profile, args.only or NOTEBOOKS, {k: _value(v) for k, v in args.parameter})
-        timings[SWEEP_KEY] = round(time.time() - t0, 1)
-        atomic_write_text(timings_file, json.dumps(timings, indent=1))
+        timed(SWEEP_KEY, lambda: train_all(args.profile, args.only or NOTEBOOKS, parameters))
     for nb in args.only or NOTEBOOKS:
-        t0 = time.time()
         print(f"=== {nb} (profile {args.profile})", flush=True)
-        params = {"profile": args.profile, "results_dir": str(Path(args.results) / nb)}
-        params.update({k: _value(v) for k, v in args.parameter})
-        pm.execute_notebook(str(REPO_ROOT / "notebooks" / f"{nb}.ipynb"), str(out_dir / f"{nb}.{args.profile}.ipynb"),
-                            parameters=params, kernel_name=_kernel(), log_output=True, progress_bar=False,
-                            cwd=str(REPO_ROOT))
-        timings[nb] = round(time.time() - t0, 1)
+        timed(nb, lambda: pm.execute_notebook(
+            str(REPO_ROOT / "notebooks" / f"{nb}.ipynb"), str(out_dir / f"{nb}.{args.profile}.ipynb"),
+            parameters={"profile": args.profile, "results_dir": str(Path(args.results) / nb), **parameters},
+            kernel_name=_kernel(), log_output=True, progress_bar=False, cwd=str(REPO_ROOT)))
         print(f"=== {nb} done in {timings[nb]:.0f}s", flush=True)
-        atomic_write_text(timings_file, json.dumps(timings, indent=1))
-    if getattr(args, "dry_run", False):
+    if args.dry_run:
         print(f"dry run of profile {args.profile} passed; tables and figures in {args.results}; "
               f"notebook wall times (s): {timings}")
         return

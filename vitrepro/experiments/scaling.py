@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ..models.registry import parse_name
 from . import common, floors, launch, recipes, skeleton
 from .common import Job
 
@@ -54,12 +53,8 @@ class Profile:
     seeds: int
     pretrain: dict | None  # None: the shared validation-selected upstream runs of recipes.upstream_config
     finetune: dict
-    fewshot_shots: tuple[int, ...] = (5,)
     finetune_examples: int | None = None
     finetune_augment: bool | str = True  # random crop + flip; off for digits, which a flip does not preserve
-    # pre-training overrides per family ("vit", "hybrid", "bit"): [P] Table 3 gives each family its own
-    # learning rate (ViTs on ImageNet-size data 3e-3, ResNets 1e-3; hybrids follow their ViT)
-    family_pretrain: dict = field(default_factory=dict)
     finetuned_sizes: tuple | None = None  # the sizes whose models are also fine-tuned (None: every size)
     model_sizes: dict = field(default_factory=dict)  # a model's own pre-training sizes (default: `sizes`)
     finetuned_models: tuple | None = None  # the models that are also fine-tuned (None: every model)
@@ -85,24 +80,12 @@ def cpu() -> Profile:
     (8 epochs of the 55k set, a subset capped at 30 passes) and early-stopped on 5k held-out training images
     ([P] §4.3); each seed draws its own subset and hold-out (`recipes.CPU_DATA_SEED`). Measured by the
     few-shot linear probe on held-out Fashion-MNIST images (Fig. 4; 5, 10 and 25 shots, 10 draws each) and
-    by fine-tuning on MNIST-1k (Fig. 3; MNIST with 1,000 training images, `recipes.MNIST_1K`: off the ~98 %
-    ceiling of the whole MNIST split, where one test image was 0.05 pp and the fine-tuned claims decided
-    nothing). Fine-tuned are the 1.8k and 55k models of the two main families (the sizes the claims compare).
+    by fine-tuning on MNIST-1k (Fig. 3; MNIST with 1,000 training images, `recipes.MNIST_1K`: off the ceiling
+    of the whole MNIST split). Fine-tuned are the 1.8k and 55k models of the two main families (the sizes the
+    claims compare).
 
-    Issue 27 ("Build 1"), added for the model-family axes:
-    * ViT-Nano/7 (4x4 patches, 0.32x ViT-Nano/4's FLOPs) at 1.8k and 55k: a second ViT compute size for
-      "larger ViTs pay off only with more data" (the ViT-Nano/4 - ViT-Nano/7 gain, an interaction) and a
-      second ViT point on Fig. 5's frontier;
-    * the hybrid R14x0.25+ViT-Nano/4 (the ResNet's stem and stage feeding ViT-Nano, lr `CPU_LR["hybrid"]`)
-      at 1.8k, the sweep's smallest compute: Fig. 5's "hybrids help at small compute" (a second hybrid point,
-      5.5k, would add ~5 min of wall time and take the estimate's no-packing bound past 90 min).
-
-    Wall time of the whole cpu profile (all four notebooks, one sweep from an empty store), estimated from the
-    committed per-run wall times on 2 cores of a bf16 CPU (results/*/results.csv `wall_s`; new models scaled
-    by their FLOPs ratio from `vitrepro.models.flops`, or a measured ratio where larger): 93 runs, 173.8
-    process-min -> 79.1 min of training (x 0.91, the last run's packing) + 1.5 min of notebooks = ~80.5 min;
-    88.3 min without the packing factor (docs/cpu-profile-budget.md has the table and method;
-    `python benchmarks/cpu_profile_estimate.py` recomputes it). Not yet timed as one run.
+    For the model-family axes, ViT-Nano/7 (0.32x the FLOPs) at 1.8k and 55k and the hybrid R14x0.25+ViT-Nano/4 at
+    1.8k; design and wall time: docs/cpu-profile-budget.md (`python benchmarks/cpu_profile_estimate.py`).
 
     Expected (paper, qualitatively): the ResNet ahead on the smallest subsets; the ViT - ResNet gap
     shrinking as data grows; the larger ViT gaining more from data; the hybrid above its ViT at 1.8k.
@@ -154,24 +137,18 @@ def _pretrain_config(params: Params, p: Profile, model: str, n: int | None, seed
     if p.pretrain is None:  # cpu: the shared upstream runs of recipes.py (validation-selected, early-stopped)
         return recipes.upstream_config(params.profile, model, seed, n=n, dataset=p.upstream, img_size=p.img_size,
                                        steps=p.steps)
-    pretrain = {**p.pretrain, **p.family_pretrain.get(parse_name(model).family, {})}
-    if p.steps is not None:  # the budget in steps replaces the recipe's epochs or steps
-        pretrain = {k: v for k, v in pretrain.items() if k != "epochs"} | {"steps": p.steps}
-        if pretrain.get("warmup_steps", 0) >= p.steps:  # a short budget keeps a tenth of it for warm-up
-            pretrain["warmup_steps"] = p.steps // 10
     if n is not None and n == recipes.TRAIN_IMAGES.get(p.upstream):
         n = None  # the whole set (streamed: no subset to draw)
     return common.train_config(
         experiment=f"{NOTEBOOK}-{params.profile}", model=model, dataset=p.upstream, train_examples=n,
-        img_size=p.img_size, seed=seed, fewshot_dataset=p.downstream, fewshot_shots=p.fewshot_shots, **pretrain)
+        img_size=p.img_size, seed=seed, fewshot_dataset=p.downstream, **skeleton.with_steps(p.pretrain, p.steps))
 
 
 def jobs(params: Params) -> list[Job]:
     p = profile(params)
     finetuned = p.sizes if params.sizes or p.finetuned_sizes is None else p.finetuned_sizes  # given sizes: all
     out = []
-    largest_first = sorted(p.sizes, key=lambda n: -(n or float("inf")))  # long runs first: the pool ends together
-    for n in largest_first:
+    for n in sorted(p.sizes, key=lambda n: -(n or float("inf"))):  # long runs first: the pool ends together
         for model in p.models:
             if n not in p.model_sizes.get(model, p.sizes):
                 continue
@@ -181,14 +158,14 @@ def jobs(params: Params) -> list[Job]:
                 out.append(pre)
                 if n not in finetuned or (p.finetuned_models is not None and model not in p.finetuned_models):
                     continue
-                ft = dict(p.finetune)
-                ft.setdefault("img_size", p.img_size)
                 if p.pretrain is None:  # cpu: the fine-tune that transfer shares
-                    cfg = recipes.finetune_config(params.profile, model, p.downstream, seed, ft.pop("img_size"))
+                    cfg = recipes.finetune_config(params.profile, model, p.downstream, seed,
+                                                  p.finetune.get("img_size", p.img_size))
                 else:
                     cfg = common.train_config(
                         experiment=f"{NOTEBOOK}-{params.profile}", model=model, dataset=p.downstream,
-                        train_examples=p.finetune_examples, seed=seed, augment=p.finetune_augment, **ft)
+                        train_examples=p.finetune_examples, seed=seed, augment=p.finetune_augment,
+                        **{"img_size": p.img_size, **p.finetune})
                 out.append(Job(cfg, stage="finetune", upstream=p.upstream, upstream_examples=n, parent=pre))
     return out
 
@@ -199,28 +176,18 @@ def baseline_rows(params: Params, log=print) -> pd.DataFrame:
     p = profile(params)
     shared = p.pretrain is None  # cpu: the shared upstream runs, probed with shots from their held-out part
     hold = skeleton.held_out_fraction(shared)
-    draws = tuple(range(recipes.CPU_FEWSHOT_DRAWS)) if shared else (0, 1, 2)  # the models' shot draws
-    return floors.rows(params, NOTEBOOK, trained_on=[(p.upstream, n, hold) for n in p.sizes] + [(p.downstream, None, 0.0)],
-                       fewshot=[p.upstream if shared else p.downstream], fewshot_val_fraction=hold, seeds=draws, log=log)
+    trained_on = [(p.upstream, n, hold) for n in p.sizes] + [(p.downstream, None, 0.0)]
+    return floors.rows(params, NOTEBOOK, trained_on=trained_on,
+                       fewshot=[p.upstream if shared else p.downstream], fewshot_val_fraction=hold,
+                       seeds=skeleton.shot_draws(shared), log=log)
 
 
 run, collect = skeleton.run_and_collect(NOTEBOOK, jobs, baseline_rows)
 
 
-def _baseline_label(df: pd.DataFrame, metric: str, dataset: str) -> str:
-    return f"{floors.FEWSHOT if metric == 'fewshot5' else floors.LOGREG} ({dataset})"
-
-
-def _baseline_cell(df: pd.DataFrame, metric: str, dataset: str, n) -> str:
-    """The pixel baseline of a table cell: per training-set size for upstream top-1, else one value."""
-    b = df[(df.stage == "baseline") & (df.metric == metric) & (df.dataset == dataset)]
-    if n is not None:
-        b = b[b.upstream_examples == n]
-    return skeleton.percent_cell(b.value) if len(b) else "-"
-
-
 def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Fig. 3/4 tables (mean ± std over seeds, %) with the pixel baseline of the same split as the last row."""
+    """Fig. 3/4 tables (mean ± std over seeds, %) with the pixel baseline of the same split as the last row
+    (per training-set size for upstream top-1)."""
     out = {}
     for metric, stage, title in (("fewshot5", "pretrain", "5-shot linear accuracy on held-out images (%), Fig. 4"),
                                  ("top1", "finetune", "Fine-tuned accuracy on the downstream set (%), Fig. 3"),
@@ -228,49 +195,45 @@ def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         d = df[(df.metric == metric) & (df.stage == stage)]
         if d.empty:
             continue
+        ds = d.dataset.iloc[0]
         w = skeleton.percent_table(d, ["family", "model"], "upstream_examples")
-        w.loc[("baseline", _baseline_label(df, metric, d.dataset.iloc[0])), :] = [
-            _baseline_cell(df, metric, d.dataset.iloc[0], n if stage == "pretrain" and metric == "top1" else None)
-            for n in w.columns]
+        b = df[(df.stage == "baseline") & (df.metric == metric) & (df.dataset == ds)]
+        cells = [b[b.upstream_examples == n] if stage == "pretrain" and metric == "top1" else b for n in w.columns]
+        w.loc[("baseline", f"{floors.FEWSHOT if metric == 'fewshot5' else floors.LOGREG} ({ds})"), :] = [
+            skeleton.percent_cell(c.value) if len(c) else "-" for c in cells]
         out[title] = w.reset_index()
         out[title].columns = [f"{int(c):,}" if isinstance(c, float) else str(c) for c in out[title].columns]
     d = df[(df.metric == "fewshot5") & (df.stage == "pretrain")]
     if not d.empty:
-        t = d.groupby(["family", "model"]).agg(params=("params", "max"), train_flops_at_largest=("train_flops", "max")).reset_index()
+        t = d.groupby(["family", "model"]).agg(params=("params", "max"), train_flops_at_largest=("train_flops", "max"))
         # results.csv stores FLOPs as floats (other rows leave the column empty): whole numbers either way.
-        t = t.astype({"params": "int64", "train_flops_at_largest": "int64"})
-        out["Models: parameters and pre-training compute (FLOPs), Fig. 5 x-axis"] = t
+        out["Models: parameters and pre-training compute (FLOPs), Fig. 5 x-axis"] = t.astype("int64").reset_index()
     return out
-
-
-def _log_ticks(ax, values) -> None:
-    """Log x-axis labelled at the data sizes actually used (no overlapping minor labels)."""
-    from matplotlib.ticker import FixedLocator, NullLocator
-
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(FixedLocator(values))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticklabels([f"{int(v):,}" for v in values])
 
 
 def figures(df: pd.DataFrame) -> dict:
     import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     figs = {}
-    for metric, stage, name, ylabel in (("top1", "finetune", "fig3_finetune_vs_data", "fine-tuned top-1 on downstream"),
-                                        ("fewshot5", "pretrain", "fig4_fewshot_vs_data", "5-shot linear (held-out images)")):
+    for metric, stage, name, ylabel in (
+            ("top1", "finetune", "fig3_finetune_vs_data", "fine-tuned top-1 on downstream"),
+            ("fewshot5", "pretrain", "fig4_fewshot_vs_data", "5-shot linear (held-out images)")):
         d = df[(df.metric == metric) & (df.stage == stage)]
         if d.empty:
             continue
         fig, ax = plt.subplots(figsize=(5.5, 4))
         sns.lineplot(data=d, x="upstream_examples", y="value", hue="model", style="family", markers=True,
                      errorbar="sd", err_style="bars", ax=ax)
-        _log_ticks(ax, sorted(d.upstream_examples.unique()))
+        sizes = sorted(d.upstream_examples.unique())  # a log x-axis labelled at the sizes used, no minor labels
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(sizes))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{int(v):,}" for v in sizes])
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
-        ax.set_xlabel("pre-training examples")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{name.split('_')[0].replace('fig', 'Fig. ')}: accuracy vs pre-training data")
+        ax.set(xlabel="pre-training examples", ylabel=ylabel,
+               title=f"{name.split('_')[0].replace('fig', 'Fig. ')}: accuracy vs pre-training data")
         figs[name] = fig
     d = df[(df.metric == "fewshot5") & (df.stage == "pretrain")]
     if not d.empty:
@@ -282,8 +245,7 @@ def figures(df: pd.DataFrame) -> dict:
         ax.errorbar(means.train_flops, means.value, yerr=means.sd.fillna(0), fmt="none", ecolor="grey", capsize=3)
         ax.set_xscale("log")
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
-        ax.set_xlabel("pre-training compute (FLOPs)")
-        ax.set_ylabel("5-shot linear (held-out images)")
-        ax.set_title("Fig. 5: accuracy vs pre-training compute")
+        ax.set(xlabel="pre-training compute (FLOPs)", ylabel="5-shot linear (held-out images)",
+               title="Fig. 5: accuracy vs pre-training compute")
         figs["fig5_accuracy_vs_compute"] = fig
     return figs

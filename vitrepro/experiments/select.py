@@ -35,8 +35,9 @@ def validation_metric(name: str) -> str:
     return name
 
 
-def _points(rows: Sequence[dict], metric: str, keys: Sequence[str]) -> dict[tuple, list[dict]]:
-    """The rows holding ``metric`` (a validation accuracy, else SelectionError), by grid point (values of ``keys``)."""
+def _points(rows: Sequence[dict], metric: str, keys: Sequence[str]) -> tuple[dict, dict]:
+    """The rows holding ``metric`` (a validation accuracy, else SelectionError) by grid point (values of ``keys``),
+    and each point's mean ``metric`` (over its seeds)."""
     validation_metric(metric)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -44,11 +45,7 @@ def _points(rows: Sequence[dict], metric: str, keys: Sequence[str]) -> dict[tupl
             groups.setdefault(tuple(r[k] for k in keys), []).append(r)
     if not groups:
         raise SelectionError(f"no row holds {metric!r}: nothing to select from")
-    return groups
-
-
-def _mean(rows: list[dict], metric: str) -> float:
-    return sum(float(r[metric]) for r in rows) / len(rows)
+    return groups, {g: sum(float(r[metric]) for r in rs) / len(rs) for g, rs in groups.items()}
 
 
 def best(rows: Sequence[dict], metric: str, keys: Sequence[str]) -> dict:
@@ -56,8 +53,8 @@ def best(rows: Sequence[dict], metric: str, keys: Sequence[str]) -> dict:
 
     ``rows`` are dicts holding the grid keys and the metric, e.g. one per finished run. Raises
     SelectionError when ``metric`` is not a validation accuracy."""
-    groups = _points(rows, metric, keys)
-    return dict(zip(keys, max(groups, key=lambda g: _mean(groups[g], metric))))
+    _, mean = _points(rows, metric, keys)
+    return dict(zip(keys, max(mean, key=mean.get)))
 
 
 def cheapest_within_one_se(rows: Sequence[dict], metric: str, keys: Sequence[str], cost: str) -> dict:
@@ -67,8 +64,7 @@ def cheapest_within_one_se(rows: Sequence[dict], metric: str, keys: Sequence[str
 
     The standard error is the best point's binomial one, sqrt(p (1 - p) / n), n = its rows' ``val_n``
     (validation images); among equally cheap points the more accurate wins."""
-    groups = _points(rows, metric, keys)
-    mean = {g: _mean(rs, metric) for g, rs in groups.items()}
+    groups, mean = _points(rows, metric, keys)
     top = max(mean, key=mean.get)
     n = sum(int(r["val_n"]) for r in groups[top])  # all the validation predictions behind the best mean
     se = math.sqrt(mean[top] * (1 - mean[top]) / n)
@@ -85,11 +81,8 @@ def at_grid_edge(grid: dict, chosen: dict) -> dict:
     edges = {}
     for key, values in grid.items():
         numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if len(numeric) < 3 or len(numeric) != len(values):
-            continue
-        lo, hi = min(numeric), max(numeric)
-        if chosen.get(key) in (lo, hi):
-            edges[key] = "highest" if chosen[key] == hi else "lowest"
+        if 3 <= len(numeric) == len(values) and chosen.get(key) in (min(numeric), max(numeric)):
+            edges[key] = "highest" if chosen[key] == max(numeric) else "lowest"
     return edges
 
 
@@ -106,27 +99,21 @@ class Search:
     max_cost: float | None = None  # the most of `cost` the profile affords: chosen among the points within it
 
     def configs(self) -> list[dict]:
-        keys = list(self.grid)
-        out = []
-        for values in itertools.product(*(self.grid[k] for k in keys)):
-            for seed in self.seeds:
-                out.append({**self.base, **dict(zip(keys, values)), "seed": seed})
-        return out
+        return [{**self.base, **dict(zip(self.grid, values)), "seed": seed}
+                for values in itertools.product(*self.grid.values()) for seed in self.seeds]
 
 
 def run_search(name: str, search: Search, store=None) -> list[dict]:
     """Train every grid point; rows of (grid values, seed, validation accuracy, best step)."""
     from .. import train
 
-    parent_ref = None
+    init = {}  # fine-tuning searches: every point starts from the trained parent
     if search.parent is not None:
         rec = train.run(search.parent, store=store, progress="log")
-        parent_ref = f"run:{rec['experiment']}/{rec['run_id']}"
+        init = {"init": f"run:{rec['experiment']}/{rec['run_id']}"}
     rows = []
     for cfg in search.configs():
-        if parent_ref:
-            cfg = {**cfg, "init": parent_ref}
-        rec = train.run(cfg, store=store, progress="log")
+        rec = train.run({**cfg, **init}, store=store, progress="log")
         sel = rec.get("selection") or {}
         metric = sel.get("on") or f"acc/{cfg['dataset']}/val"
         row = {k: cfg[k] for k in search.grid}
@@ -165,11 +152,10 @@ def write_search(name: str, search: Search, rows: list[dict], out: Path) -> dict
 
     chosen = chosen_point(search, rows)
     frame = pd.DataFrame(rows)
-    text = frame.to_csv(index=False)
     edges = at_grid_edge(search.grid, chosen)
     warning = "".join(f"\n\n**{k} = {chosen[k]} is the {side} value of its grid**: the optimum may lie beyond it; "
                       f"extend the grid." for k, side in edges.items())
-    atomic_write_text(out / f"{name}.csv", text)
+    atomic_write_text(out / f"{name}.csv", frame.to_csv(index=False))
     rule = (f" (the one-standard-error rule on `{search.cost}`: the cheapest point within one binomial standard "
             f"error of the best)" if search.cost else "")
     budget = ""

@@ -9,8 +9,8 @@ An experiment module builds its public functions from here, in the order it read
     ... def jobs(params), def baseline_rows(params, log=print) ...
     run, collect = skeleton.run_and_collect(NOTEBOOK, jobs, baseline_rows)
 
-plus the few helpers their parameters and tables repeat: `check_datasets`, `held_out_fraction`,
-`percent_cell`, `percent_cells` and `percent_table`.
+plus the few helpers their parameters, recipes and tables repeat (`check_*`, `held_out_fraction`, `shot_draws`,
+`with_steps`, `percent_cell`, `percent_cells`, `percent_table`).
 """
 from __future__ import annotations
 
@@ -41,30 +41,12 @@ def parameter_validator(params_class: type) -> Callable[[dict], object]:
     launch parameters (a dry run switches this process to stand-in data here)."""
 
     def validate(values: dict):
-        params = validate_notebook_params(params_class, json_lists(params_class, values))
+        """Notebook globals -> the notebook's checked `Params` (unknown names fail)."""
+        params = validate_notebook_params(params_class, values)
         check_source(params)
         return params if params.source != "train" else launch.validated(params)
 
-    validate.__doc__ = f"Notebook globals -> a checked `{params_class.__qualname__}` (unknown names fail)."
     return validate
-
-
-def json_lists(params_class: type, values: dict) -> dict:
-    """`papermill -p models '["ViT-Nano/4", "BiT-R14x0.25"]'` passes the list as its JSON text (papermill's -p
-    parses numbers, booleans and None only): the text of a list parameter becomes the list it spells."""
-    import dataclasses
-    import json
-
-    lists = {f.name for f in dataclasses.fields(params_class) if str(f.type).startswith("list")}
-    out = dict(values)
-    for name in lists & set(values):
-        text = values[name]
-        if isinstance(text, str) and text.lstrip().startswith("["):
-            try:
-                out[name] = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ParameterError(f"{name}={text!r} is not a JSON list such as '[\"a\", \"b\"]': {e}") from e
-    return out
 
 
 def profile_chooser(profiles: dict[str, Callable], *overrides: str) -> Callable:
@@ -72,15 +54,14 @@ def profile_chooser(profiles: dict[str, Callable], *overrides: str) -> Callable:
     replaces the profile's field of the same name (a list becomes the tuple the profile holds)."""
 
     def profile(params):
+        """The profile's sweep, with the parameters that override its fields where given."""
         chosen = profiles[params.profile]()
         for name in overrides:
             value = getattr(params, name)
-            if value is None or value in ("", [], ()):  # None keeps the profile's own choice (empty: refused by check)
-                continue
-            setattr(chosen, name, tuple(value) if isinstance(value, (list, tuple)) else value)
+            if value is not None and value not in ("", [], ()):  # None keeps the profile's (empty: refused by check)
+                setattr(chosen, name, tuple(value) if isinstance(value, (list, tuple)) else value)
         return chosen
 
-    profile.__doc__ = f"The profile's sweep, with {', '.join(overrides)} from the parameters where given."
     return profile
 
 
@@ -96,16 +77,15 @@ def run_and_collect(notebook: str, jobs: Callable, baseline_rows: Callable) -> t
         return frame if baselines is None else pd.concat([frame, baselines], ignore_index=True)
 
     def run(params, log=None) -> pd.DataFrame:
+        """Train or reuse every run of the sweep; its long-form results with the pixel baselines."""
         if getattr(params, "source", "train") != "train":
             return read_results(params, notebook)
-        results = launch.run_jobs(jobs(params), params, log=log)
-        return with_baselines(tidy(results, notebook, params.profile), params)
+        return with_baselines(tidy(launch.run_jobs(jobs(params), params, log=log), notebook, params.profile), params)
 
     def collect(params) -> pd.DataFrame:
+        """The finished runs of the sweep, read back from the run store (no training)."""
         return with_baselines(collect_finished(jobs(params), params, notebook), params)
 
-    run.__doc__ = f"Train or reuse every run of the {notebook} sweep; its long-form results with the pixel baselines."
-    collect.__doc__ = f"The finished runs of the {notebook} sweep, read back from the run store (no training)."
     return run, collect
 
 
@@ -145,7 +125,7 @@ def check_models(name: str, value, *, families: Sequence[str] = ("vit", "hybrid"
     if value is None:
         return
     names = [value] if single else value
-    if single and not isinstance(value, str) or not single and (not isinstance(value, (list, tuple)) or not value):
+    if not value or not isinstance(value, str if single else (list, tuple)):
         what = "a model name" if single else "a non-empty list of model names"
         raise ParameterError(f"{name} must be {what} such as {EXAMPLE_MODELS}, got {value!r}")
     if not single:
@@ -174,13 +154,10 @@ def check_choices(name: str, value, allowed: Sequence | None = None) -> None:
         raise ParameterError(f"{name} has repeated values: {list(value)!r}")
 
 
-def check_positive(name: str, value, kind: type = int) -> None:
-    """One positive number (an int, or a float with kind=float); None = the profile's."""
-    if value is None:
-        return
-    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool) and value > 0
-    if not ok:
-        raise ParameterError(f"{name} must be a positive {'number' if kind is float else 'integer'}, got {value!r}")
+def check_positive(name: str, value) -> None:
+    """One positive integer; None = the profile's."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ParameterError(f"{name} must be a positive integer, got {value!r}")
 
 
 EXAMPLE_MODELS = "'ViT-Nano/4', 'R14x0.25+ViT-Nano/4', 'BiT-R14x0.25'"
@@ -200,6 +177,23 @@ def held_out_fraction(shared_upstream: bool) -> float:
     learns from the same images: the cpu profile's shared upstream runs (`recipes.upstream_config`) hold
     out `recipes.FASHION_VAL`; a profile's own recipe holds out nothing."""
     return recipes.FASHION_VAL if shared_upstream else 0.0
+
+
+def shot_draws(shared_upstream: bool) -> tuple[int, ...]:
+    """The shot draws of the models' few-shot probes, which a pixel baseline repeats: the shared upstream runs'
+    `recipes.CPU_FEWSHOT_DRAWS`, else 3."""
+    return tuple(range(recipes.CPU_FEWSHOT_DRAWS)) if shared_upstream else (0, 1, 2)
+
+
+def with_steps(recipe: dict, steps: int | None) -> dict:
+    """``recipe`` trained for ``steps`` (None: its own schedule), replacing its epochs; a short budget keeps a
+    tenth of itself for warm-up."""
+    if steps is None:
+        return dict(recipe)
+    out = {k: v for k, v in recipe.items() if k != "epochs"} | {"steps": steps}
+    if out.get("warmup_steps", 0) >= steps:
+        out["warmup_steps"] = steps // 10
+    return out
 
 
 def percent_cell(values: pd.Series, digits: int = 1) -> str:

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing as mp
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .. import jupyter, settings
 from .jobs import Job, finetune_from
 from .params import NotebookParams, runs_dir
 from .preflight import preflight
@@ -23,32 +29,23 @@ class SweepError(RuntimeError):
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Linux: ask the kernel to send SIGTERM to this process when its parent dies (PR_SET_PDEATHSIG),
-    so pool workers never outlive the notebook kernel or script that started them."""
-    if not sys.platform.startswith("linux"):
-        return
+    """Linux: the kernel sends this process SIGTERM when its parent dies (PR_SET_PDEATHSIG), so pool workers
+    never outlive the notebook kernel or script that started them (elsewhere there is no libc.so.6)."""
     import ctypes
-    import signal
 
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         return
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
 
 
-def _worker_init(threads: int, parent_pid: int | None = None, overrides: dict | None = None) -> None:
-    import signal
-
+def _worker_init(threads: int, parent_pid: int, overrides: dict) -> None:
     import torch
 
-    from .. import settings
-
-    settings.override(overrides or {})  # the parent's (a dry run's stand-in data): workers are spawned, not forked
-    if parent_pid is not None:
-        _die_with_parent(parent_pid)
+    settings.override(overrides)  # the parent's (a dry run's stand-in data): workers are spawned, not forked
+    _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
     torch.set_num_threads(threads)
 
@@ -58,64 +55,51 @@ def _failed(cfg: dict, error: str, run_id: str | None = None) -> dict:
 
 
 def _train_one(cfg: dict, root: str, force: bool, torchrun: int | None = None) -> dict:
-    """Train one configuration (in this process or a pool worker); failures become records.
-
-    A damaged file of the run itself (truncated record, checkpoint or model) is repaired (the damaged
-    files are dropped, see `RunStore.repair`) and the run trained again, once. ``torchrun``: trained by
-    torchrun with that many processes instead (launcher='torchrun')."""
+    """Train one configuration (here, in a pool worker, or under torchrun with ``torchrun`` processes);
+    failures become records. A damaged file of the run itself is repaired (`RunStore.repair`) and the run
+    trained again, once."""
     from .. import train
     from ..store import DamagedRunError, RunStore
 
     if torchrun:
         return torchrun_train(cfg, root, force, torchrun)
-    store = RunStore(root)
-    rid = None
+    store, rid = RunStore(root), None
     for attempt in (0, 1):
         try:
             rid = train.run_id_of(cfg)
             return train.run(train.TrainConfig.from_dict(cfg), store=store, force=force, progress="log")
-        except DamagedRunError as e:
-            if attempt == 0 and e.ref is not None and rid is not None and e.ref.endswith("/" + rid):
-                print(f"[vitrepro] {e}\n[vitrepro] repairing {e.ref} and training it again", file=sys.stderr,
-                      flush=True)
-                for line in store.repair(e.ref):
-                    print(f"[vitrepro] {line}", file=sys.stderr, flush=True)
-                continue
-            return _failed(cfg, f"{type(e).__name__}: {e}", rid)
         except Exception as e:  # noqa: BLE001 - diverged, crashed, impossible: recorded, the sweep goes on
-            return _failed(cfg, f"{type(e).__name__}: {e}", rid)
-    return _failed(cfg, "unreachable", rid)
+            own = isinstance(e, DamagedRunError) and rid is not None and (e.ref or "").endswith("/" + rid)
+            if attempt or not own:
+                return _failed(cfg, f"{type(e).__name__}: {e}", rid)
+            print(f"[vitrepro] {e}\n[vitrepro] repairing {e.ref} and training it again", file=sys.stderr, flush=True)
+            for line in store.repair(e.ref):
+                print(f"[vitrepro] {line}", file=sys.stderr, flush=True)
 
 
 def omp_threads(env: dict) -> int:
-    """The intra-op threads of a torchrun process ($OMP_NUM_THREADS; 1 where unset, what `torchrun_train` sets)."""
-    try:
-        return max(1, int(env.get("OMP_NUM_THREADS") or 1))
-    except ValueError:  # e.g. a nested "4,2": torch takes the first
-        return max(1, int(str(env["OMP_NUM_THREADS"]).split(",")[0] or 1))
-
-
-def torchrun_command(config_file: str, root: str, force: bool, n: int) -> list[str]:
-    where = shlex.split(os.environ.get("VITREPRO_TORCHRUN_ARGS", "")) or ["--standalone"]
-    return ([sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={n}", "-m", "vitrepro.train",
-             "--config", config_file, "--store", root, "--progress", "log"] + (["--force"] if force else []))
+    """The intra-op threads of a torchrun process ($OMP_NUM_THREADS, of a nested "4,2" the first; 1 where unset)."""
+    return max(1, int(str(env.get("OMP_NUM_THREADS") or 1).split(",")[0] or 1))
 
 
 def torchrun_train(cfg: dict, root: str, force: bool, n: int) -> dict:
-    """Train one configuration under torchrun with ``n`` processes (launcher='torchrun'): the same run
-    store, run id and record as a local run; a failure becomes a failed record. The children read this
-    process's settings (a dry run's stand-in data included) from their environment."""
-    from .. import settings, train
+    """Train one configuration under torchrun with ``n`` processes: the same run store, run id and record as
+    a local run; a failure becomes a failed record. The children read this process's settings (a dry run's
+    stand-in data included) from their environment."""
+    from .. import train
     from ..store import RunStore
 
     env = {**os.environ, **settings.as_environment(settings.get())}
     env.setdefault("OMP_NUM_THREADS", "1")
     rid = train.run_id_of(cfg, threads=omp_threads(env))  # the id the torchrun processes compute
+    where = shlex.split(os.environ.get("VITREPRO_TORCHRUN_ARGS", "")) or ["--standalone"]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(cfg, f)
     try:
-        proc = subprocess.run(torchrun_command(f.name, root, force, n), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={n}", "-m",
+                               "vitrepro.train", "--config", f.name, "--store", root, "--progress", "log"]
+                              + (["--force"] if force else []),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     finally:
         os.unlink(f.name)
     lines = (proc.stdout or "").strip().splitlines()
@@ -124,30 +108,24 @@ def torchrun_train(cfg: dict, root: str, force: bool, n: int) -> dict:
     rec = RunStore(root).record(cfg["experiment"], rid)
     if rec is not None and (rec.get("status") != "ok" or proc.returncode == 0):
         return rec
-    return {"status": "failed", "run_id": rid, "experiment": cfg.get("experiment"),
-            "error": f"torchrun exited with {proc.returncode}: {' | '.join(lines[-3:])}"}
+    return _failed(cfg, f"torchrun exited with {proc.returncode}: {' | '.join(lines[-3:])}", rid)
 
 
 POOL_THREADS = 1  # intra-op threads of a pool worker (set by `_worker_init` before it computes any run id)
 
 
 def run_threads(params: NotebookParams, workers: int | None = None) -> int | None:
-    """The intra-op thread count the runs of a sweep train with, part of a CPU run's id: a torchrun process's
-    ($OMP_NUM_THREADS, 1 by default), a pool worker's (`POOL_THREADS`) or, None, this process's own. The
-    scheduler and `results.collect` compute run ids with it, so they find the runs the workers wrote."""
+    """The intra-op thread count the runs of a sweep train with, part of a CPU run's id: a torchrun process's,
+    a pool worker's or, None, this process's own. The scheduler and `results.collect` compute run ids with
+    it, so they find the runs the workers wrote."""
     if getattr(params, "launcher", "local") == "torchrun":
         return omp_threads(os.environ)
-    if getattr(params, "launcher", "local") == "local" and (workers or default_workers(params)) > 1:
-        return POOL_THREADS
-    return None
+    return POOL_THREADS if (workers or default_workers(params)) > 1 else None
 
 
 def default_workers(params: NotebookParams) -> int:
-    """Parallel runs: small CPU models use one core far better than two, so a 2-core machine trains
-    two runs at once with one thread each (`python -m benchmarks.bench --sweep`, results/benchmarks/sweep_cpu.md:
-    one process with two threads trains the cpu-profile ViTs at 0.68-0.79x the pool's aggregate rate, and
-    stacking 3 runs per process at 0.63-0.76x); each run compiles itself where that pays (TrainConfig.compile).
-    On a GPU, one run at a time."""
+    """Parallel runs: one per core on CPU, one thread each ($VITREPRO_WORKERS, at most 8; small CPU models use
+    one core far better than two: benchmarks/README.md, `python -m benchmarks.bench --sweep`); on a GPU one."""
     import torch
 
     if params.device.startswith("cuda") or (params.device == "auto" and torch.cuda.is_available()):
@@ -170,12 +148,7 @@ _VARIANT_KEYS = ("model", "dataset", "pos_embed", "pos_embed_at", "pool", "lr", 
 
 def _variant_keys(jobs: Sequence[Job]) -> list[str]:
     """The configuration keys whose values differ between the jobs of a sweep (what a progress line shows)."""
-    keys = []
-    for k in _VARIANT_KEYS:
-        vals = {repr(j.config.get(k)) for j in jobs}
-        if len(vals) > 1 or k == "model":
-            keys.append(k)
-    return keys
+    return [k for k in _VARIANT_KEYS if k == "model" or len({repr(j.config.get(k)) for j in jobs}) > 1]
 
 
 def _fmt_s(s: float) -> str:
@@ -186,32 +159,21 @@ def _fmt_s(s: float) -> str:
 def _describe(job: Job, cfg: dict, keys: dict[str, list[str]]) -> str:
     """`<stage> <model> k=v ...`: the values that differ between the runs of this stage, and for a
     fine-tune, what differs in its pre-training run (e.g. `from train_examples=40`)."""
-    ks = keys.get(job.stage, ["model"])
-    parts = [job.stage, str(cfg.get("model"))] + [f"{k}={cfg.get(k)}" for k in ks
+    parts = [job.stage, str(cfg.get("model"))] + [f"{k}={cfg[k]}" for k in keys.get(job.stage, ["model"])
                                                   if k != "model" and cfg.get(k) is not None]
     if job.parent is not None:
-        pk = keys.get(job.parent.stage, [])
-        up = [f"{k}={job.parent.config.get(k)}" for k in pk if k not in ("model", "optimizer", "lr", "steps", "epochs")
-              and job.parent.config.get(k) is not None and job.parent.config.get(k) != cfg.get(k)]
+        pc = job.parent.config
+        up = [f"{k}={pc[k]}" for k in keys.get(job.parent.stage, [])
+              if k not in ("model", "optimizer", "lr", "steps", "epochs") and pc.get(k) is not None
+              and pc[k] != cfg.get(k)]
         if up:
             parts.append("from " + " ".join(up))
     return " ".join(parts)
 
 
-def _summary(failed: list[tuple[Job, dict]], total: int, keys: dict[str, list[str]]) -> str:
-    lines = [f"{len(failed)} of {total} runs did not finish:"]
-    for job, rec in failed:
-        ref = f" ({rec.get('experiment')}/{rec.get('run_id')})" if rec.get("run_id") else ""
-        lines.append(f"- {_describe(job, job.config, keys)}{ref}: {rec.get('status')}: {rec.get('error') or ''}".rstrip(": "))
-    return "\n".join(lines)
-
-
 def _stop_pool(pool) -> None:
     """Terminate every worker of a ProcessPoolExecutor now (their runs stay resumable): this process's
-    multiprocessing children, which are the pool's workers (multiprocessing joins them, so none is left a
-    zombie or reaped behind its back)."""
-    import multiprocessing as mp
-
+    multiprocessing children, which multiprocessing joins itself (none is reaped behind its back)."""
     procs = mp.active_children()
     with contextlib.suppress(Exception):
         for p in procs:
@@ -230,9 +192,6 @@ def _signals_interrupt():
     """While active (main thread only), SIGTERM/SIGHUP raise KeyboardInterrupt, so that the sweep stops its
     workers first; yields the list of signals received (the caller re-sends the first to itself once the
     previous handlers are back, so that it has its usual effect: a SIGTERM'd kernel still exits)."""
-    import signal
-    import threading
-
     received, old = [], {}
 
     def handler(signum, frame):
@@ -254,28 +213,22 @@ def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], N
              workers: int | None = None, torchrun: int | None = None) -> SweepResults:
     """Train (or reuse from the run store) every job; fine-tunes start once their parent finished.
 
-    Configurations are validated and `preflight` checks data, subset sizes, few-shot sets and
-    folders before anything trains. A job whose parent failed is skipped; a failed run (e.g.
-    diverged) is recorded by the trainer and the sweep carries on; at the end, any failed or skipped
-    run raises `SweepError` with a summary, unless `params.allow_partial` (then the results are
-    marked partial; a sweep where nothing finished always raises). With several workers (CPU), runs
-    go to a process pool, one torch thread each; the workers die with this process, and SIGINT /
-    SIGTERM stop them (runs stay resumable). One progress line per finished run names what differs
+    `preflight` checks configurations, data, subset sizes, few-shot sets and folders before anything trains.
+    A job whose parent failed is skipped; a failed run (e.g. diverged) is recorded and the sweep carries on;
+    at the end, any failed or skipped run raises `SweepError` with a summary, unless `params.allow_partial`
+    (then the results are marked partial; a sweep where nothing finished always raises). With several
+    workers (CPU), runs go to a process pool, one torch thread each; the workers die with this process, and
+    SIGINT / SIGTERM stop them (runs stay resumable). One progress line per finished run names what differs
     between the runs, with an estimate of the time left. ``torchrun``: each run under torchrun with that
-    many processes (launcher='torchrun'), one after another.
-    """
+    many processes, one after another."""
     log = log or (lambda msg: print(msg, flush=True))
     LAST_SWEEP.clear()
-    for job in jobs:  # fail fast on a bad configuration, before any compute
-        cfg = dict(job.config)
-        if params.device != "auto":
-            cfg["device"] = params.device
-        job.config = cfg
+    if params.device != "auto":
+        for job in jobs:
+            job.config = dict(job.config, device=params.device)
     workers = workers or default_workers(params)
     preflight(jobs, params, workers)
-    sweep = _Sweep(jobs, params, log)
-    sweep.torchrun = torchrun
-    sweep.threads = run_threads(params, workers)  # the workers' thread count: the ids they will compute
+    sweep = _Sweep(jobs, params, log, threads=run_threads(params, workers), torchrun=torchrun)
     sweep.bar = progress_bar(len(jobs))
     try:
         if workers <= 1:
@@ -289,20 +242,14 @@ def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], N
 
 
 def progress_bar(total: int):
-    """A tqdm widget bar over the runs of a sweep (runs done, time so far, the sweep's own ETA) where the kernel
-    has a widget front end (JupyterLab: `jupyter.widget_frontend`); None elsewhere (papermill, a terminal),
-    where the progress lines are the display. Each run's own steps stay log lines: the runs train in worker
-    processes, whose output reaches the notebook as text."""
-    from ..jupyter import widget_frontend
+    """A tqdm widget bar over the runs of a sweep where the kernel has a widget front end (JupyterLab:
+    `jupyter.widget_frontend`); None elsewhere (papermill, a terminal), where the progress lines show."""
+    if not jupyter.widget_frontend():
+        return None
+    from tqdm.notebook import tqdm  # ipywidgets draws it (a dependency)
 
-    if not widget_frontend():
-        return None
-    try:
-        from tqdm.notebook import tqdm
-        return tqdm(total=total, desc="sweep", unit="run",
-                    bar_format="{desc}: {n_fmt}/{total_fmt} runs |{bar}| {elapsed}{postfix}")
-    except ImportError:  # no ipywidgets: tqdm.notebook cannot draw; the lines still show
-        return None
+    return tqdm(total=total, desc="sweep", unit="run",
+                bar_format="{desc}: {n_fmt}/{total_fmt} runs |{bar}| {elapsed}{postfix}")
 
 
 def chain_work(jobs: Sequence[Job], work: dict[int, float]) -> dict[int, float]:
@@ -325,29 +272,28 @@ def chain_work(jobs: Sequence[Job], work: dict[int, float]) -> dict[int, float]:
 def job_work(job: Job) -> float | None:
     """The training work of ``job`` for the ETA: steps x batch x image pixels (None when it has no steps)."""
     c = job.config
-    if not c.get("steps"):
-        return None
-    return float(c["steps"]) * float(c.get("batch_size") or 64) * float(c.get("img_size") or 224) ** 2
+    return (float(c["steps"]) * float(c.get("batch_size") or 64) * float(c.get("img_size") or 224) ** 2
+            if c.get("steps") else None)
 
 
 class _Sweep:
     """One `run_jobs` call: the jobs still to start, those waiting for their parent, the records so
-    far, and the progress lines (what differs between the runs, time so far, estimate of time left)."""
+    far, and the progress lines (what differs between the runs, time so far, estimate of time left).
+    ``threads``: intra-op threads of the processes that train (None: this one's); ``torchrun``: processes
+    per run under torchrun (None: trained here or in the pool)."""
 
-    def __init__(self, jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], None]):
-        import time
-
+    def __init__(self, jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], None],
+                 threads: int | None = None, torchrun: int | None = None):
         from ..store import RunStore
 
-        self.jobs, self.params, self.log = jobs, params, log
+        self.jobs, self.params, self.log, self.threads, self.torchrun = jobs, params, log, threads, torchrun
         self.root = str(runs_dir(params))
         self.store = RunStore(self.root)
         self.done: dict[int, dict] = {}  # id(job) -> its record
         self.out = SweepResults()
         self.pending = [j for j in jobs if j.parent is None]
         self.waiting = [j for j in jobs if j.parent is not None]
-        self.t0 = time.time()
-        self.total = len(jobs)
+        self.t0, self.total = time.time(), len(jobs)
         self.keys = {st: _variant_keys([j for j in jobs if j.stage == st]) for st in {j.stage for j in jobs}}
         self.n_trained, self.t_first_trained, self.work_trained = 0, None, 0.0
         self.start: dict[int, float] = {}  # id(job) -> when a worker started training it (running jobs)
@@ -356,12 +302,7 @@ class _Sweep:
         mean = sum(known) / len(known) if known else 1.0
         self.work = {id(j): job_work(j) or mean for j in jobs}  # for the ETA; unknown length: the average known
         self.priority = chain_work(jobs, self.work)
-        self.threads: int | None = None  # intra-op threads of the processes that train (None: this one's)
-        self.torchrun: int | None = None  # processes per run under torchrun (None: trained here or in the pool)
-        self.bar = None                   # `progress_bar` (JupyterLab), else None
-
-    def describe(self, job: Job, cfg: dict) -> str:
-        return _describe(job, cfg, self.keys)
+        self.bar = None  # `progress_bar` (JupyterLab), else None
 
     def next_job(self) -> Job:
         """The pending job that heads the longest chain of work (`chain_work`): a long pre-training run with
@@ -370,34 +311,37 @@ class _Sweep:
         self.pending.remove(job)
         return job
 
-    def ready_config(self, job: Job) -> dict:
-        cfg = dict(job.config)
-        if job.parent is not None:
-            cfg["init"] = finetune_from(job.parent, self.done[id(job.parent)])
-        return cfg
+    def next_to_train(self) -> tuple[Job, dict] | None:
+        """The most urgent pending job the store does not hold yet, with its config, marked started (the
+        stored ones on the way are finished); None when nothing is pending."""
+        while self.pending:
+            job = self.next_job()
+            cfg = dict(job.config)
+            if job.parent is not None:
+                cfg["init"] = finetune_from(job.parent, self.done[id(job.parent)])
+            rec = self.stored(cfg)
+            if rec is None:
+                self.started(job)
+                return job, cfg
+            self.finish(job, cfg, rec, False)
+        return None
 
     def eta(self) -> str:
         """Time left = time so far x (work left / work trained), work = `job_work` (pixels a run pushes
-        through its model): a 422-step run counts an eighth of a 3,438-step one, so the estimate does not
-        swing with the order of short and long runs (runs of unknown length count as the average known); at
-        least the longest chain still to go (`_tail_s`), which decides the end once fewer jobs than workers remain."""
-        import time
-
+        through its model), so the estimate does not swing with the order of short and long runs; at least
+        the longest chain still to go (`_tail_s`), which decides the end once fewer jobs than workers remain."""
         left = [j for j in self.jobs if id(j) not in self.done]
         if not left:
             return "done"
         if self.t_first_trained is None or not self.work_trained:
             return "ETA ?"
-        work_left = sum(self.work[id(j)] for j in left)
-        spread = (time.time() - self.t_first_trained) * work_left / self.work_trained
+        spread = (time.time() - self.t_first_trained) * sum(self.work[id(j)] for j in left) / self.work_trained
         return f"ETA {_fmt_s(max(spread, self._tail_s(left)))}"
 
     def _tail_s(self, left: list[Job]) -> float:
         """The longest chain of work still to go (a running job's unfinished part, then the fine-tunes waiting
         on it) at one worker's speed, measured on the finished jobs: the sweep cannot end sooner, however many
-        workers idle. Without it the last run of a sweep was promised in half its time on 2 workers."""
-        import time
-
+        workers idle."""
         if not self.busy_s:
             return 0.0
         rate, now = self.work_trained / self.busy_s, time.time()  # work per second of one worker
@@ -406,8 +350,6 @@ class _Sweep:
         return max(chain_work(left, own).values()) / rate
 
     def finish(self, job: Job, cfg: dict, record: dict, was_trained: bool) -> None:
-        import time
-
         self.done[id(job)] = record
         self.out.append((job, record))
         if getattr(self.params, "dry_run", False) and record.get("run_dir"):  # never resumed: `preflight._bytes_needed`
@@ -417,13 +359,11 @@ class _Sweep:
             self.work_trained += self.work[id(job)]
             if id(job) in self.start:
                 self.busy_s += time.time() - self.start.pop(id(job))
-        status = record.get("status")
-        extra = "" if status == "ok" else f": {record.get('error')}"
-        how = "" if was_trained else " (stored)"
+        status, eta = record.get("status"), self.eta()
         ref = f" [{record.get('experiment')}/{record.get('run_id')}]" if record.get("run_id") else ""
-        eta = self.eta()
-        self.log(f"[{len(self.out)}/{self.total} {_fmt_s(time.time() - self.t0)}, {eta}] {status}{how} "
-                 f"{self.describe(job, cfg)}{ref}{extra}")
+        self.log(f"[{len(self.out)}/{self.total} {_fmt_s(time.time() - self.t0)}, {eta}] {status}"
+                 f"{'' if was_trained else ' (stored)'} {_describe(job, cfg, self.keys)}{ref}"
+                 + ("" if status == "ok" else f": {record.get('error')}"))
         if self.bar is not None:
             self.bar.set_postfix_str(eta, refresh=False)  # which run: the log line below the bar
             self.bar.update(1)
@@ -446,17 +386,16 @@ class _Sweep:
         """The fine-tunes whose parent finished; those whose parent failed are skipped."""
         ready, still = [], []
         for j in self.waiting:
-            if id(j.parent) in self.done:
-                if self.done[id(j.parent)].get("status") == "ok":
-                    ready.append(j)
-                else:
-                    self.out.append((j, {"status": "skipped", "error": "its pre-training run failed"}))
-                    self.log(f"[{len(self.out)}/{self.total}] skip {self.describe(j, j.config)}: "
-                             "its pre-training run failed")
-                    if self.bar is not None:
-                        self.bar.update(1)
-            else:
+            if id(j.parent) not in self.done:
                 still.append(j)
+            elif self.done[id(j.parent)].get("status") == "ok":
+                ready.append(j)
+            else:
+                self.out.append((j, {"status": "skipped", "error": "its pre-training run failed"}))
+                self.log(f"[{len(self.out)}/{self.total}] skip {_describe(j, j.config, self.keys)}: "
+                         "its pre-training run failed")
+                if self.bar is not None:
+                    self.bar.update(1)
         self.waiting = still
         return ready
 
@@ -470,34 +409,22 @@ class _Sweep:
             rid = train.run_id_of(cfg, threads=self.threads)  # the id the worker will compute
         except train.ConfigError:
             return None  # _train_one records the error
-        return train.finished_record(self.store, cfg["experiment"], rid)  # a damaged record / model is named, then redone
+        return train.finished_record(self.store, cfg["experiment"], rid)  # damaged record / model: named, redone
 
     def started(self, job: Job) -> None:
-        import time
-
-        now = time.time()
+        self.start[id(job)] = now = time.time()
         if self.t_first_trained is None:
             self.t_first_trained = now
-        self.start[id(job)] = now
 
     def run_here(self) -> None:
-        """One run at a time in this process."""
-        while self.pending:
-            job = self.next_job()
-            cfg = self.ready_config(job)
-            rec = self.stored(cfg)
-            if rec is None:
-                self.started(job)
-            torchrun = (self.torchrun,) if self.torchrun else ()  # launcher='torchrun': processes per run
-            self.finish(job, cfg, rec or _train_one(cfg, self.root, self.params.force, *torchrun), rec is None)
+        """One run at a time in this process (or one torchrun at a time)."""
+        torchrun = (self.torchrun,) if self.torchrun else ()
+        while ready := self.next_to_train():
+            job, cfg = ready
+            self.finish(job, cfg, _train_one(cfg, self.root, self.params.force, *torchrun), True)
 
     def run_in_pool(self, workers: int) -> None:
         """Runs in a spawned process pool, one torch thread per worker; stopped workers leave runs resumable."""
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        from .. import settings
-
         self.log(f"training with {workers} parallel workers, 1 thread each")
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                    initargs=(POOL_THREADS, os.getpid(), settings.overrides()))
@@ -510,25 +437,15 @@ class _Sweep:
             if received:  # the workers are stopped: now the signal's own effect
                 os.kill(os.getpid(), received[0])
             raise
-        else:
-            pool.shutdown(wait=True)
+        pool.shutdown(wait=True)
 
     def _schedule(self, pool, workers: int) -> None:
         """At most ``workers`` runs in the pool at once, so that each free worker takes the job that is
         most urgent *then* (`next_job`), fine-tunes released meanwhile included."""
-        from concurrent.futures import FIRST_COMPLETED, wait
-
         running = {}
         while self.pending or running:
-            while self.pending and len(running) < workers:
-                job = self.next_job()
-                cfg = self.ready_config(job)
-                rec = self.stored(cfg)
-                if rec is not None:
-                    self.finish(job, cfg, rec, False)
-                    continue
-                self.started(job)
-                running[pool.submit(_train_one, cfg, self.root, self.params.force)] = (job, cfg)
+            while len(running) < workers and (ready := self.next_to_train()):
+                running[pool.submit(_train_one, ready[1], self.root, self.params.force)] = ready
             if not running:
                 break
             finished, _ = wait(running, timeout=None if self.bar is None else 2.0, return_when=FIRST_COMPLETED)
@@ -544,22 +461,23 @@ class _Sweep:
 
     def conclude(self) -> SweepResults:
         """The results; `SweepError` where a run failed or was skipped (unless allow_partial) or none finished."""
-        import time
-
         out, total = self.out, self.total
-        missing = [j for j in self.jobs if id(j) not in {id(jb) for jb, _ in out}]
-        for j in missing:  # cannot happen unless a parent never ran; say so rather than drop it
-            out.append((j, {"status": "skipped", "error": "never ran"}))
+        seen = {id(j) for j, _ in out}
+        out += [(j, {"status": "skipped", "error": "never ran"}) for j in self.jobs if id(j) not in seen]  # say so
         failed = [(j, r) for j, r in out if r.get("status") != "ok"]
         if failed:
-            summary = _summary(failed, total, self.keys)
+            lines = [f"{len(failed)} of {total} runs did not finish:"]
+            for j, r in failed:
+                ref = f" ({r.get('experiment')}/{r.get('run_id')})" if r.get("run_id") else ""
+                line = f"- {_describe(j, j.config, self.keys)}{ref}: {r.get('status')}: {r.get('error') or ''}"
+                lines.append(line.rstrip(": "))
+            summary = "\n".join(lines)
             if total == len(failed):
                 raise SweepError(f"no run of the sweep finished. {summary}")
             if not self.params.allow_partial:
                 raise SweepError(f"{summary}\nFix the cause and run again (finished runs are reused), or pass "
                                  "allow_partial=True to write tables from the runs that finished (marked partial).")
-            out.partial = summary
-            LAST_SWEEP["partial"] = summary
+            out.partial = LAST_SWEEP["partial"] = summary
             self.log(f"partial results (allow_partial=True): {summary}")
         self.log(f"sweep done: {total - len(failed)}/{total} runs ok, {self.n_trained} trained, "
                  f"in {_fmt_s(time.time() - self.t0)}")

@@ -49,17 +49,14 @@ class Params(launch.ExperimentParams):
     scratch: bool | None = None  # train the from-scratch rows (None = the profile's: yes)
 
     def check(self):
-        from ..models import registry
-
         skeleton.check_models("models", self.models)
         common.positive_ints("upstream_sizes", self.upstream_sizes)  # against the dataset's size: in preflight
         common.positive_ints("finetune_sizes", self.finetune_sizes)  # against the patch size: in preflight
-        if self.downstream is not None and not self.downstream:
-            raise ParameterError("downstream must be a non-empty list of datasets, got []")
+        skeleton.check_choices("downstream", self.downstream)
         skeleton.check_datasets(self.upstream, *(self.downstream or []))
         if self.pretrained:
-            model = pretrained_model_name(self.pretrained, self.pretrained_model)
-            registry.parse_name(model)
+            name = pretrained_model_name(self.pretrained, self.pretrained_model)
+            skeleton.check_models("pretrained_model", name, single=True)
         elif self.pretrained_model:
             raise ParameterError("pretrained_model is only used together with pretrained=")
 
@@ -67,11 +64,13 @@ class Params(launch.ExperimentParams):
 def pretrained_model_name(source: str, explicit: str | None) -> str:
     if explicit:
         return explicit
-    if source.startswith("timm:") or "/" not in source and not source.endswith((".pth", ".npz", ".safetensors", ".bin")):
+    is_file = "/" in source or source.endswith((".pth", ".npz", ".safetensors", ".bin"))
+    if source.startswith("timm:") or not is_file:
         arch = source.removeprefix("timm:").split(".")[0]
         if arch in TIMM_TO_PAPER:
             return TIMM_TO_PAPER[arch]
-        raise ParameterError(f"pretrained={source!r}: unknown timm architecture {arch!r}; known: {sorted(TIMM_TO_PAPER)}")
+        raise ParameterError(f"pretrained={source!r}: unknown timm architecture {arch!r}; known: "
+                             f"{sorted(TIMM_TO_PAPER)}")
     raise ParameterError(f"pretrained={source!r} is a file: also pass pretrained_model (e.g. 'ViT-B/16')")
 
 
@@ -112,13 +111,8 @@ def cpu() -> Profile:
     and their fine-tunes are the scaling notebook's (one run, many uses); fine-tuning follows [P] App. B.1.1 at
     CPU scale (recipes.py).
 
-    Issue 27: only MNIST-1k. On the whole MNIST split (and on scikit-learn's digits before it) a pixel logistic
-    regression reached 90.6 % and every fine-tune 97-99 %: a 2,000-image test set, one image 0.05 pp, and ~37 %
-    of the last run's process time gave one borderline and two inconclusive verdicts and one ceiling-driven
-    "not reproduced"; MNIST-1k's 17 process-minutes gave p = 0.005 and 0.001. The upstream sets are 1.8k and
-    55k (the scaling sweep's fine-tuned sizes), so no fine-tune is trained for transfer alone.
-
-    Designs that can test each claim at this scale:
+    The upstream sets are the scaling sweep's fine-tuned sizes (no fine-tune is trained for transfer alone); the
+    designs that can test each claim at this scale (docs/cpu-profile-budget.md):
     * higher-resolution fine-tuning with real extra pixels: ViT-Nano/4 pre-trained on Fashion-MNIST
       downsampled to 16 px (4x4 patches), fine-tuned at 16 px and at its native 28 px (7x7, position
       embeddings interpolated bilinearly as in [VT]); paired by seed (both fine-tunes start from one parent);
@@ -126,7 +120,6 @@ def cpu() -> Profile:
       information), also paired;
     * from scratch with the fine-tuning budget (`recipes.CPU_FINETUNE_STEPS` on MNIST-1k, chosen on
       validation) and, for the ViT, with the budget of the 1.8k pre-training plus fine-tuning.
-    Budget: docs/cpu-profile-budget.md.
 
     Expected (paper, qualitatively): the 55k rows above the 1.8k rows; 28 px (from 16) above 16 px;
     every pre-trained row above scratch.
@@ -177,100 +170,73 @@ def pretrained_recipe(params: Params, p: Profile, model: str, dataset: str) -> d
         return recipes.paper_finetune(dataset)
     if p.pretrained_finetune is not None:
         return dict(p.pretrained_finetune)
-    spec = parse_name(model)
-    return dict(recipes.CPU_FINETUNE, steps=recipes.cpu_finetune_steps(dataset), img_size=4 * getattr(spec, "patch", 16))
+    patch = getattr(parse_name(model), "patch", 16)
+    return dict(recipes.CPU_FINETUNE, steps=recipes.cpu_finetune_steps(dataset), img_size=4 * patch)
 
 
 def _finetune_recipe(p: Profile, dataset: str) -> dict:
     return recipes.paper_finetune(dataset, img_size=None) if p.paper_recipe else dict(p.finetune)
 
 
-def _augment(p: Profile, dataset: str, size: int):
-    return recipes.finetune_augment(dataset, size) if p.paper_recipe else p.finetune_augment
-
-
 def jobs(params: Params) -> list[Job]:
     p = profile(params)
-    exp = f"{NOTEBOOK}-{params.profile}"
-    out = []
+    exp, first = f"{NOTEBOOK}-{params.profile}", p.models[0]
     if params.pretrained:  # fine-tune the released weights with the profile's recipe
         model = pretrained_model_name(params.pretrained, params.pretrained_model)
-        for ds in p.downstream:
-            ft = pretrained_recipe(params, p, model, ds)
-            for seed in range(p.seeds):
-                out.append(Job(common.train_config(
-                    experiment=exp, model=model, dataset=ds, seed=seed, init=params.pretrained,
-                    augment=recipes.finetune_augment(ds, ft.get("img_size")),
-                    train_examples=p.finetune_examples, **ft), stage="finetune", upstream=params.pretrained))
-        return out
-    if p.pretrain is None:
-        return _cpu_jobs(params, p)
-    for model in p.models:
-        for seed in range(p.seeds):
-            for n in p.upstream_sizes:
-                pre = Job(common.train_config(
-                    experiment=exp, model=model, dataset=p.upstream, train_examples=n, img_size=p.img_size,
-                    seed=seed, **p.pretrain), stage="pretrain", upstream=p.upstream, upstream_examples=n)
-                out.append(pre)
-                for ds in p.downstream:
-                    ft = _finetune_recipe(p, ds)
-                    for size in p.finetune_sizes:
-                        out.append(Job(common.train_config(
-                            experiment=exp, model=model, dataset=ds, img_size=size, seed=seed,
-                            augment=_augment(p, ds, size), train_examples=p.finetune_examples, **ft),
-                            stage="finetune", upstream=p.upstream, upstream_examples=n, parent=pre))
-            for ds in p.downstream if p.scratch else ():  # from scratch: the pre-training recipe, downstream budget
-                steps = _finetune_recipe(p, ds).get("steps", p.pretrain.get("steps"))
-                scratch = dict(p.pretrain, steps=steps)
-                scratch.pop("epochs", None)
-                if scratch.get("warmup_steps", 0) >= steps:  # paper: 10k warm-up, 500-10k fine-tuning steps
-                    scratch["warmup_steps"] = steps // 10
-                out.append(Job(common.train_config(
-                    experiment=exp, model=model, dataset=ds, img_size=p.img_size, seed=seed,
-                    train_examples=p.finetune_examples, **scratch), stage="scratch"))
-    return out
+        return [Job(common.train_config(experiment=exp, model=model, dataset=ds, seed=seed, init=params.pretrained,
+                                        augment=recipes.finetune_augment(ds, ft.get("img_size")),
+                                        train_examples=p.finetune_examples, **ft),
+                    stage="finetune", upstream=params.pretrained)
+                for ds in p.downstream for ft in [pretrained_recipe(params, p, model, ds)] for seed in range(p.seeds)]
 
+    def pretrain(model: str, seed: int, n: int | None = None, img_size: int = p.img_size) -> dict:
+        if p.pretrain is None:  # cpu: the shared upstream runs of recipes.py
+            return recipes.upstream_config(params.profile, model, seed, n=n, dataset=p.upstream, img_size=img_size)
+        return common.train_config(experiment=exp, model=model, dataset=p.upstream, train_examples=n,
+                                   img_size=img_size, seed=seed, **p.pretrain)
 
-def _cpu_jobs(params: Params, p: Profile) -> list[Job]:
-    """The cpu profile's designs (see `cpu`): shared upstream runs, fine-tunes, resolution and scratch rows."""
+    def finetune(model: str, ds: str, seed: int, size: int) -> dict:
+        if p.pretrain is None:  # cpu: the fine-tunes the scaling notebook shares
+            return recipes.finetune_config(params.profile, model, ds, seed, size)
+        augment = recipes.finetune_augment(ds, size) if p.paper_recipe else p.finetune_augment
+        return common.train_config(experiment=exp, model=model, dataset=ds, img_size=size, seed=seed, augment=augment,
+                                   train_examples=p.finetune_examples, **_finetune_recipe(p, ds))
+
     out = []
-    prof, first = params.profile, p.models[0]
     for model in p.models:
         for seed in range(p.seeds):
             for n in p.upstream_sizes:
-                pre = Job(recipes.upstream_config(prof, model, seed, n=n, dataset=p.upstream, img_size=p.img_size),
-                          stage="pretrain", upstream=p.upstream, upstream_examples=n)
-                out.append(pre)
+                pre = Job(pretrain(model, seed, n), stage="pretrain", upstream=p.upstream, upstream_examples=n)
                 up = p.upsampled_finetune if n is None and model == first else ()  # more tokens, no new pixels
-                for ds in p.downstream:
-                    for size in (*p.finetune_sizes, *up):  # the profile's: the pre-training resolution (+ upsampled)
-                        out.append(Job(recipes.finetune_config(prof, model, ds, seed, size), stage="finetune",
-                                       upstream=p.upstream, upstream_examples=n, parent=pre))
-            out += _cpu_scratch_jobs(params, p, model, seed) if p.scratch else []
-            if model != first:
-                continue
-            if p.resolution_pretrain:  # real extra pixels: pre-train low, fine-tune at the native size
+                out += [pre] + [Job(finetune(model, ds, seed, size), stage="finetune", upstream=p.upstream,
+                                    upstream_examples=n, parent=pre)
+                                for ds in p.downstream for size in (*p.finetune_sizes, *up)]
+            out += _scratch_jobs(params, p, model, seed) if p.scratch else []
+            if model == first and p.resolution_pretrain:  # real extra pixels: pre-train low, fine-tune at native
                 low = f"{p.upstream} at {p.resolution_pretrain} px"
-                pre = Job(recipes.upstream_config(prof, model, seed, dataset=p.upstream, img_size=p.resolution_pretrain),
-                          stage="pretrain", upstream=low)
-                out.append(pre)
-                for size in p.resolution_finetune:
-                    out.append(Job(recipes.finetune_config(prof, model, p.downstream[0], seed, size), stage="finetune",
-                                   upstream=low, parent=pre))
+                pre = Job(pretrain(model, seed, img_size=p.resolution_pretrain), stage="pretrain", upstream=low)
+                out += [pre] + [Job(finetune(model, p.downstream[0], seed, size), stage="finetune", upstream=low,
+                                    parent=pre) for size in p.resolution_finetune]
     return out
 
 
-def _cpu_scratch_jobs(params: Params, p: Profile, model: str, seed: int) -> list[Job]:
-    """From scratch with the fine-tuning budget on every downstream set and, for the first model, on the first
-    set with the budget of the small pre-training plus fine-tuning."""
+def _scratch_jobs(params: Params, p: Profile, model: str, seed: int) -> list[Job]:
+    """From scratch: the profile's pre-training recipe for each downstream set's fine-tuning budget (paper: a 10k
+    warm-up, 500-10k steps); cpu: the fine-tuning budget on every downstream set and, for the first model, on
+    the first set the budget of the small pre-training plus fine-tuning."""
+    if p.pretrain is not None:
+        return [Job(common.train_config(
+            experiment=f"{NOTEBOOK}-{params.profile}", model=model, dataset=ds, img_size=p.img_size, seed=seed,
+            train_examples=p.finetune_examples,
+            **skeleton.with_steps(p.pretrain, _finetune_recipe(p, ds).get("steps", p.pretrain.get("steps")))),
+            stage="scratch") for ds in p.downstream]
     out = []
     for ds in p.downstream:
         steps = recipes.cpu_finetune_steps(ds)
         out.append(Job(recipes.scratch_config(params.profile, model, ds, seed, steps), stage="scratch",
                        upstream=f"none ({steps} steps, the fine-tuning budget)"))
     if model == p.models[0]:
-        steps = recipes.cpu_finetune_steps(p.downstream[0])
-        small = recipes.pretrain_steps(p.upstream_sizes[0]) + steps
+        small = recipes.pretrain_steps(p.upstream_sizes[0]) + recipes.cpu_finetune_steps(p.downstream[0])
         out.append(Job(recipes.scratch_config(params.profile, model, p.downstream[0], seed, small), stage="scratch",
                        upstream=f"none ({small} steps, {p.upstream_sizes[0]} pre-training + fine-tuning)"))
     return out
