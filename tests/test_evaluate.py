@@ -84,3 +84,21 @@ def test_fewshot_evaluator_digits():
     assert isinstance(make_evaluator({"type": "fewshot", "dataset": "digits", "shots": [5]}), FewShot)
     with pytest.raises(ValueError):
         make_evaluator({"type": "nope"})
+
+
+def test_streamed_fewshot_scores_exactly_max_test_images(monkeypatch):
+    """The streaming probe (imagenet-1k's path, here on local MNIST) scores the first ``max_test`` test images,
+    also when they are fewer than a batch: it stopped at about half, counting the pending batch twice."""
+    import vitrepro.evaluate as ev
+
+    scored = []
+    lsr = ev.fewshot_lsr
+    monkeypatch.setattr(ev, "_is_streamed", lambda name: True)
+    monkeypatch.setattr(ev, "fewshot_lsr", lambda x, y, xt, yt, *a: scored.append(len(yt)) or lsr(x, y, xt, yt, *a))
+    m = nn.Sequential()
+    m.img_size, m.in_chans = 28, 1
+    m.forward_features = lambda x: x.flatten(1)  # raw pixels as features
+    for max_test in (10, 100):  # below and above the batch size
+        scored.clear()
+        FewShot("mnist", shots=(1,), seeds=(0,), batch_size=64, max_test=max_test)(m)
+        assert scored == [max_test]

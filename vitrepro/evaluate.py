@@ -186,7 +186,7 @@ class FewShot:
         def feats(stream, limit=None):
             fs, ys, xb = [], [], []
             for ex in stream:
-                if limit is not None and len(ys) + len(xb) >= limit:
+                if limit is not None and len(ys) >= limit:  # ys already holds the pending batch xb
                     break
                 xb.append(torch.from_numpy(np.ascontiguousarray(_to_array(ex[icol], mode, int(model.img_size)))))
                 ys.append(int(ex[lcol]))
