@@ -129,11 +129,6 @@ def models(params: Params, df: pd.DataFrame | None = None) -> list[tuple[str, to
             for r in pretrain_runs(df).itertuples()]
 
 
-def sample_images(params: Params, model: torch.nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n test images: (uint8 originals, model inputs in [-1, 1] at the model's resolution)."""
-    return test_images(profile(params).dataset, model, n)
-
-
 SAMPLE_IMAGES = 8  # Fig. 6: test images shown with their attention rollout
 # The tables written beside results.csv (what the weight-dependent figures are drawn from): their axes
 DIMS = {"filters": ("component", "channel", "y", "x"), "similarity": ("row", "col", "other_row", "other_col"),
@@ -154,7 +149,7 @@ def analyse(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, dict, dict]
     p = profile(params)
     stored = pretrain_runs(df) if len(df) else df
     for i, (label, model) in enumerate(models(params, df)):
-        raw, x = sample_images(params, model, p.num_images)
+        raw, x = test_images(p.dataset, model, p.num_images)
         dist = analysis.model_attention_distance(model, x, batch_size=64)
         run_id = stored.run_id.iloc[i] if len(stored) else label
         keys = dict(notebook=NOTEBOOK, profile=params.profile, run_id=run_id, stage="analysis", model=label,
@@ -166,19 +161,13 @@ def analyse(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, dict, dict]
         if sim is not None:
             rows.append(dict(keys, metric="pos_similarity_vs_distance",
                              value=analysis.position_similarity_vs_distance(sim)))
-        if i == 0:
-            extra = first_model_tables(model, raw, x, label, run_id)
+        if i == 0:  # Fig. 7 left (filter PCs) and centre, Fig. 6 (test images, their rollout) as long-form tables
+            arrays = {"filters": analysis.model_filter_components(model).components, "similarity": sim,
+                      "rollout_images": raw[:SAMPLE_IMAGES],
+                      "rollout_maps": analysis.model_rollout(model, x[:SAMPLE_IMAGES])}
+            extra = {k: grid_rows(a, DIMS[k], model=label, run_id=run_id) for k, a in arrays.items() if a is not None}
     analysed = pd.DataFrame(rows)
     return analysed, figures(analysed, extra), extra
-
-
-def first_model_tables(model, raw: torch.Tensor, x: torch.Tensor, label: str, run_id: str) -> dict[str, pd.DataFrame]:
-    """The data of Fig. 7 left (filter principal components), Fig. 7 centre (position-embedding similarity)
-    and Fig. 6 (sample test images and their attention rollout) as long-form tables (`results.grid_rows`)."""
-    arrays = {"filters": analysis.model_filter_components(model).components,
-              "similarity": analysis.model_position_similarity(model), "rollout_images": raw[:SAMPLE_IMAGES],
-              "rollout_maps": analysis.model_rollout(model, x[:SAMPLE_IMAGES])}
-    return {k: grid_rows(a, DIMS[k], model=label, run_id=run_id) for k, a in arrays.items() if a is not None}
 
 
 def figures(analysed: pd.DataFrame, extra: dict) -> dict:
@@ -269,7 +258,7 @@ def over_training(params: Params, df: pd.DataFrame, num_images: int = 128) -> tu
         for snap in sorted((store.find(r.run_id)[2] / "snapshots").glob("step_*.pt")):
             keys = dict(run_id=r.run_id, seed=int(r.seed), step=int(snap.stem.removeprefix("step_")))
             model.load_state_dict(torch.load(snap, map_location="cpu", weights_only=True))
-            _, x = sample_images(params, model, num_images)
+            _, x = test_images(profile(params).dataset, model, num_images)
             dist = analysis.model_attention_distance(model.eval(), x, batch_size=64)
             rows += [dict(keys, layer=int(layer), metric="attention_distance_during_training",
                           value=float(g.distance.mean())) for layer, g in dist.groupby("layer")]

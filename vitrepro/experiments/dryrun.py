@@ -119,11 +119,9 @@ def tiny_model(name: str) -> str:
     if param_count(name, sizes=(224, 256, 64), num_classes=1000) <= TINY_ABOVE:
         return name
     spec = parse_name(name)
-    if spec.family == "vit":
-        return f"ViT-Nano/{spec.vit.patch}"
-    if spec.family == "hybrid":
-        return f"R14x0.25+ViT-Nano/{spec.vit.patch}"
-    return "BiT-R14x0.25"
+    if spec.family == "bit":
+        return "BiT-R14x0.25"
+    return f"{'R14x0.25+' if spec.family == 'hybrid' else ''}ViT-Nano/{spec.vit.patch}"
 
 
 def shrink(cfg: dict, tiny: bool = False) -> dict:

@@ -57,7 +57,7 @@ class Explorer:
 
     params: object
     runs: dict[str, str]  # label -> run id (the first is the default choice)
-    images: tuple[torch.Tensor, torch.Tensor]  # (uint8 originals, model inputs), as attention.sample_images
+    images: tuple[torch.Tensor, torch.Tensor]  # (uint8 originals, model inputs), as `test_images`
     cache: dict = field(default_factory=dict)
 
     def model(self, label: str):

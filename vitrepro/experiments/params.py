@@ -7,7 +7,7 @@ import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import settings, typed
 
@@ -87,17 +87,24 @@ def dataset_param(name: str, value: Any) -> Any:
     return dataset_ref(value["path"], **{k: v for k, v in value.items() if k != "path"})
 
 
-def positive_ints(name: str, value: Any) -> None:
-    """A list parameter of positive integers (e.g. scaling's `sizes`), or None."""
+def check_list(name: str, value: Any, what: str, ok: Callable[[Any], bool], not_ok: str) -> None:
+    """A non-empty list parameter (`what`) without repeats, each value `ok` (else the error `not_ok`, formatted
+    with `name` and the `bad` values); None = the profile's."""
     if value is None:
         return
     if not isinstance(value, (list, tuple)) or not value:
-        raise ParameterError(f"{name} must be a non-empty list of positive integers, got {value!r}")
-    bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int) or v < 1]
-    if bad:
-        raise ParameterError(f"{name} must be a list of positive integers; not one: {', '.join(map(repr, bad))}")
-    if len(set(value)) != len(value):
+        raise ParameterError(f"{name} must be {what}, got {value!r}")
+    if bad := [v for v in value if not ok(v)]:
+        raise ParameterError(not_ok.format(name=name, bad=", ".join(map(repr, bad))))
+    if len(set(map(str, value))) != len(value):
         raise ParameterError(f"{name} has repeated values: {list(value)!r}")
+
+
+def positive_ints(name: str, value: Any) -> None:
+    """A list parameter of positive integers (e.g. scaling's `sizes`), or None."""
+    check_list(name, value, "a non-empty list of positive integers",
+               lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+               "{name} must be a list of positive integers; not one: {bad}")
 
 
 # Variables the notebooks themselves define after validation (so re-running that cell still works).

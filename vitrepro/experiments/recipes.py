@@ -136,12 +136,10 @@ def family(model: str) -> str:
     return parse_name(model).family
 
 
-def pretrain_steps(n: int, epochs: float = CPU_EPOCHS, cap: float = CPU_MAX_SUBSET_EPOCHS,
-                   full: int = FASHION_TRAIN, batch: int = CPU_BATCH) -> int:
-    """One long schedule for every subset size ([P] §4.3: same hyper-parameters for every subset,
-    early stopping), capped at `cap` passes over a small subset (what a 2-core machine can afford;
-    the selection curves in the records show whether a subset was still improving at the cap)."""
-    return int(min(math.ceil(epochs * full / batch), math.ceil(cap * n / batch)))
+def pretrain_steps(n: int, epochs: float = CPU_EPOCHS) -> int:
+    """One long schedule for every subset size ([P] §4.3: same hyper-parameters for every subset, early
+    stopping), capped at `CPU_MAX_SUBSET_EPOCHS` passes over a small subset (what a 2-core machine affords)."""
+    return int(min(math.ceil(epochs * FASHION_TRAIN / CPU_BATCH), math.ceil(CPU_MAX_SUBSET_EPOCHS * n / CPU_BATCH)))
 
 
 # The upstream runs' data draw and probe (issue 27). CPU_DATA_SEED: the seed of every run's training subset

@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -94,7 +94,7 @@ class Search:
     grid: dict
     seeds: Sequence[int] = (0,)
     note: str = ""
-    parent: dict | None = field(default=None)  # for fine-tuning searches: the pre-training config
+    parent: dict | None = None  # for fine-tuning searches: the pre-training config
     cost: str | None = None  # a grid key whose smaller values cost less: `cheapest_within_one_se` chooses
     max_cost: float | None = None  # the most of `cost` the profile affords: chosen among the points within it
 
@@ -116,10 +116,9 @@ def run_search(name: str, search: Search, store=None) -> list[dict]:
         rec = train.run({**cfg, **init}, store=store, progress="log")
         sel = rec.get("selection") or {}
         metric = sel.get("on") or f"acc/{cfg['dataset']}/val"
-        row = {k: cfg[k] for k in search.grid}
-        row.update(seed=cfg["seed"], metric=metric, val=rec["metrics"][validation_metric(metric)],
-                   val_n=validation_size(rec), best_step=sel.get("best_step"), steps=rec["steps"],
-                   run_id=rec["run_id"])
+        row = dict({k: cfg[k] for k in search.grid}, seed=cfg["seed"], metric=metric,
+                   val=rec["metrics"][validation_metric(metric)], val_n=validation_size(rec),
+                   best_step=sel.get("best_step"), steps=rec["steps"], run_id=rec["run_id"])
         rows.append(row)
         print(f"[select {name}] {row}", flush=True)
     return rows

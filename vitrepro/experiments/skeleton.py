@@ -21,7 +21,7 @@ import pandas as pd
 
 from . import launch, recipes
 from .params import PROFILES as PROFILE_NAMES
-from .params import REPO_ROOT, ParameterError
+from .params import REPO_ROOT, ParameterError, check_list
 from .params import validate_params as validate_notebook_params
 from .results import collect as collect_finished
 from .results import fmt_pm, mean_spread, tidy
@@ -142,16 +142,9 @@ def check_models(name: str, value, *, families: Sequence[str] = ("vit", "hybrid"
 
 def check_choices(name: str, value, allowed: Sequence | None = None) -> None:
     """A non-empty list without repeats, each value one of `allowed` (when given); None = the profile's."""
-    if value is None:
-        return
-    what = f"a non-empty list of {', '.join(map(repr, allowed))}" if allowed else "a non-empty list"
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ParameterError(f"{name} must be {what}, got {value!r}")
-    bad = [v for v in value if allowed is not None and v not in allowed]
-    if bad:
-        raise ParameterError(f"{name}: {', '.join(map(repr, bad))} not one of {', '.join(map(repr, allowed))}")
-    if len(set(map(str, value))) != len(value):
-        raise ParameterError(f"{name} has repeated values: {list(value)!r}")
+    one_of = ", ".join(map(repr, allowed or ()))
+    check_list(name, value, f"a non-empty list of {one_of}" if allowed else "a non-empty list",
+               lambda v: allowed is None or v in allowed, "{name}: {bad} not one of " + one_of)
 
 
 def check_positive(name: str, value) -> None:

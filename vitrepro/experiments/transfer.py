@@ -230,11 +230,9 @@ def _scratch_jobs(params: Params, p: Profile, model: str, seed: int) -> list[Job
             train_examples=p.finetune_examples,
             **skeleton.with_steps(p.pretrain, _finetune_recipe(p, ds).get("steps", p.pretrain.get("steps")))),
             stage="scratch") for ds in p.downstream]
-    out = []
-    for ds in p.downstream:
-        steps = recipes.cpu_finetune_steps(ds)
-        out.append(Job(recipes.scratch_config(params.profile, model, ds, seed, steps), stage="scratch",
-                       upstream=f"none ({steps} steps, the fine-tuning budget)"))
+    out = [Job(recipes.scratch_config(params.profile, model, ds, seed, steps), stage="scratch",
+               upstream=f"none ({steps} steps, the fine-tuning budget)")
+           for ds in p.downstream for steps in [recipes.cpu_finetune_steps(ds)]]
     if model == p.models[0]:
         small = recipes.pretrain_steps(p.upstream_sizes[0]) + recipes.cpu_finetune_steps(p.downstream[0])
         out.append(Job(recipes.scratch_config(params.profile, model, p.downstream[0], seed, small), stage="scratch",
