@@ -41,11 +41,9 @@ class Params(launch.ExperimentParams):
 
     def check(self):
         skeleton.check_models("model", self.model, families=("vit",), single=True)
-        if self.model and (self.model_run or self.pretrained):
+        if sum(map(bool, (self.model, self.model_run, self.pretrained))) > 1:
             raise ParameterError("give model (a ViT this notebook trains), model_run or pretrained, not several")
         skeleton.check_datasets(self.dataset)
-        if self.model_run and self.pretrained:
-            raise ParameterError("give model_run or pretrained, not both")
         if self.model_run and not self.model_run.startswith("run:"):
             raise ParameterError(f"model_run must look like 'run:<experiment>/<run_id>', got {self.model_run!r}")
         if self.pretrained:

@@ -112,11 +112,7 @@ NOTEBOOK_VARIABLES = {"params", "df", "tables", "figures", "written", "analysed"
                       "similarity", "extra", "tracked", "tracked_figures", "explored"}
 
 
-def _is_parameter_like(name: str, value: Any) -> bool:
-    """True for the notebook globals that can only have come from the parameters cell."""
-    if name.startswith("_") or name in {"In", "Out", "get_ipython", "exit", "quit", "display"} | NOTEBOOK_VARIABLES:
-        return False
-    return isinstance(value, (str, int, float, bool, list, tuple, dict, type(None)))
+_NOT_PARAMETERS = {"In", "Out", "get_ipython", "exit", "quit", "display"} | NOTEBOOK_VARIABLES
 
 
 def validate_params(cls: type, values: dict[str, Any]):
@@ -124,7 +120,9 @@ def validate_params(cls: type, values: dict[str, Any]):
     about a parameter the notebook does not declare, so a misspelled `-p profil cpu` would silently run the
     default. Here every parameter-like global must be a declared field (else the closest valid spelling)."""
     fields = [f.name for f in dataclasses.fields(cls)]
-    unknown = [n for n, v in values.items() if n not in fields and _is_parameter_like(n, v)]
+    unknown = [n for n, v in values.items()  # the globals that can only have come from the parameters cell
+               if n not in fields and not n.startswith("_") and n not in _NOT_PARAMETERS
+               and isinstance(v, (str, int, float, bool, list, tuple, dict, type(None)))]
     if unknown:
         raise ParameterError(f"unknown notebook parameter(s) {_hints(unknown, fields)}; valid parameters: "
                              f"{', '.join(fields)}")

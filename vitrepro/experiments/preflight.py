@@ -73,18 +73,10 @@ def param_count(model: str, opts: dict | None = None, sizes=(32,), num_classes: 
 
 
 def preflight(jobs: Sequence[Job], params: NotebookParams, workers: int = 1) -> dict:
-    """Everything a sweep can check before compute, once, before any run folder exists:
-
-    - the run store and the results folder can be created and written, with free space for the
-      checkpoints (about 16 bytes per parameter per run; a dry run's own need: `_bytes_needed`) and the results;
-    - every (dataset, split) the jobs read opens (`data.load_arrays`), with its label column;
-    - every subset size (`train_examples`, after the validation hold-out) fits in its dataset, and
-      the batch fits in the subset;
-    - every few-shot probe can draw its shots per class from its training split;
-    - every `init` weights file exists.
-
-    Errors (`PreflightError`) name the dataset or folder and the parameter that chooses it. Returns
-    {"datasets": {(dataset, split): examples}, "need_bytes": estimate}."""
+    """Everything a sweep can check before any run folder exists: writable folders with free space
+    (`_bytes_needed`), every (dataset, split) opens, subset sizes and batches fit, few-shot probes can draw
+    their shots, init files exist, shapes, run ids. Errors (`PreflightError`) name the dataset or folder and
+    the parameter that chooses it. Returns {"datasets": {(dataset, split): examples}, "need_bytes": estimate}."""
     from .. import train
 
     cfgs = []

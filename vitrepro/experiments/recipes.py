@@ -206,10 +206,8 @@ def _finetune() -> Search:
 
 
 def _finetune_bit() -> Search:
-    """Issue 27: the fine-tuning recipe was searched with a ViT parent only. The same lr grid with the ResNet's
-    parent, on MNIST-1k (where the cpu profile's fine-tuned claims now rest) at its step budget; its winner
-    goes to `CPU_FINETUNE_LR["bit"]` (`python -m vitrepro.experiments.recipes finetune_bit`: 7 fine-tunes of
-    ~1 process-min each, run before the final cpu run; results/recipes/finetune_bit.md)."""
+    """The `finetune` lr grid with the ResNet's parent, on MNIST-1k at its step budget; its winner is
+    `CPU_FINETUNE_LR["bit"]` (results/recipes/finetune_bit.md)."""
     parent = upstream_config("select", "BiT-R14x0.25", 0, epochs=3, **SEARCH_DATA)
     base = dict(_finetune_1k().base, model="BiT-R14x0.25", steps=cpu_finetune_steps(MNIST_1K),
                 augment=CPU_FINETUNE_AUGMENT)

@@ -111,16 +111,12 @@ def tidy(results: Sequence[tuple[Job, dict]], notebook: str, profile: str):
     partial sweep (`run_jobs` with allow_partial) marks the frame: `frame.attrs["partial"]`."""
     rows = []
     by_job = {id(job): rec for job, rec in results}
-
-    def upstream_size(job):
-        """Upstream examples: the configured subset, else the size the pre-training run resolved."""
-        if job.upstream_examples is not None or job.stage == "scratch":
-            return job.upstream_examples
-        return ((by_job.get(id(job.parent or job)) or {}).get("resolved") or {}).get("train_size")
-
     for job, rec in results:
         if rec.get("status") != "ok":
             continue
+        upstream_size = job.upstream_examples  # the configured subset, else the size the pre-training run resolved
+        if upstream_size is None and job.stage != "scratch":
+            upstream_size = ((by_job.get(id(job.parent or job)) or {}).get("resolved") or {}).get("train_size")
         cfg, res = rec.get("config") or job.config, rec.get("resolved") or {}
         arch = {**{k: cfg.get(k) for k in ARCH_KEYS}, **{k: v for k, v in (res.get("arch") or {}).items()
                                                          if v is not None}}  # resolved (complete), else the config
@@ -136,7 +132,7 @@ def tidy(results: Sequence[tuple[Job, dict]], notebook: str, profile: str):
             rows.append(dict(
                 notebook=notebook, profile=profile, run_id=rec["run_id"], stage=job.stage, model=model,
                 family="Hybrid" if "+" in model else ("ResNet" if model.startswith("BiT") else "ViT"),
-                upstream=job.upstream, upstream_examples=upstream_size(job), dataset=dataset,
+                upstream=job.upstream, upstream_examples=upstream_size, dataset=dataset,
                 img_size=res.get("img_size", cfg.get("img_size")), pos_embed=arch.get("pos_embed") or "1d",
                 pos_embed_at=arch.get("pos_embed_at") or "stem", pool=arch.get("pool") or "token", lr=cfg.get("lr"),
                 seed=cfg.get("seed"), metric=metric, value=value, train_flops=rec.get("train_flops"),

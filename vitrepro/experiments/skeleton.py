@@ -1,17 +1,6 @@
-"""The skeleton every experiment module shares, so that each module holds only what is its own (its
-profiles, jobs, baselines, tables, figures and verdict inputs).
-
-An experiment module builds its public functions from here, in the order it reads:
-
-    PROFILES = skeleton.profiles_by_name(smoke, cpu, gpu, paper)
-    validate_params = skeleton.parameter_validator(Params)
-    profile = skeleton.profile_chooser(PROFILES, "dataset", "seeds")  # the Params fields that override the profile's
-    ... def jobs(params), def baseline_rows(params, log=print) ...
-    run, collect = skeleton.run_and_collect(NOTEBOOK, jobs, baseline_rows)
-
-plus the few helpers their parameters, recipes and tables repeat (`check_*`, `held_out_fraction`, `shot_draws`,
-`with_steps`, `percent_cell`, `percent_cells`, `percent_table`).
-"""
+"""The skeleton every experiment module builds its public functions from (`profiles_by_name`,
+`parameter_validator`, `profile_chooser`, `run_and_collect`), plus the helpers their parameters, recipes and
+tables repeat; each module holds only what is its own (profiles, jobs, baselines, tables, figures)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,7 +30,6 @@ def parameter_validator(params_class: type) -> Callable[[dict], object]:
     launch parameters (a dry run switches this process to stand-in data here)."""
 
     def validate(values: dict):
-        """Notebook globals -> the notebook's checked `Params` (unknown names fail)."""
         params = validate_notebook_params(params_class, values)
         check_source(params)
         return params if params.source != "train" else launch.validated(params)
@@ -54,7 +42,6 @@ def profile_chooser(profiles: dict[str, Callable], *overrides: str) -> Callable:
     replaces the profile's field of the same name (a list becomes the tuple the profile holds)."""
 
     def profile(params):
-        """The profile's sweep, with the parameters that override its fields where given."""
         chosen = profiles[params.profile]()
         for name in overrides:
             value = getattr(params, name)
@@ -77,13 +64,11 @@ def run_and_collect(notebook: str, jobs: Callable, baseline_rows: Callable) -> t
         return frame if baselines is None else pd.concat([frame, baselines], ignore_index=True)
 
     def run(params, log=None) -> pd.DataFrame:
-        """Train or reuse every run of the sweep; its long-form results with the pixel baselines."""
         if getattr(params, "source", "train") != "train":
             return read_results(params, notebook)
         return with_baselines(tidy(launch.run_jobs(jobs(params), params, log=log), notebook, params.profile), params)
 
     def collect(params) -> pd.DataFrame:
-        """The finished runs of the sweep, read back from the run store (no training)."""
         return with_baselines(collect_finished(jobs(params), params, notebook), params)
 
     return run, collect
@@ -109,10 +94,8 @@ def read_results(params, notebook: str, *, analysis: str | None = None) -> pd.Da
 
 def check_source(params) -> None:
     """`source`: "train", "results" or a results.csv (or its folder) that exists, checked before compute."""
-    source = getattr(params, "source", "train")
-    if source in ("train", "results"):
-        return
-    if not isinstance(source, str) or not results_csv(params, "").exists():
+    source = getattr(params, "source", "train")  # a str: its type is checked first (`validate_notebook_params`)
+    if source not in ("train", "results") and not results_csv(params, "").exists():
         raise ParameterError(f"source={source!r}: use 'train' (the run store, training what is missing), 'results' "
                              "(results/<notebook>/results.csv) or the path of a results.csv or of its folder")
 

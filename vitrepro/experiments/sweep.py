@@ -28,24 +28,18 @@ class SweepError(RuntimeError):
     """Some runs of a sweep failed or were skipped (and allow_partial is off), or none finished."""
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: the kernel sends this process SIGTERM when its parent dies (PR_SET_PDEATHSIG), so pool workers
-    never outlive the notebook kernel or script that started them (elsewhere there is no libc.so.6)."""
+def _worker_init(threads: int, parent_pid: int, overrides: dict) -> None:
     import ctypes
 
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _worker_init(threads: int, parent_pid: int, overrides: dict) -> None:
     import torch
 
     settings.override(overrides)  # the parent's (a dry run's stand-in data): workers are spawned, not forked
-    _die_with_parent(parent_pid)
+    # Linux: the kernel sends this worker SIGTERM when its parent dies (PR_SET_PDEATHSIG = 1), so pool workers
+    # never outlive the notebook kernel or script that started them (elsewhere there is no libc.so.6)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
     torch.set_num_threads(threads)
 
@@ -211,16 +205,11 @@ def _signals_interrupt():
 
 def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], None] | None = None,
              workers: int | None = None, torchrun: int | None = None) -> SweepResults:
-    """Train (or reuse from the run store) every job; fine-tunes start once their parent finished.
-
-    `preflight` checks configurations, data, subset sizes, few-shot sets and folders before anything trains.
-    A job whose parent failed is skipped; a failed run (e.g. diverged) is recorded and the sweep carries on;
-    at the end, any failed or skipped run raises `SweepError` with a summary, unless `params.allow_partial`
-    (then the results are marked partial; a sweep where nothing finished always raises). With several
-    workers (CPU), runs go to a process pool, one torch thread each; the workers die with this process, and
-    SIGINT / SIGTERM stop them (runs stay resumable). One progress line per finished run names what differs
-    between the runs, with an estimate of the time left. ``torchrun``: each run under torchrun with that
-    many processes, one after another."""
+    """Train (or reuse from the run store) every job after `preflight`; fine-tunes start once their parent
+    finished, and are skipped where it failed. A failed run is recorded and the sweep carries on; at the end,
+    failed or skipped runs raise `SweepError` unless `params.allow_partial` (results marked partial; nothing
+    finished always raises). Several workers (CPU): a process pool that dies with this process and stops on
+    SIGINT / SIGTERM. ``torchrun``: each run under torchrun with that many processes, one after another."""
     log = log or (lambda msg: print(msg, flush=True))
     LAST_SWEEP.clear()
     if params.device != "auto":
@@ -277,10 +266,8 @@ def job_work(job: Job) -> float | None:
 
 
 class _Sweep:
-    """One `run_jobs` call: the jobs still to start, those waiting for their parent, the records so
-    far, and the progress lines (what differs between the runs, time so far, estimate of time left).
-    ``threads``: intra-op threads of the processes that train (None: this one's); ``torchrun``: processes
-    per run under torchrun (None: trained here or in the pool)."""
+    """One `run_jobs` call: the jobs still to start or waiting for their parent, the records so far, and the
+    progress lines. ``threads``: intra-op threads of the processes that train (None: this one's)."""
 
     def __init__(self, jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], None],
                  threads: int | None = None, torchrun: int | None = None):
