@@ -135,9 +135,8 @@ def shrink(cfg: dict, tiny: bool = False) -> dict:
                **{k: 1 for k in ("select_every", "snapshot_every") if cfg.get(k)})
     if cfg.get("dataset"):
         cfg["dataset"] = cap_ref(cfg["dataset"])
-    n = available(cfg.get("dataset"), float(cfg.get("val_fraction") or 0.0))
-    if cfg.get("train_examples") is not None and n is not None:
-        cfg["train_examples"] = min(int(cfg["train_examples"]), n)
+    if cfg.get("train_examples") is not None:
+        cfg["train_examples"] = cap(cfg.get("dataset"), int(cfg["train_examples"]), float(cfg.get("val_fraction") or 0))
     if tiny:
         cfg["model"] = tiny_model(cfg["model"])
     return cfg
