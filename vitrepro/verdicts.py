@@ -211,10 +211,10 @@ def _hybrid_verdict(df: pd.DataFrame) -> list[Verdict]:
 def gap_table(df: pd.DataFrame, metric: str = "fewshot5", stage: str = "pretrain") -> pd.DataFrame:
     """ViT - ResNet difference per pre-training size, with its 90% Welch interval (Fig. 3/4 trend)."""
     d = select(df, metric=metric, stage=stage)
-    rows = []
     vit, res = _main_model(d, "ViT"), _main_model(d, "ResNet")
     if vit is None or res is None:
         return pd.DataFrame()
+    rows = []
     for n in sorted(d.upstream_examples.dropna().unique()):
         c = stats.alike(seeds(d, model=vit, upstream_examples=n), seeds(d, model=res, upstream_examples=n))
         lo, hi = c.ci if c.ci else (math.nan, math.nan)
@@ -239,9 +239,8 @@ def _compute_verdict(df: pd.DataFrame) -> list[Verdict]:
     r, v = res.sort_values("acc").iloc[-1], vit.sort_values("acc").iloc[-1]
     c = stats.beats(seeds(d, model=r.model), seeds(d, model=v.model))
     p_for, p_against = (None, None) if c.p_for is None else (c.p_against, 1.0) if v.flops < r.flops else (1.0, c.p_for)
-    verdict = stats.decide(p_for, p_against)
     return [Verdict("ViT reaches ResNet performance with less pre-training compute (5-shot linear)", "[P] §4.4, Fig. 5",
-                    verdict, f"{r.model} {100 * r.acc:.1f}% at {r.flops:.2e} FLOPs; {v.model} {100 * v.acc:.1f}% at "
+                    stats.decide(p_for, p_against), f"{r.model} {100 * r.acc:.1f}% at {r.flops:.2e} FLOPs; {v.model} {100 * v.acc:.1f}% at "
                              f"{v.flops:.2e} FLOPs (ResNet/ViT compute {r.flops / v.flops:.2f}x); ResNet above ViT: "
                              f"{c.text()}", p_for=p_for, p_against=p_against)]
 
@@ -309,10 +308,7 @@ def _pooling_verdict(df: pd.DataFrame) -> list[Verdict]:
 
 # ------------------------------------------------------------------------------------- transfer
 def transfer_verdicts(df: pd.DataFrame) -> list[Verdict]:
-    out = []
-    d = select(df, metric="top1", stage="finetune")
-    if d.empty:
-        return out
+    out, d = [], select(df, metric="top1", stage="finetune")
     native = d[~d.upstream.astype(str).str.contains(" px")]
     native = native.assign(n=native.upstream_examples.fillna(-1))
     img = int(native.img_size.mode().iloc[0]) if len(native) else None
@@ -366,11 +362,8 @@ def _resolution_verdicts(df: pd.DataFrame, d: pd.DataFrame) -> list[Verdict]:
 
 
 def _scratch_verdicts(df: pd.DataFrame, d: pd.DataFrame) -> list[Verdict]:
-    scratch = select(df, metric="top1", stage="scratch")
-    if scratch.empty:
-        return []
     out = []
-    for ds, h in scratch.groupby("dataset"):  # one verdict per downstream set
+    for ds, h in select(df, metric="top1", stage="scratch").groupby("dataset"):  # one verdict per downstream set
         comps, floors = {}, {}
         for (model, up), g in h.groupby(["model", "upstream"]):
             pre = select(d, model=model, dataset=ds)
