@@ -85,10 +85,8 @@ def plot_position_similarity(sim: torch.Tensor, ax=None, colorbar: bool = True, 
     s = torch.as_tensor(sim).detach().float().cpu().numpy()
     gh, gw, th, tw = s.shape
     step_h, step_w = th + 1, tw + 1
-    canvas = np.full((gh * step_h - 1, gw * step_w - 1), np.nan)
-    for i in range(gh):
-        for j in range(gw):
-            canvas[i * step_h:i * step_h + th, j * step_w:j * step_w + tw] = s[i, j]
+    canvas = np.pad(s.astype(np.float64), ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=np.nan)
+    canvas = canvas.transpose(0, 2, 1, 3).reshape(gh * step_h, gw * step_w)[:-1, :-1]  # tiles NaN-separated
     if ax is None:
         fig, ax = plt.subplots(figsize=(5.5, 5.5 * gh / gw))
     fig = ax.figure

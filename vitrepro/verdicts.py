@@ -69,10 +69,7 @@ def select(df: pd.DataFrame, **eq) -> pd.DataFrame:
 
 def seeds(df: pd.DataFrame, **eq) -> np.ndarray:
     """Per-seed values (mean over duplicate rows of one seed) of the rows matching ``eq``."""
-    d = select(df, **eq)
-    if d.empty:
-        return np.zeros(0)
-    return d.groupby("seed", dropna=False)["value"].mean().to_numpy(dtype=float)
+    return select(df, **eq).groupby("seed", dropna=False)["value"].mean().to_numpy(dtype=float)
 
 
 def paired_seeds(a: pd.DataFrame, b: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -99,9 +96,8 @@ def floor(df: pd.DataFrame, metric: str, dataset: str, n=None) -> float:
 def below_flag(floors: dict[str, tuple[np.ndarray, float]]) -> str:
     """"below the pixel baseline: <model> <mean> vs pixels <base>; ..." for the models under their floor."""
     low = [name for name, (v, base) in floors.items() if np.size(v) and not math.isnan(base) and np.mean(v) < base]
-    if not low:
-        return ""
-    return f"{BELOW}: " + "; ".join(f"{n} {pct(floors[n][0])} vs pixels {100 * floors[n][1]:.1f}%" for n in low)
+    return f"{BELOW}: " + "; ".join(f"{n} {pct(floors[n][0])} vs pixels {100 * floors[n][1]:.1f}%"
+                                    for n in low) if low else ""
 
 
 def _judge(claim: str, src: str, comparisons: dict[str, stats.Comparison],
