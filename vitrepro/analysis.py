@@ -3,7 +3,6 @@ Fig. 7 (patch-embedding filters' principal components, position-embedding simila
 of the paper (Section 4.5). Each is a pure function of plain tensors; the ``model_*`` wrappers pull those out of
 a model. Tokens are ``[class token] + patches in row-major order``; ``pool="gap"`` models have no class token.
 """
-
 from __future__ import annotations
 
 import math
@@ -170,7 +169,6 @@ def _distance_frame(per_layer):
 
 def attention_distances(attn_layers: Sequence[torch.Tensor], grid_size: Sequence[int], patch_size: float,
                         has_cls_token: Optional[bool] = None, renormalize: bool = True):
-    """`mean_attention_distance` of every head of every layer as a long-form frame (layer, head, distance)."""
     return _distance_frame(mean_attention_distance(a, grid_size, patch_size, has_cls_token, renormalize)
                            for a in attn_layers)
 

@@ -53,7 +53,6 @@ def _p(x: float | None) -> str:
 
 
 def _verdict_cell(v: Verdict) -> str:
-    """The verdict, and beside it the flag of a claim resting on a model below its pixel baseline."""
     return f"**{v.verdict}**" + (f" ⚑ {v.flag}" if v.flag else "")
 
 

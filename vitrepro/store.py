@@ -583,7 +583,6 @@ class RunStore:
 
     # ownership, damage, remedies ------------------------------------------------
     def lock(self, experiment: str, run_id: str) -> RunLock:
-        """The OS lock of one run folder (not yet acquired)."""
         return RunLock(self.run_dir(experiment, run_id) / ".lock")
 
     def find(self, ref: str) -> tuple[str, str, Path]:
@@ -748,7 +747,6 @@ class RunStore:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vitrepro.store check|repair|forget ...``"""
     import argparse
     ap = argparse.ArgumentParser(prog="python -m vitrepro.store", description="Inspect and mend the run store.")
     ap.add_argument("--store", help="run store root (default: vitrepro.settings: $VITREPRO_RUNS, vitrepro.toml, "

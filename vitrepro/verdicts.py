@@ -445,7 +445,6 @@ def pair_verdict(a: np.ndarray, b: np.ndarray, names: tuple[str, str], base: flo
 
 
 def pairwise(groups: dict[str, np.ndarray], base: float = math.nan) -> pd.DataFrame:
-    """Every pair of the named per-seed value arrays, in the order given (`pair_verdict` per row)."""
     names = [k for k, v in groups.items() if np.asarray(v).size]
     return pd.DataFrame([pair_verdict(groups[a], groups[b], (a, b), base) for a, b in combinations(names, 2)])
 
