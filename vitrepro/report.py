@@ -26,7 +26,7 @@ from .experiments import NOTEBOOKS
 from .experiments.params import REPO_ROOT
 from .experiments.results import SCHEMA, atomic_write_text  # SCHEMA: results.csv's long-form columns
 from . import stats
-from .verdicts import VERDICTS, Verdict, correct, gap_table
+from .verdicts import VERDICTS, Verdict, correct, gap_table, position_embedding_pairs, scaling_pairs
 
 
 def paper_numbers() -> pd.DataFrame:
@@ -180,7 +180,6 @@ def redraw_outputs(nb: str, csv: Path) -> tuple[dict, dict, str]:
     """(tables, figures, notes) of notebook `nb` rebuilt from a results.csv and the analysis tables beside it,
     as the notebook's own cells build them with `source=<that file>`: no run store, no training."""
     from .experiments import module
-    from .verdicts import position_embedding_pairs, scaling_pairs
 
     mod = module(nb)
     frame = pd.read_csv(csv)

@@ -245,9 +245,11 @@ class PapermillDefaultOutput:
     def write(self, buf, path):
         if not self._implicit(path):
             return self._stream().write(buf, path)
-        from .store import atomic_write
         out = executed_notebook_path(buf)
-        atomic_write(out, lambda f: f.write(buf.encode()))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(buf)
+        os.replace(tmp, out)
         print(f"papermill: no output path given, so the executed notebook was written to {out} "
               "(vitrepro; pass an output path, or '-' for the notebook JSON on stdout)",
               file=sys.stderr, flush=True)

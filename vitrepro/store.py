@@ -291,7 +291,6 @@ def _found_by_the_run(d: Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- writes: disk full, read-only
-
 def existing_ancestor(p: Path) -> Path:
     """``p`` or its nearest folder above that exists (where a folder not yet made would go)."""
     p = Path(p).absolute()
@@ -718,9 +717,7 @@ class RunStore:
     # writing -----------------------------------------------------------------
     def create(self, experiment: str, run_id: str, config: dict) -> Path:
         d = self.run_dir(experiment, run_id)
-        with writing(d / "config.json"):
-            d.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(d / "config.json", config)
+        atomic_write_json(d / "config.json", config)  # makes the folder
         return d
 
     def log(self, experiment: str, run_id: str, row: dict) -> None:

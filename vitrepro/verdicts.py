@@ -17,7 +17,7 @@ import pandas as pd
 
 from . import stats
 from .experiments.floors import trained_on
-from .experiments.position_embeddings import pooling_runs, table8_runs
+from .experiments.position_embeddings import VARIANTS, pooling_runs, table8_runs, variant_label
 
 BELOW = "below the pixel baseline"
 
@@ -451,8 +451,6 @@ def pairwise(groups: dict[str, np.ndarray], base: float = math.nan) -> pd.DataFr
 
 def position_embedding_pairs(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Every pair of the Table 8 variants the sweep trained (kind and placement), per metric."""
-    from .experiments.position_embeddings import VARIANTS, variant_label
-
     grid, out = table8_runs(df), {}
     for metric, label in (("fewshot5", "5-shot linear accuracy"), ("top1", "top-1 on the test split")):
         d = select(grid, metric=metric)
