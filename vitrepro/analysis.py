@@ -3,7 +3,6 @@ Fig. 7 (patch-embedding filters' principal components, position-embedding simila
 of the paper (Section 4.5). Each is a pure function of plain tensors; the ``model_*`` wrappers pull those out of
 a model. Tokens are ``[class token] + patches in row-major order``; ``pool="gap"`` models have no class token.
 """
-
 from __future__ import annotations
 
 import math
@@ -53,8 +52,7 @@ def plot_filters(components, ncols: int = 7, title: Optional[str] = None):
     nrows = max(1, math.ceil(k / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(0.6 * ncols, 0.6 * nrows), squeeze=False)
     for i, ax in enumerate(axes.ravel()):
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
         if i >= k:
             ax.axis("off")
             continue
@@ -86,10 +84,8 @@ def plot_position_similarity(sim: torch.Tensor, ax=None, colorbar: bool = True, 
     s = torch.as_tensor(sim).detach().float().cpu().numpy()
     gh, gw, th, tw = s.shape
     step_h, step_w = th + 1, tw + 1
-    canvas = np.full((gh * step_h - 1, gw * step_w - 1), np.nan)
-    for i in range(gh):
-        for j in range(gw):
-            canvas[i * step_h:i * step_h + th, j * step_w:j * step_w + tw] = s[i, j]
+    canvas = np.pad(s.astype(np.float64), ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=np.nan)
+    canvas = canvas.transpose(0, 2, 1, 3).reshape(gh * step_h, gw * step_w)[:-1, :-1]  # tiles NaN-separated
     if ax is None:
         fig, ax = plt.subplots(figsize=(5.5, 5.5 * gh / gw))
     fig = ax.figure
@@ -98,8 +94,7 @@ def plot_position_similarity(sim: torch.Tensor, ax=None, colorbar: bool = True, 
     ax.set_xticks([j * step_w + (tw - 1) / 2 for j in range(gw)], [str(j + 1) for j in range(gw)])
     ax.set_yticks([i * step_h + (th - 1) / 2 for i in range(gh)], [str(i + 1) for i in range(gh)])
     ax.tick_params(length=0, labelsize=7)
-    ax.set_xlabel("Input patch column")
-    ax.set_ylabel("Input patch row")
+    ax.set(xlabel="Input patch column", ylabel="Input patch row")
     ax.spines[:].set_visible(False)
     if colorbar:
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="Cosine similarity")
@@ -174,7 +169,6 @@ def _distance_frame(per_layer):
 
 def attention_distances(attn_layers: Sequence[torch.Tensor], grid_size: Sequence[int], patch_size: float,
                         has_cls_token: Optional[bool] = None, renormalize: bool = True):
-    """`mean_attention_distance` of every head of every layer as a long-form frame (layer, head, distance)."""
     return _distance_frame(mean_attention_distance(a, grid_size, patch_size, has_cls_token, renormalize)
                            for a in attn_layers)
 
@@ -192,9 +186,7 @@ def plot_attention_distance(df, hue: str = "head", max_distance=None, title: Opt
         ax.scatter(g["layer"], g["distance"], s=12, color=cmap(i % cmap.N), label=label)
     if len(groups) <= 16:
         ax.legend(fontsize=6, markerscale=0.8, frameon=False, ncol=2 if len(groups) > 8 else 1)
-    ax.set_xlabel("Network depth (layer)")
-    ax.set_ylabel("Mean attention distance (pixels)")
-    ax.set_ylim(0, max_distance)
+    ax.set(xlabel="Network depth (layer)", ylabel="Mean attention distance (pixels)", ylim=(0, max_distance))
     if title:
         ax.set_title(title)
     return fig
@@ -274,8 +266,7 @@ def plot_rollout(images: torch.Tensor, maps: torch.Tensor, mode: str = "mask"):
             axes[1, i].imshow(imgs[i])
             axes[1, i].imshow(up[i], cmap="jet", alpha=0.5, vmin=0, vmax=1)
         for ax in axes[:, i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
     axes[0, 0].set_ylabel("Input")
     axes[1, 0].set_ylabel("Attention")
     return fig

@@ -84,7 +84,6 @@ class ImageArrays:
 
 
 # --------------------------------------------------------------------------- sources
-
 REF_KEYS = ("image_column", "label_column", "train_split", "test_split", "train_examples")
 _REF = re.compile(r"^(?P<base>.+)\[(?P<opts>[a-z_]+=[^\[\],=/]+(?:,[a-z_]+=[^\[\],=/]+)*)\]$")
 
@@ -183,7 +182,6 @@ def _hub_error(src: Source, err: Exception) -> DatasetNotFoundError:
 
 
 # --------------------------------------------------------------------------- decoding
-
 def _say_which(where: str, key: str, example: str) -> str:
     """How to choose a column, in every form a dataset is given: the reference string (command line, train
     configs, notebook parameters), the notebook's dict form and the Python argument."""
@@ -394,7 +392,6 @@ def _read(src: Source, split: str, image_column, label_column, size):
 
 
 # --------------------------------------------------------------------------- subsets
-
 def _gen(*seeds: int) -> torch.Generator:
     s = 0
     for v in seeds:
@@ -434,7 +431,6 @@ def train_val_split(labels, val_fraction: float, seed: int = 0) -> tuple[torch.T
 
 
 # --------------------------------------------------------------------------- preprocessing
-
 AUGMENTATIONS = ("none", "flip", "crop", "crop_flip", "rrc_flip", "auto")
 
 

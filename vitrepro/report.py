@@ -26,7 +26,7 @@ from .experiments import NOTEBOOKS
 from .experiments.params import REPO_ROOT
 from .experiments.results import SCHEMA, atomic_write_text  # SCHEMA: results.csv's long-form columns
 from . import stats
-from .verdicts import VERDICTS, Verdict, correct, gap_table
+from .verdicts import VERDICTS, Verdict, correct, gap_table, position_embedding_pairs, scaling_pairs
 
 
 def paper_numbers() -> pd.DataFrame:
@@ -53,7 +53,6 @@ def _p(x: float | None) -> str:
 
 
 def _verdict_cell(v: Verdict) -> str:
-    """The verdict, and beside it the flag of a claim resting on a model below its pixel baseline."""
     return f"**{v.verdict}**" + (f" ⚑ {v.flag}" if v.flag else "")
 
 
@@ -107,9 +106,8 @@ def build_report(results: Path | None = None) -> str:
             parts += ["### Our numbers", "", ours.read_text().strip(), ""]
         for t in tables:
             p = paper[paper.table == t]
-            if p.empty:
-                continue
-            parts += [f"### The paper's {t}", "", _paper_table(t, p), ""]
+            if len(p):
+                parts += [f"### The paper's {t}", "", _paper_table(t, p), ""]
         for png in sorted((results / nb).glob("*.png")):
             parts += [f"![{png.stem}]({nb}/{png.name})", ""]
     return "\n".join(parts)
@@ -154,8 +152,7 @@ def _summary(results: Path, verdicts: dict[str, list[Verdict]]) -> list[str]:
     flat = [v for vs in verdicts.values() for v in vs]
     decided = [v for v in flat if v.verdict in ("reproduced", "not reproduced")]
     lines += ["", f"{len(decided)} of {len(flat)} claims reach a decision ({sum(not v.flag for v in decided)} of them "
-                  f"on models above their pixel baselines); {sum(v.tested for v in flat)} are tested and corrected together."]
-    lines.append("")
+                  f"on models above their pixel baselines); {sum(v.tested for v in flat)} are tested and corrected together.", ""]
     for f in sorted(results.glob("timings_*.json")):
         t = json.loads(f.read_text())
         steps = [k for k in t if k not in NOTEBOOKS] + [nb for nb in NOTEBOOKS if nb in t]  # the sweep, then each notebook
@@ -168,8 +165,7 @@ def _summary(results: Path, verdicts: dict[str, list[Verdict]]) -> list[str]:
 def _paper_table(table: str, p: pd.DataFrame) -> str:
     src = "; ".join(sorted(p["source"].unique()))
     if table in ("Table 5", "Table 2"):
-        wide = p.pivot_table(index=["upstream", "dataset"], columns="model", values="value", aggfunc="first")
-        wide = wide.reset_index()
+        wide = p.pivot_table(index=["upstream", "dataset"], columns="model", values="value", aggfunc="first").reset_index()
     elif table == "Table 8":
         q = p.assign(pos_embed=p.setting.str.extract(r"pos_embed=([^;]+)", expand=False),
                      at=p.setting.str.extract(r"pos_embed_at=([^;]+)", expand=False))
@@ -184,7 +180,6 @@ def redraw_outputs(nb: str, csv: Path) -> tuple[dict, dict, str]:
     """(tables, figures, notes) of notebook `nb` rebuilt from a results.csv and the analysis tables beside it,
     as the notebook's own cells build them with `source=<that file>`: no run store, no training."""
     from .experiments import module
-    from .verdicts import position_embedding_pairs, scaling_pairs
 
     mod = module(nb)
     frame = pd.read_csv(csv)
@@ -194,9 +189,8 @@ def redraw_outputs(nb: str, csv: Path) -> tuple[dict, dict, str]:
     if nb == "attention":
         analysed, figures, _ = mod.analyse(params, df)
         tracked, tracked_figures = mod.over_training(params, df)
-        figures.update(tracked_figures)
         analysed = pd.concat([analysed, tracked], ignore_index=True)
-        return mod.tables(df, analysed), figures, f"Profile `{profile}`."
+        return mod.tables(df, analysed), {**figures, **tracked_figures}, f"Profile `{profile}`."
     tables, figures = mod.tables(df), mod.figures(df)
     if nb == "scaling":
         tables.update(scaling_pairs(df))

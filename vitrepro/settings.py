@@ -44,7 +44,6 @@ class Settings:
 
 
 # --------------------------------------------------------------------------- project file
-
 def _config_path(env) -> Path | None:
     explicit = env.get("VITREPRO_CONFIG")
     p = Path(explicit).expanduser() if explicit else REPO_ROOT / CONFIG_NAME
@@ -75,7 +74,6 @@ def _read_config(path: Path | None) -> dict:
 
 
 # --------------------------------------------------------------------------- resolution
-
 def _path(value: str, base: Path) -> Path:
     p = Path(os.path.expandvars(str(value))).expanduser()
     return p if p.is_absolute() else (base / p)
@@ -163,7 +161,6 @@ def get(env=None) -> Settings:
 
 
 # --------------------------------------------------------------------------- Hub reachability
-
 _HUB_CACHE: dict[str, tuple[float, bool, str]] = {}
 
 
@@ -205,7 +202,6 @@ def hub_reachable(timeout: float | None = None, endpoint: str | None = None,
 
 
 # --------------------------------------------------------------------------- papermill without an output path
-
 def executed_notebook_path(nb_json: str) -> Path:
     """Where ``papermill notebooks/<nb>.ipynb`` (no output path) writes the executed notebook:
     ``<runs_dir>/executed/<nb>.<profile>.ipynb``, the same place ``make reproduce`` uses."""
@@ -276,7 +272,6 @@ warnings.filterwarnings("ignore", message=r"the file is not specified with any e
 
 
 # --------------------------------------------------------------------------- the project's Jupyter kernel
-
 def _parent_is_jupyter_server() -> bool:
     """True when the process that started this one is JupyterLab / Jupyter Server / Notebook."""
     try:

@@ -291,7 +291,6 @@ def _found_by_the_run(d: Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- writes: disk full, read-only
-
 def existing_ancestor(p: Path) -> Path:
     """``p`` or its nearest folder above that exists (where a folder not yet made would go)."""
     p = Path(p).absolute()
@@ -583,7 +582,6 @@ class RunStore:
 
     # ownership, damage, remedies ------------------------------------------------
     def lock(self, experiment: str, run_id: str) -> RunLock:
-        """The OS lock of one run folder (not yet acquired)."""
         return RunLock(self.run_dir(experiment, run_id) / ".lock")
 
     def find(self, ref: str) -> tuple[str, str, Path]:
@@ -719,9 +717,7 @@ class RunStore:
     # writing -----------------------------------------------------------------
     def create(self, experiment: str, run_id: str, config: dict) -> Path:
         d = self.run_dir(experiment, run_id)
-        with writing(d / "config.json"):
-            d.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(d / "config.json", config)
+        atomic_write_json(d / "config.json", config)  # makes the folder
         return d
 
     def log(self, experiment: str, run_id: str, row: dict) -> None:
@@ -748,7 +744,6 @@ class RunStore:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vitrepro.store check|repair|forget ...``"""
     import argparse
     ap = argparse.ArgumentParser(prog="python -m vitrepro.store", description="Inspect and mend the run store.")
     ap.add_argument("--store", help="run store root (default: vitrepro.settings: $VITREPRO_RUNS, vitrepro.toml, "

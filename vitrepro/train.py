@@ -984,8 +984,7 @@ def main(argv: list[str] | None = None) -> int:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if _dist_env()[0] == 0:
-        print(json.dumps({"run_id": rec.get("run_id"), "status": rec.get("status"), "metrics": rec.get("metrics"),
-                          "run_dir": rec.get("run_dir")}, indent=1))
+        print(json.dumps({k: rec.get(k) for k in ("run_id", "status", "metrics", "run_dir")}, indent=1))
     return 0
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from . import stats
 from .experiments.floors import trained_on
-from .experiments.position_embeddings import pooling_runs, table8_runs
+from .experiments.position_embeddings import VARIANTS, pooling_runs, table8_runs, variant_label
 
 BELOW = "below the pixel baseline"
 
@@ -69,10 +69,7 @@ def select(df: pd.DataFrame, **eq) -> pd.DataFrame:
 
 def seeds(df: pd.DataFrame, **eq) -> np.ndarray:
     """Per-seed values (mean over duplicate rows of one seed) of the rows matching ``eq``."""
-    d = select(df, **eq)
-    if d.empty:
-        return np.zeros(0)
-    return d.groupby("seed", dropna=False)["value"].mean().to_numpy(dtype=float)
+    return select(df, **eq).groupby("seed", dropna=False)["value"].mean().to_numpy(dtype=float)
 
 
 def paired_seeds(a: pd.DataFrame, b: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -99,9 +96,8 @@ def floor(df: pd.DataFrame, metric: str, dataset: str, n=None) -> float:
 def below_flag(floors: dict[str, tuple[np.ndarray, float]]) -> str:
     """"below the pixel baseline: <model> <mean> vs pixels <base>; ..." for the models under their floor."""
     low = [name for name, (v, base) in floors.items() if np.size(v) and not math.isnan(base) and np.mean(v) < base]
-    if not low:
-        return ""
-    return f"{BELOW}: " + "; ".join(f"{n} {pct(floors[n][0])} vs pixels {100 * floors[n][1]:.1f}%" for n in low)
+    return f"{BELOW}: " + "; ".join(f"{n} {pct(floors[n][0])} vs pixels {100 * floors[n][1]:.1f}%"
+                                    for n in low) if low else ""
 
 
 def _judge(claim: str, src: str, comparisons: dict[str, stats.Comparison],
@@ -211,10 +207,10 @@ def _hybrid_verdict(df: pd.DataFrame) -> list[Verdict]:
 def gap_table(df: pd.DataFrame, metric: str = "fewshot5", stage: str = "pretrain") -> pd.DataFrame:
     """ViT - ResNet difference per pre-training size, with its 90% Welch interval (Fig. 3/4 trend)."""
     d = select(df, metric=metric, stage=stage)
-    rows = []
     vit, res = _main_model(d, "ViT"), _main_model(d, "ResNet")
     if vit is None or res is None:
         return pd.DataFrame()
+    rows = []
     for n in sorted(d.upstream_examples.dropna().unique()):
         c = stats.alike(seeds(d, model=vit, upstream_examples=n), seeds(d, model=res, upstream_examples=n))
         lo, hi = c.ci if c.ci else (math.nan, math.nan)
@@ -239,9 +235,8 @@ def _compute_verdict(df: pd.DataFrame) -> list[Verdict]:
     r, v = res.sort_values("acc").iloc[-1], vit.sort_values("acc").iloc[-1]
     c = stats.beats(seeds(d, model=r.model), seeds(d, model=v.model))
     p_for, p_against = (None, None) if c.p_for is None else (c.p_against, 1.0) if v.flops < r.flops else (1.0, c.p_for)
-    verdict = stats.decide(p_for, p_against)
     return [Verdict("ViT reaches ResNet performance with less pre-training compute (5-shot linear)", "[P] §4.4, Fig. 5",
-                    verdict, f"{r.model} {100 * r.acc:.1f}% at {r.flops:.2e} FLOPs; {v.model} {100 * v.acc:.1f}% at "
+                    stats.decide(p_for, p_against), f"{r.model} {100 * r.acc:.1f}% at {r.flops:.2e} FLOPs; {v.model} {100 * v.acc:.1f}% at "
                              f"{v.flops:.2e} FLOPs (ResNet/ViT compute {r.flops / v.flops:.2f}x); ResNet above ViT: "
                              f"{c.text()}", p_for=p_for, p_against=p_against)]
 
@@ -309,10 +304,7 @@ def _pooling_verdict(df: pd.DataFrame) -> list[Verdict]:
 
 # ------------------------------------------------------------------------------------- transfer
 def transfer_verdicts(df: pd.DataFrame) -> list[Verdict]:
-    out = []
-    d = select(df, metric="top1", stage="finetune")
-    if d.empty:
-        return out
+    out, d = [], select(df, metric="top1", stage="finetune")
     native = d[~d.upstream.astype(str).str.contains(" px")]
     native = native.assign(n=native.upstream_examples.fillna(-1))
     img = int(native.img_size.mode().iloc[0]) if len(native) else None
@@ -366,11 +358,8 @@ def _resolution_verdicts(df: pd.DataFrame, d: pd.DataFrame) -> list[Verdict]:
 
 
 def _scratch_verdicts(df: pd.DataFrame, d: pd.DataFrame) -> list[Verdict]:
-    scratch = select(df, metric="top1", stage="scratch")
-    if scratch.empty:
-        return []
     out = []
-    for ds, h in scratch.groupby("dataset"):  # one verdict per downstream set
+    for ds, h in select(df, metric="top1", stage="scratch").groupby("dataset"):  # one verdict per downstream set
         comps, floors = {}, {}
         for (model, up), g in h.groupby(["model", "upstream"]):
             pre = select(d, model=model, dataset=ds)
@@ -456,15 +445,12 @@ def pair_verdict(a: np.ndarray, b: np.ndarray, names: tuple[str, str], base: flo
 
 
 def pairwise(groups: dict[str, np.ndarray], base: float = math.nan) -> pd.DataFrame:
-    """Every pair of the named per-seed value arrays, in the order given (`pair_verdict` per row)."""
     names = [k for k, v in groups.items() if np.asarray(v).size]
     return pd.DataFrame([pair_verdict(groups[a], groups[b], (a, b), base) for a, b in combinations(names, 2)])
 
 
 def position_embedding_pairs(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Every pair of the Table 8 variants the sweep trained (kind and placement), per metric."""
-    from .experiments.position_embeddings import VARIANTS, variant_label
-
     grid, out = table8_runs(df), {}
     for metric, label in (("fewshot5", "5-shot linear accuracy"), ("top1", "top-1 on the test split")):
         d = select(grid, metric=metric)
