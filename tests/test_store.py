@@ -24,7 +24,7 @@ def test_frame_long_form(tmp_path):
     st = RunStore(tmp_path)
     for seed in (0, 1):
         cfg = {"experiment": "e", "model": "ViT-Nano/4", "seed": seed, "opts": {"pool": "gap"}, "shots": [1, 5]}
-        rid = st.run_id(cfg)
+        rid = run_id_for(cfg)
         st.create("e", rid, cfg)
         for step in (1, 2, 3):
             st.log("e", rid, {"step": step, "loss": 1.0 / step})

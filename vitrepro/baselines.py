@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data import balanced_subset, load_arrays, training_split, train_val_split
+from .data import balanced_subset, load_arrays, training_split
 from .evaluate import fewshot_lsr
 from .store import atomic_write_json, canonical_json
 
@@ -53,10 +53,8 @@ def _logreg(dataset, train_examples, val_fraction, data_seed) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     train, val = training_split(load_arrays(dataset, "train"), val_fraction, train_examples, data_seed)
-    fit = train
-    if val is None:  # choose C on 10% of the training images, then refit on all of them
-        tr_idx, va_idx = train_val_split(train.labels, 0.1, data_seed)
-        fit, val = train.subset(tr_idx), train.subset(va_idx)
+    # no validation part: choose C on 10% of the training images, then refit on all of them
+    fit, val = (train, val) if val is not None else training_split(train, 0.1, None, data_seed)
     scores = {1.0: float("nan")}  # too few images to hold any out (smoke subsets): sklearn's default C
     if len(fit) > SELECT_ON:  # choose C on a class-balanced 10k of the training images, then refit on all
         fit = fit.subset(balanced_subset(fit.labels, SELECT_ON, data_seed))

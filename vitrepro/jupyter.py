@@ -11,6 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from .settings import PapermillHandler
+
 KERNEL_NAME = "vitrepro"
 TEMPLATE = Path(__file__).resolve().parent.parent / "env" / "kernel" / "kernel.json.in"
 
@@ -29,27 +31,15 @@ def install_kernel(prefix: str | os.PathLike | None = None, python: str | os.Pat
     return dest
 
 
-class RunsFolderHandler:
-    """papermill I/O handler for local paths under ``runs/`` (entry point ``papermill.io``): papermill's own
-    local handler stops on a missing output folder; ``runs/`` is the project's scratch folder (out of git),
-    so its subfolders are created. Reading and listing are papermill's."""
+class RunsFolderHandler(PapermillHandler):
+    """papermill I/O handler for local paths under ``runs/``: papermill's own local handler stops on a missing
+    output folder; ``runs/`` is the project's scratch folder (out of git), so its subfolders are created."""
 
-    @staticmethod
-    def _local():
-        from papermill.iorw import LocalHandler
-        return LocalHandler()
-
-    def __getattr__(self, name):  # read, listdir: papermill's local handler's
-        if name not in ("read", "listdir"):
-            raise AttributeError(name)
-        return getattr(self._local(), name)
+    _base = "LocalHandler"
 
     def write(self, buf, path):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        return self._local().write(buf, path)
-
-    def pretty_path(self, path):
-        return path
+        return self._papermill().write(buf, path)
 
 
 papermill_runs_handler = RunsFolderHandler()

@@ -220,21 +220,30 @@ def executed_notebook_path(nb_json: str) -> Path:
     return get().runs_dir / "executed" / (f"{stem}.{profile}.ipynb" if profile else f"{stem}.ipynb")
 
 
-class PapermillDefaultOutput:
-    """papermill I/O handler for the path ``-`` (entry point ``papermill.io``). The papermill CLI turns a missing
-    OUTPUT_PATH into ``-`` (the notebook JSON on stdout) whenever stdout is not a terminal; here that form writes
-    the executed notebook to ``executed_notebook_path`` and says so on stderr. An explicit ``-`` on the command
-    line, and every call through papermill's Python API, keep papermill's behaviour (stdout)."""
+class PapermillHandler:
+    """A papermill I/O handler (entry point ``papermill.io``) that writes its own way; reading and listing are
+    those of papermill's handler ``_base`` (a class of ``papermill.iorw``, imported only when papermill calls)."""
 
-    @staticmethod
-    def _stream():
-        from papermill.iorw import StreamHandler
-        return StreamHandler()
+    def _papermill(self):
+        from papermill import iorw
+        return getattr(iorw, self._base)()
 
-    def __getattr__(self, name):  # read, listdir: papermill's stdout handler's
+    def __getattr__(self, name):  # read, listdir: papermill's handler's
         if name not in ("read", "listdir"):
             raise AttributeError(name)
-        return getattr(self._stream(), name)
+        return getattr(self._papermill(), name)
+
+    def pretty_path(self, path):
+        return path
+
+
+class PapermillDefaultOutput(PapermillHandler):
+    """papermill I/O handler for the path ``-``. The papermill CLI turns a missing OUTPUT_PATH into ``-`` (the
+    notebook JSON on stdout) whenever stdout is not a terminal; here that form writes the executed notebook to
+    ``executed_notebook_path`` and says so on stderr. An explicit ``-`` on the command line, and every call
+    through papermill's Python API, keep papermill's behaviour (stdout)."""
+
+    _base = "StreamHandler"
 
     @staticmethod
     def _implicit(path) -> bool:
@@ -244,7 +253,7 @@ class PapermillDefaultOutput:
 
     def write(self, buf, path):
         if not self._implicit(path):
-            return self._stream().write(buf, path)
+            return self._papermill().write(buf, path)
         out = executed_notebook_path(buf)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")

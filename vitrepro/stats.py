@@ -56,11 +56,9 @@ def _arrays(a: Sequence[float], b: Sequence[float], paired: bool) -> tuple[np.nd
     return a[keep], b[keep]
 
 
-def _too_few(a: np.ndarray, b: np.ndarray, test: str) -> Comparison | None:
-    if a.size >= MIN_SEEDS and b.size >= MIN_SEEDS:
-        return None
-    diff = float(a.mean() - b.mean()) if a.size and b.size else math.nan
-    return Comparison("too few seeds", diff, None, None, (a.size, b.size), test)
+def _too_few(groups: Sequence[np.ndarray], diff: float, test: str) -> Comparison | None:
+    n = tuple(g.size for g in groups)
+    return Comparison("too few seeds", diff, None, None, n, test) if min(n) < MIN_SEEDS else None
 
 
 def _constant(a: np.ndarray, b: np.ndarray, paired: bool) -> bool:
@@ -101,9 +99,9 @@ def beats(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA, paired: 
     inconclusive: neither."""
     test = "paired" if paired else "Welch"
     a, b = _arrays(a, b, paired)
-    if (few := _too_few(a, b, test)) is not None:
+    diff = float(a.mean() - b.mean()) if a.size and b.size else math.nan
+    if (few := _too_few((a, b), diff, test)) is not None:
         return few
-    diff = float(a.mean() - b.mean())
     if _constant(a, b, paired):
         return _result(diff, 0.0 if diff > 0 else 1.0, 0.0 if diff < 0 else 1.0, (diff, diff), (a.size, b.size), test, alpha)
     p_for = float(_ttest(a, b, paired, "greater").pvalue)
@@ -119,9 +117,9 @@ def alike(a: Sequence[float], b: Sequence[float], margin: float = EQUIVALENCE_MA
     p_for: the TOST p; p_against: the one-sided p that the difference exceeds the margin on its side."""
     test = "TOST paired" if paired else "TOST Welch"
     a, b = _arrays(a, b, paired)
-    if (few := _too_few(a, b, test)) is not None:
+    diff = float(a.mean() - b.mean()) if a.size and b.size else math.nan
+    if (few := _too_few((a, b), diff, test)) is not None:
         return few
-    diff = float(a.mean() - b.mean())
     if _constant(a, b, paired):
         inside = abs(diff) <= margin
         return _result(diff, 0.0 if inside else 1.0, 1.0 if inside else 0.0, (diff, diff), (a.size, b.size), test, alpha)
@@ -145,8 +143,8 @@ def interaction(a_after: Sequence[float], a_before: Sequence[float], b_after: Se
     n = tuple(g.size for g in groups)
     test = "interaction"
     diff = float(sum(c * g.mean() for c, g in zip((1, -1, -1, 1), groups))) if min(n) else math.nan
-    if min(n) < MIN_SEEDS:
-        return Comparison("too few seeds", diff, None, None, n, test)
+    if (few := _too_few(groups, diff, test)) is not None:
+        return few
     v = np.array([g.var(ddof=1) / g.size for g in groups])
     se = math.sqrt(v.sum())
     if se == 0:
@@ -171,5 +169,4 @@ def adjust(p: Sequence[float]) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (`CORRECTION`) of the summary table's tested claims."""
     from scipy.stats import false_discovery_control
 
-    p = np.asarray(p, dtype=float)
-    return false_discovery_control(p, method="bh") if p.size else p
+    return false_discovery_control(np.asarray(p, dtype=float), method="bh")

@@ -394,10 +394,9 @@ def atomic_write(path: Path, write) -> None:
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    tracked = None
+    tracked = _Tracked(os.fdopen(fd, "wb"))
     try:
-        with os.fdopen(fd, "wb") as f:
-            tracked = _Tracked(f)
+        with tracked.f as f:
             write(tracked)
             f.flush()
             os.fsync(f.fileno())
@@ -406,7 +405,7 @@ def atomic_write(path: Path, write) -> None:
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        cause = getattr(tracked, "error", None) or e
+        cause = tracked.error or e
         mapped = write_error(path, cause)
         if mapped is not cause:
             raise mapped from e
@@ -505,9 +504,6 @@ class RunStore:
         return f"RunStore({str(self.root)!r})"
 
     # paths -----------------------------------------------------------------
-    def run_id(self, config: dict) -> str:
-        return run_id_for(config)
-
     def run_dir(self, experiment: str, run_id: str) -> Path:
         return self.root / experiment / run_id
 
