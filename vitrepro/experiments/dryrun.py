@@ -64,11 +64,11 @@ def write_standin(root: Path, name: str) -> Path:
         images = []
         for y in labels:
             h, w = size or tuple(int(v) for v in rng.integers(24, 65, size=2))
-            c = 1 if mode == "L" else 3
-            base = rng.integers(0, 256, size=(h, w, c), dtype=np.uint8)  # noise plus a class-dependent level
+            # noise plus a class-dependent level
+            base = rng.integers(0, 256, size=(h, w) if mode == "L" else (h, w, 3), dtype=np.uint8)
             arr = ((base.astype(np.int32) + int(y) * 37) % 256).astype(np.uint8)
             buf = io.BytesIO()
-            Image.fromarray(arr[..., 0] if c == 1 else arr, mode).save(buf, format="PNG", compress_level=1)
+            Image.fromarray(arr, mode).save(buf, format="PNG", compress_level=1)
             images.append({"bytes": buf.getvalue(), "path": None})
         cols = {icol: images, lcol: labels.tolist(), **{c: (labels % m).tolist() for c, m in extra.items()}}
         datasets.Dataset.from_dict(cols, features=datasets.Features(feats)).to_parquet(
@@ -84,12 +84,11 @@ def standin_root(names: Sequence[str] | None = None) -> Path:
         if (root / name / ".complete").exists():
             continue
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))  # written aside, then renamed into place
-        write_standin(tmp, name)
-        (tmp / name / ".complete").write_text("ok\n")
-        shutil.rmtree(root / name, ignore_errors=True)  # an incomplete one
-        os.replace(tmp / name, root / name)
-        shutil.rmtree(tmp, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=root) as tmp:  # written aside, then moved into place
+            out = write_standin(tmp, name)
+            (out / ".complete").write_text("ok\n")
+            shutil.rmtree(root / name, ignore_errors=True)  # an incomplete one
+            os.replace(out, root / name)
     return root
 
 

@@ -17,16 +17,15 @@ import pandas as pd
 import torch
 
 from .. import analysis
-from . import common
+from . import common, floors
 
 
 def test_images(dataset: str, model: torch.nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n test images of `dataset` (a fixed random draw; streamed sets: the first n): (uint8 originals, model
     inputs in [-1, 1] at the model's resolution)."""
-    from ..data import DATASETS, load_arrays, preprocess, stream_arrays
+    from ..data import load_arrays, preprocess, stream_arrays
 
-    spec = DATASETS.get(dataset)
-    if spec is not None and spec.streaming:  # imagenet-1k: the first n test images, by streaming
+    if floors.streamed(dataset):  # imagenet-1k: the first n test images, by streaming
         raw = stream_arrays(dataset, "test", n, size=model.img_size).images
     else:
         arrays = load_arrays(dataset, "test")

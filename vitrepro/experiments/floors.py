@@ -27,9 +27,10 @@ def trained_on(baselines: pd.DataFrame, n) -> pd.DataFrame:
     return baselines
 
 
-def _streamed(dataset: str) -> bool:
-    spec = DATASETS.get(split_ref(dataset)[0])  # a "<folder>[label_column=...]" reference: its folder
-    return bool(spec is not None and spec.streaming)
+def streamed(dataset: str) -> bool:
+    """Whether ``dataset`` (a name or reference) is streamed (too large for arrays, e.g. imagenet-1k)."""
+    # a "<folder>[label_column=...]" reference: its folder's; not a known set (a local folder): not streamed
+    return bool(getattr(DATASETS.get(split_ref(dataset)[0]), "streaming", False))
 
 
 def _row(params: NotebookParams, notebook: str, model: str, dataset: str, metric: str, value: float,
@@ -49,7 +50,7 @@ def rows(params: NotebookParams, notebook: str, *, trained_on: Sequence[tuple[st
 
     cache = runs_dir(params)
     out = []
-    for dataset, n, hold in [t for t in trained_on if not _streamed(t[0])]:
+    for dataset, n, hold in [t for t in trained_on if not streamed(t[0])]:
         if getattr(params, "dry_run", False):  # stand-in data: subsets capped at what it holds
             dataset = cap_ref(dataset)
             n = cap(dataset, n, hold)
@@ -57,7 +58,7 @@ def rows(params: NotebookParams, notebook: str, *, trained_on: Sequence[tuple[st
         log(f"baseline: pixel logistic regression on {dataset} ({n or 'all'} examples): top-1 {100 * r['top1']:.2f}% "
             f"(C={r['C']} chosen on validation)")
         out.append(_row(params, notebook, LOGREG, dataset, "top1", r["top1"], n=r.get("train_size", n)))
-    for dataset in [d for d in fewshot if not _streamed(d)]:
+    for dataset in [d for d in fewshot if not streamed(d)]:
         r = baselines.pixel_fewshot(dataset, seeds=seeds, val_fraction=fewshot_val_fraction, cache=cache)
         log(f"baseline: pixel 5-shot linear probe on {dataset}: {100 * r['mean']:.2f}%")
         out += [_row(params, notebook, FEWSHOT, dataset, "fewshot5", v, seed=s) for s, v in zip(seeds, r["per_seed"])]

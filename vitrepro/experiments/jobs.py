@@ -19,8 +19,8 @@ class Job:
     parent: "Job | None" = None  # the pre-training job a fine-tune starts from
 
 
-def finetune_from(parent: Job, record: dict) -> str:
-    """The `init` of a fine-tuning config: the stored final weights of the parent run."""
+def finetune_from(record: dict) -> str:
+    """The `init` of a fine-tuning config: the stored final weights of the parent run (its ``record``)."""
     return f"run:{record['experiment']}/{record['run_id']}"
 
 

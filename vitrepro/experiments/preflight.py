@@ -37,19 +37,17 @@ def _check_writable(path: Path, what: str, param: str, need_bytes: int) -> None:
 def _param_hint(params: NotebookParams, dataset: str, columns: bool = False) -> str:
     """Which notebook parameter chooses this dataset (or the ones that could); with `columns`, how to choose
     the columns of it (the dict form of the parameter)."""
-    base = {f.name for f in dataclasses.fields(NotebookParams)}
-    own = [f.name for f in dataclasses.fields(params) if f.name not in base]
-    named = [n for n in own if getattr(params, n) == dataset
+    cands = [f.name for f in dataclasses.fields(params) if f.name in DATASET_PARAMS]
+    named = [n for n in cands if getattr(params, n) == dataset
              or (isinstance(getattr(params, n), list) and dataset in getattr(params, n))]
     if columns:
         from ..data import split_ref
 
-        name = named[0] if named else next((n for n in own if n in DATASET_PARAMS), "the dataset parameter")
+        name = (named + cands + ["the dataset parameter"])[0]
         return (f"choose the columns with {name}={{\"path\": \"{split_ref(dataset)[0]}\", \"label_column\": ..., "
                 "\"image_column\": ...}} (valid keys: " + ", ".join(DATASET_KEYS) + ")")
     if named:
         return f"pass another with {named[0]}=..."
-    cands = [n for n in own if any(w in n for w in ("dataset", "upstream", "downstream", "data"))]
     return (f"it comes from profile {params.profile!r}; choose "
             + (f"the datasets with {' / '.join(f'{n}=...' for n in cands)}, or " if cands else "")
             + "another profile=...")

@@ -258,10 +258,9 @@ def scratch_config(profile: str, model: str, dataset: str, seed: int, steps: int
     """Training on a downstream set from random weights: the pre-training recipe (its optimiser, lr and
     weight decay) with the fine-tuning augmentation (so only the initialisation differs from a fine-tune),
     for ``steps`` steps on the whole training split."""
-    pre = {k: v for k, v in CPU_PRETRAIN.items() if k != "augment"}
-    return train_config(**pre, experiment=f"scratch-{profile}", model=model, dataset=dataset, img_size=img_size,
-                        seed=seed, steps=steps, lr=CPU_LR[family(model)], warmup_steps=min(500, steps // 10),
-                        augment=CPU_FINETUNE_AUGMENT)
+    return train_config(**dict(CPU_PRETRAIN, augment=CPU_FINETUNE_AUGMENT), experiment=f"scratch-{profile}",
+                        model=model, dataset=dataset, img_size=img_size, seed=seed, steps=steps,
+                        lr=CPU_LR[family(model)], warmup_steps=min(500, steps // 10))
 
 
 if __name__ == "__main__":  # the searches' command line (select.main); select itself never imports recipes

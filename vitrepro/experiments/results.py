@@ -159,7 +159,7 @@ def collect(jobs: Sequence[Job], params: NotebookParams, notebook: str):
         if job.parent is not None:
             if id(job.parent) not in records:
                 continue
-            cfg["init"] = finetune_from(job.parent, records[id(job.parent)])
+            cfg["init"] = finetune_from(records[id(job.parent)])
         if params.device != "auto":
             cfg["device"] = params.device
         try:

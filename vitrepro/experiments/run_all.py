@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Sequence
 
 from . import NOTEBOOKS, module
-from .common import REPO_ROOT, atomic_write_text, runs_dir, NotebookParams
+from .common import PROFILES, REPO_ROOT, NotebookParams, atomic_write_text, runs_dir
 from .jobs import unique
-from .launch import run_jobs
+from .launch import LAUNCHERS, run_jobs
 
 COMMITTED_PROFILE = "cpu"  # the profile results/ comes from: only its full run writes there by default
 
@@ -43,9 +43,9 @@ def default_results(profile: str, only: Sequence[str] | None) -> Path:
     return runs_dir(NotebookParams()) / "results" / "run_all" / profile
 
 
-def stop_descendants(grace_s: float = 5.0) -> list[int]:
+def stop_descendants(grace_s: float = 5.0) -> None:
     """SIGTERM every process this one started (the notebook kernel, in a session of its own, and its pool
-    workers), SIGKILL what is left after `grace_s`; returns their pids (psutil: no /proc walk of our own)."""
+    workers), SIGKILL what is left after `grace_s` (psutil: no /proc walk of our own)."""
     import psutil
 
     procs = psutil.Process().children(recursive=True)
@@ -57,7 +57,6 @@ def stop_descendants(grace_s: float = 5.0) -> list[int]:
         with contextlib.suppress(psutil.Error):
             p.kill()
     psutil.wait_procs(alive, timeout=1)
-    return [p.pid for p in procs]
 
 
 class _Stopped(KeyboardInterrupt):
@@ -71,7 +70,7 @@ def _on_signal(signum, frame):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Run the reproduction notebooks through papermill.")
-    ap.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "gpu", "paper"])
+    ap.add_argument("--profile", default="cpu", choices=PROFILES)
     ap.add_argument("--only", nargs="*", choices=NOTEBOOKS, help="run only these notebooks")
     ap.add_argument("--results", default=None,
                     help=f"folder for tables, figures, REPORT.md and timings (default: results/ for the whole "
@@ -83,7 +82,7 @@ def main(argv=None) -> None:
                     help="every configuration a couple of steps on stand-in data (temporary run store and results; "
                          "results/ untouched)")
     ap.add_argument("--tiny", action="store_true", help="with --dry-run: tiny models of the same families")
-    ap.add_argument("--launcher", choices=["local", "torchrun"], default=None,
+    ap.add_argument("--launcher", choices=LAUNCHERS, default=None,
                     help="torchrun: each configuration under torchrun --standalone (DDP)")
     ap.add_argument("--nproc-per-node", type=int, default=None, help="processes per configuration under torchrun")
     args = ap.parse_args(argv)

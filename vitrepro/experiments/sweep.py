@@ -87,15 +87,13 @@ def torchrun_train(cfg: dict, root: str, force: bool, n: int) -> dict:
     env.setdefault("OMP_NUM_THREADS", "1")
     rid = train.run_id_of(cfg, threads=omp_threads(env))  # the id the torchrun processes compute
     where = shlex.split(os.environ.get("VITREPRO_TORCHRUN_ARGS", "")) or ["--standalone"]
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(cfg, f)
-    try:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.json"
+        config.write_text(json.dumps(cfg))
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={n}", "-m",
-                               "vitrepro.train", "--config", f.name, "--store", root, "--progress", "log"]
+                               "vitrepro.train", "--config", str(config), "--store", root, "--progress", "log"]
                               + (["--force"] if force else []),
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    finally:
-        os.unlink(f.name)
     lines = (proc.stdout or "").strip().splitlines()
     if lines:
         print("\n".join(lines[-40:]), flush=True)
@@ -136,13 +134,14 @@ class SweepResults(list):
     partial: str | None = None
 
 
-_VARIANT_KEYS = ("model", "dataset", "pos_embed", "pos_embed_at", "pool", "lr", "train_examples", "img_size",
-                 "optimizer", "steps", "epochs", "seed")
+_VARIANT_KEYS = ("dataset", "pos_embed", "pos_embed_at", "pool", "lr", "train_examples", "img_size", "optimizer",
+                 "steps", "epochs", "seed")
 
 
 def _variant_keys(jobs: Sequence[Job]) -> list[str]:
-    """The configuration keys whose values differ between the jobs of a sweep (what a progress line shows)."""
-    return [k for k in _VARIANT_KEYS if k == "model" or len({repr(j.config.get(k)) for j in jobs}) > 1]
+    """The configuration keys whose values differ between the jobs of a sweep (what a progress line shows
+    after the model)."""
+    return [k for k in _VARIANT_KEYS if len({repr(j.config.get(k)) for j in jobs}) > 1]
 
 
 def _fmt_s(s: float) -> str:
@@ -153,12 +152,11 @@ def _fmt_s(s: float) -> str:
 def _describe(job: Job, cfg: dict, keys: dict[str, list[str]]) -> str:
     """`<stage> <model> k=v ...`: the values that differ between the runs of this stage, and for a
     fine-tune, what differs in its pre-training run (e.g. `from train_examples=40`)."""
-    parts = [job.stage, str(cfg.get("model"))] + [f"{k}={cfg[k]}" for k in keys.get(job.stage, ["model"])
-                                                  if k != "model" and cfg.get(k) is not None]
+    parts = [job.stage, str(cfg.get("model"))] + [f"{k}={cfg[k]}" for k in keys[job.stage] if cfg.get(k) is not None]
     if job.parent is not None:
         pc = job.parent.config
         up = [f"{k}={pc[k]}" for k in keys.get(job.parent.stage, [])
-              if k not in ("model", "optimizer", "lr", "steps", "epochs") and pc.get(k) is not None
+              if k not in ("optimizer", "lr", "steps", "epochs") and pc.get(k) is not None
               and pc[k] != cfg.get(k)]
         if up:
             parts.append("from " + " ".join(up))
@@ -218,7 +216,6 @@ def run_jobs(jobs: Sequence[Job], params: NotebookParams, log: Callable[[str], N
     workers = workers or default_workers(params)
     preflight(jobs, params, workers)
     sweep = _Sweep(jobs, params, log, threads=run_threads(params, workers), torchrun=torchrun)
-    sweep.bar = progress_bar(len(jobs))
     try:
         if workers <= 1:
             sweep.run_here()
@@ -289,7 +286,7 @@ class _Sweep:
         mean = sum(known) / len(known) if known else 1.0
         self.work = {id(j): job_work(j) or mean for j in jobs}  # for the ETA; unknown length: the average known
         self.priority = chain_work(jobs, self.work)
-        self.bar = None  # `progress_bar` (JupyterLab), else None
+        self.bar = progress_bar(len(jobs))  # JupyterLab; else None
 
     def next_job(self) -> Job:
         """The pending job that heads the longest chain of work (`chain_work`): a long pre-training run with
@@ -305,7 +302,7 @@ class _Sweep:
             job = self.next_job()
             cfg = dict(job.config)
             if job.parent is not None:
-                cfg["init"] = finetune_from(job.parent, self.done[id(job.parent)])
+                cfg["init"] = finetune_from(self.done[id(job.parent)])
             rec = self.stored(cfg)
             if rec is None:
                 self.started(job)
