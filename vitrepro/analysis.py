@@ -127,10 +127,9 @@ def position_similarity_vs_distance(sim: torch.Tensor) -> float:
 
 def _cls_offset(n_tokens: int, grid_size: Sequence[int], has_cls_token: Optional[bool]) -> int:
     extra = n_tokens - int(grid_size[0]) * int(grid_size[1])
-    if has_cls_token is None and extra not in (0, 1):
-        raise ValueError(f"{n_tokens} tokens do not fit a {tuple(grid_size)} grid with or without a class token")
-    if has_cls_token is not None and extra != int(bool(has_cls_token)):
-        raise ValueError(f"{n_tokens} tokens, grid {tuple(grid_size)}, has_cls_token={has_cls_token} are inconsistent")
+    if extra not in ((0, 1) if has_cls_token is None else (int(bool(has_cls_token)),)):
+        raise ValueError(f"{n_tokens} tokens do not fit a {tuple(grid_size)} grid with has_cls_token={has_cls_token} "
+                         "(None: with or without a class token)")
     return extra
 
 
@@ -143,8 +142,7 @@ def _per_image_attention_distance(attn, grid_size, patch_size, has_cls_token=Non
     weighted = (a * patch_distances(grid_size, patch_size).to(a.device)).sum(-1)  # (B, H, Nq)
     if not renormalize:
         return weighted.mean(-1)
-    mass = a.sum(-1)
-    return torch.where(mass > 0, weighted / mass, torch.full_like(weighted, float("nan"))).nanmean(-1)
+    return (weighted / a.sum(-1)).nanmean(-1)  # a query with no mass on patches: 0 / 0 = NaN, left out
 
 
 def mean_attention_distance(attn: torch.Tensor, grid_size: Sequence[int], patch_size: float,
@@ -173,17 +171,16 @@ def attention_distances(attn_layers: Sequence[torch.Tensor], grid_size: Sequence
                            for a in attn_layers)
 
 
-def plot_attention_distance(df, hue: str = "head", max_distance=None, title: Optional[str] = None):
-    """Fig. 7 right: one point per head, x = depth (layer), y = mean attention distance, coloured by ``hue``
-    (a column of ``df``, an `attention_distances` frame); ``max_distance`` tops the y axis."""
+def plot_attention_distance(df, max_distance=None, title: Optional[str] = None):
+    """Fig. 7 right: one point per head, x = depth (layer), y = mean attention distance, one colour per head
+    (``df``: an `attention_distances` frame); ``max_distance`` tops the y axis."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    groups = list(df.groupby(hue, sort=True))
+    groups = list(df.groupby("head", sort=True))
     cmap = plt.get_cmap("tab20" if len(groups) > 10 else "tab10")
     for i, (key, g) in enumerate(groups):
-        label = f"Head {key + 1}" if hue == "head" else str(key)
-        ax.scatter(g["layer"], g["distance"], s=12, color=cmap(i % cmap.N), label=label)
+        ax.scatter(g["layer"], g["distance"], s=12, color=cmap(i % cmap.N), label=f"Head {key + 1}")
     if len(groups) <= 16:
         ax.legend(fontsize=6, markerscale=0.8, frameon=False, ncol=2 if len(groups) > 8 else 1)
     ax.set(xlabel="Network depth (layer)", ylabel="Mean attention distance (pixels)", ylim=(0, max_distance))
@@ -257,7 +254,7 @@ def plot_rollout(images: torch.Tensor, maps: torch.Tensor, mode: str = "mask"):
     m = torch.as_tensor(maps).detach().float().cpu()
     m = m / m.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
     up = F.interpolate(m[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0].clamp(0, 1).numpy()
-    fig, axes = plt.subplots(2, b, figsize=(1.8 * b, 3.8), squeeze=False)
+    fig, axes = plt.subplots(2, b, figsize=(1.8 * b, 3.8), squeeze=False, subplot_kw=dict(xticks=[], yticks=[]))
     for i in range(b):
         axes[0, i].imshow(imgs[i])
         if mode == "mask":
@@ -265,8 +262,6 @@ def plot_rollout(images: torch.Tensor, maps: torch.Tensor, mode: str = "mask"):
         else:
             axes[1, i].imshow(imgs[i])
             axes[1, i].imshow(up[i], cmap="jet", alpha=0.5, vmin=0, vmax=1)
-        for ax in axes[:, i]:
-            ax.set(xticks=[], yticks=[])
     axes[0, 0].set_ylabel("Input")
     axes[1, 0].set_ylabel("Attention")
     return fig

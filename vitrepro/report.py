@@ -73,8 +73,7 @@ def all_verdicts(frames: dict[str, pd.DataFrame]) -> dict[str, list[Verdict]]:
     return out
 
 
-def build_report(results: Path | None = None) -> str:
-    results = Path(results or REPO_ROOT / "results")
+def build_report(results: Path) -> str:
     frames = load_results(results)
     paper = paper_numbers()
     parts = ["# vitrepro report: our runs beside the paper", "",
@@ -210,11 +209,9 @@ def redraw(results: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     written = []
-    for nb in NOTEBOOKS:
-        csv = Path(results) / nb / "results.csv"
-        if csv.exists():
-            tables, figures, notes = redraw_outputs(nb, csv)
-            written += write_results(csv.parent, pd.read_csv(csv), tables, figures, notes=notes, redraw=True)
+    for nb, frame in load_results(results).items():
+        tables, figures, notes = redraw_outputs(nb, Path(results) / nb / "results.csv")
+        written += write_results(Path(results) / nb, frame, tables, figures, notes=notes, redraw=True)
     return written
 
 

@@ -89,8 +89,7 @@ def pct(v: Sequence[float]) -> str:
 def floor(df: pd.DataFrame, metric: str, dataset: str, n=None) -> float:
     """The pixel baseline's mean for ``metric`` on ``dataset``: the one trained on ``n`` examples where
     the baselines differ by training-set size (logistic regression), else the only one (few-shot)."""
-    d = trained_on(select(df, stage="baseline", metric=metric, dataset=dataset), n)
-    return float(d["value"].mean()) if len(d) else math.nan
+    return float(trained_on(select(df, stage="baseline", metric=metric, dataset=dataset), n)["value"].mean())
 
 
 def below_flag(floors: dict[str, tuple[np.ndarray, float]]) -> str:
@@ -426,7 +425,7 @@ def pair_verdict(a: np.ndarray, b: np.ndarray, names: tuple[str, str], base: flo
     a flag where either model is below the pixel baseline of the same split (`below_flag`)."""
     alike, up, down = stats.alike(a, b), stats.beats(a, b), stats.beats(b, a)
     lo, hi = alike.ci if alike.ci else (math.nan, math.nan)
-    p = up.p if (up.diff if not math.isnan(up.diff) else 0) >= 0 else down.p
+    p = down.p if up.diff < 0 else up.p  # the side of the larger mean (NaN: A's)
     if alike.verdict == "too few seeds":
         verdict = f"too few seeds (need {stats.MIN_SEEDS} each)"
     elif up.verdict == "reproduced" or down.verdict == "reproduced":
@@ -438,7 +437,7 @@ def pair_verdict(a: np.ndarray, b: np.ndarray, names: tuple[str, str], base: flo
     else:
         verdict = "inconclusive"
     return {"A": names[0], "B": names[1], "A (%)": pct(a), "B (%)": pct(b),
-            "A - B (pp)": round(100 * alike.diff, 2) if not math.isnan(alike.diff) else math.nan,
+            "A - B (pp)": round(100 * alike.diff, 2),
             "90% interval (pp)": "-" if math.isnan(lo) else f"[{100 * lo:+.2f}, {100 * hi:+.2f}]",
             "p (Welch, one-sided)": "-" if p is None else f"{p:.3g}", "verdict": verdict,
             "flag": below_flag({names[0]: (a, base), names[1]: (b, base)})}

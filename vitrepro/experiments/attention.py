@@ -131,16 +131,15 @@ SAMPLE_IMAGES = 8  # Fig. 6: test images shown with their attention rollout
 # The tables written beside results.csv (what the weight-dependent figures are drawn from): their axes
 DIMS = {"filters": ("component", "channel", "y", "x"), "similarity": ("row", "col", "other_row", "other_col"),
         "rollout_images": ("image", "channel", "y", "x"), "rollout_maps": ("image", "row", "col")}
-ANALYSIS_TABLES = tuple(DIMS)
 
 
 def analyse(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, dict, dict]:
     """Attention distances and position-similarity statistics of every analysed model; the small tables the
-    weight-dependent figures are drawn from (`ANALYSIS_TABLES`, of the first model); and the Fig. 6/7 figures,
+    weight-dependent figures are drawn from (`DIMS`, of the first model); and the Fig. 6/7 figures,
     drawn from those two (`figures`), so that `source="results"` draws the same ones without the weights."""
     if params.source != "train":  # the committed rows and tables: no weights needed
         analysed = _committed(params, "analysis")
-        extra = {name: t for name in ANALYSIS_TABLES
+        extra = {name: t for name in DIMS
                  if (t := skeleton.read_results(params, NOTEBOOK, analysis=name)) is not None}
         return analysed, figures(analysed, extra), extra
     rows, extra = [], {}
@@ -185,7 +184,7 @@ def figures(analysed: pd.DataFrame, extra: dict) -> dict:
     d = analysed[analysed.metric == "attention_distance"] if len(analysed) else analysed
     if len(d):
         d = d.rename(columns={"value": "distance"}).astype({"layer": int, "head": int})
-        fig = analysis.plot_attention_distance(d, hue="head", title="Fig. 7 right: mean attention distance")
+        fig = analysis.plot_attention_distance(d, title="Fig. 7 right: mean attention distance")
         if (uniform := _uniform(analysed)) is not None:
             fig.axes[0].axhline(uniform, color="grey", ls="--", lw=1, label="uniform attention")
             fig.axes[0].legend(fontsize=7)
