@@ -361,40 +361,31 @@ def check_shapes(cfg: TrainConfig, img_size: int, in_chans: int, num_classes: in
         pass  # an op without meta support: create_model validates its arguments before allocating
 
 
-def _build_model(plan: TrainingPlan, device: torch.device):
+def _build_model(plan: TrainingPlan, device: torch.device, facts: dict):
+    """The model from the seed, or from ``init``; ``facts`` (`_resolved_facts`): its architecture, with what an
+    ``init=run:`` parent had (its shapes too), and whether its head is reset."""
     from . import models
     cfg = plan.cfg
     torch.manual_seed(cfg.seed)
     report = None
+    shapes = plan.init_config["_resolved"] if plan.init_run is not None else facts
+    model = models.create_model(cfg.model, img_size=shapes["img_size"], in_chans=shapes["in_chans"],
+                                num_classes=shapes["num_classes"], **facts["arch"])
     if plan.init_run is not None:
-        ic = plan.init_config
-        r = ic["_resolved"]
-        opts = {k: ic.get(k) for k in ARCH_KEYS if ic.get(k) is not None}
-        opts = {**{k: v for k, v in (r.get("arch") or {}).items() if v is not None}, **opts}  # inherited, complete
-        opts.update(cfg.model_options())
-        model = models.create_model(cfg.model, img_size=r["img_size"], in_chans=r["in_chans"],
-                                    num_classes=r["num_classes"], **opts)
         model.load_state_dict(torch.load(plan.init_run / "model.pt", map_location="cpu", weights_only=True))
         report = {"source": cfg.init}
-        if r["img_size"] != plan.img_size:
+        if shapes["img_size"] != plan.img_size:
             models.resize(model, plan.img_size)
-        if cfg.reset_head is not False or r["num_classes"] != plan.num_classes:
-            model.reset_head(plan.num_classes)
-    else:
-        model = models.create_model(cfg.model, img_size=plan.img_size, in_chans=plan.in_chans,
-                                    num_classes=plan.num_classes, **cfg.model_options())
-        if cfg.init:
-            report = models.load_pretrained(model, cfg.init)
-            if cfg.reset_head is not False:
-                model.reset_head(plan.num_classes)
+    elif cfg.init:
+        report = models.load_pretrained(model, cfg.init)
+    if facts["head_reset"]:
+        model.reset_head(plan.num_classes)
     return model.to(device), report
 
 
 def _param_groups(model, weight_decay: float):
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+    for name, p in model.named_parameters():  # one without a gradient: the optimiser skips it
         skip = p.ndim < 2 or any(k in name for k in ("pos_embed", "cls_token", "rel_", "relative"))
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -691,7 +682,7 @@ def _build(plan: TrainingPlan, store: RunStore, rid: str, device: torch.device, 
     t_start = time.time()
     if device.type == "cpu":
         tune_cpu_allocator()
-    model, init_report = _build_model(plan, device)
+    model, init_report = _build_model(plan, device, facts)
     optimizer = _make_optimizer(model, cfg)
     if plan.train is not None:
         batches = Batches(plan.train, cfg.batch_size, plan.img_size, plan.in_chans, augment=cfg.augment,
@@ -876,7 +867,7 @@ def _record(t: _Training, facts: dict) -> dict:
         "params": sum(p.numel() for p in t.model.parameters()),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "precision": facts["precision"], "world_size": t.world, "resumed_from_step": t.resumed_from,
-        "init_report": _json_safe(t.init_report), "hostname": platform.node(), "selection": t.best.summary(),
+        "init_report": t.init_report, "hostname": platform.node(), "selection": t.best.summary(),
     }
     t.store.write_record(cfg.experiment, t.rid, record)
     return record
@@ -910,14 +901,6 @@ class _BestOnValidation:
     def load_state_dict(self, state: dict | None) -> None:
         for k in self._STATE if state else ():
             setattr(self, k, state[k])
-
-
-def _json_safe(report):  # a load report as the record stores it: itself when it is JSON, else its text
-    try:
-        json.dumps(report)
-        return report
-    except TypeError:
-        return str(report)[:2000]
 
 
 def run_many(configs: Iterable[TrainConfig | dict], store: RunStore | None = None, force: bool = False,

@@ -100,7 +100,7 @@ class BiTResNet(ResNetV2):
             global_pool="", width_factor=width, stem_type="fixed", preact=True,
             conv_layer=partial(StdConv2d, eps=1e-8), norm_layer=group_norm(width),
             drop_rate=drop_rate, drop_path_rate=drop_path_rate)
-        self.name, self.img_size, self.num_classes, self.head_kind = name, img_size, num_classes, head
+        self.name, self.img_size, self.num_classes = name, img_size, num_classes
         self.body_features = self.num_features  # channels of the final feature map
         # BiT zero-initialises its classifier too (bit_pytorch: head conv weight zeros)
         make_head(self, self.body_features, head, representation_size, num_classes, drop_rate)

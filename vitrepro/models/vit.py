@@ -292,7 +292,6 @@ def replace_head(model: nn.Module, num_features: int, num_classes: int) -> None:
     zero-initialised linear layer from the ``num_features`` body features, on the model's device."""
     device = model.norm.weight.device
     model.pre_logits = nn.Identity()
-    model.head_kind = "linear"
     model.num_features = num_features
     model.num_classes = num_classes
     model.head = zero_linear(num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
@@ -308,7 +307,7 @@ class VisionTransformer(nn.Module):
         check_vit_options(pool=pool, pos_embed=pos_embed, pos_embed_at=pos_embed_at, head=head)
         self.name, self.img_size, self.in_chans, self.num_classes = name, img_size, in_chans, num_classes
         self.dim, self.depth, self.num_heads = dim, depth, num_heads
-        self.pool, self.pos_embed_kind, self.pos_embed_at, self.head_kind = pool, pos_embed, pos_embed_at, head
+        self.pool, self.pos_embed_kind, self.pos_embed_at = pool, pos_embed, pos_embed_at
 
         # Stem: patches (plain ViT) or a CNN feature map with 1x1 "patches" (hybrid, see hybrid.py).
         self.patch_embed = stem if stem is not None else PatchEmbed(img_size, patch_size, in_chans, dim)

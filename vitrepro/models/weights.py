@@ -302,9 +302,8 @@ def load_state(model: nn.Module, sd: dict, source: str = "state_dict") -> dict:
             new["head.weight"], new["head.bias"] = torch.zeros_like(own["head.weight"]), torch.zeros_like(own["head.bias"])
             have = tuple(sd["head.weight"].shape) if "head.weight" in sd else None
             notes.append(f"classifier zero-initialised (checkpoint head {have}, model {tuple(own['head.weight'].shape)})")
-    result = model.load_state_dict(new, strict=True)
+    model.load_state_dict(new, strict=True)  # strict: a missing or unexpected key raises
     report["head"] = "; ".join(notes)
-    report["missing"], report["unexpected"] = list(result.missing_keys), list(result.unexpected_keys)
     return report
 
 
