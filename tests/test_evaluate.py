@@ -93,7 +93,7 @@ def test_streamed_fewshot_scores_exactly_max_test_images(monkeypatch):
 
     scored = []
     lsr = ev.fewshot_lsr
-    monkeypatch.setattr(ev, "_is_streamed", lambda name: True)
+    monkeypatch.setattr(ev, "is_streamed", lambda name: True)
     monkeypatch.setattr(ev, "fewshot_lsr", lambda x, y, xt, yt, *a: scored.append(len(yt)) or lsr(x, y, xt, yt, *a))
     m = nn.Sequential()
     m.img_size, m.in_chans = 28, 1

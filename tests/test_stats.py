@@ -267,3 +267,12 @@ def test_hybrid_is_judged_against_its_vit_at_the_smallest_size():
     assert v.verdict == "reproduced" and "R14x0.25+ViT-Nano/4 - ViT-Nano/4 at 1800" in v.evidence
     # the main ViT of the sweep stays ViT-Nano/4 (the one at most sizes), not the alphabetically first
     assert verdicts._main_model(df[df.metric == "fewshot5"], "ViT") == "ViT-Nano/4"
+
+
+def test_hybrid_sharing_no_pretraining_size_with_its_vit_is_not_run():
+    models = ("ViT-Nano/4", "BiT-R14x0.25", "R14x0.25+ViT-Nano/4")
+    df = _sweep(models, [("ViT", 3e12, 0.66, 0.2), ("ResNet", 5e11, 0.8, 0.07), ("Hybrid", 3.3e12, 0.75, 0.1)])
+    hybrid = df.model == "R14x0.25+ViT-Nano/4"
+    df.loc[hybrid, "upstream_examples"] = df.loc[hybrid, "upstream_examples"] + 1  # no size in common
+    v = next(v for v in verdicts.scaling_verdicts(df) if v.claim.startswith("Hybrids beat ViT"))
+    assert v.verdict == "not run" and "share no pre-training size" in v.evidence

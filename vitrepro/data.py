@@ -115,6 +115,12 @@ def split_ref(name_or_path) -> tuple[str, dict[str, str]]:
     return (m["base"], opts) if m and set(opts) <= set(REF_KEYS) else (s, {})
 
 
+def is_streamed(name_or_path) -> bool:
+    """Whether a dataset (a name or reference) is streamed (too large for arrays, e.g. imagenet-1k); a local
+    folder, known to no spec, is not."""
+    return bool(getattr(DATASETS.get(split_ref(name_or_path)[0]), "streaming", False))
+
+
 @dataclass(frozen=True)
 class Source:
     """Where a dataset will be read from: kind in {"digits", "local", "hub"}."""

@@ -15,8 +15,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data import (DATASETS, ImageArrays, _balanced_stream, _to_array, balanced_subset, load_arrays, open_stream,
-                   preprocess, split_ref, stream_batches)
+from .data import (DATASETS, ImageArrays, _balanced_stream, _to_array, balanced_subset, is_streamed, load_arrays,
+                   open_stream, preprocess, stream_batches)
 
 __all__ = ["features", "accuracy", "fewshot_lsr", "fewshot_lsr_fit", "Accuracy", "FewShot", "make_evaluator"]
 
@@ -96,10 +96,6 @@ def _short(dataset) -> str:
     return str(dataset).rstrip("/").split("/")[-1]
 
 
-def _is_streamed(dataset: str) -> bool:
-    return bool(getattr(DATASETS.get(split_ref(dataset)[0]), "streaming", False))
-
-
 class Accuracy:
     """Top-1 accuracy on ``dataset``/``split`` (``max_examples``: first N, for quick checks; ``arrays``: these
     images instead of the named split)."""
@@ -111,7 +107,7 @@ class Accuracy:
         self.name = f"acc/{_short(dataset)}/{split}"
 
     def __call__(self, model, autocast_dtype=None) -> dict[str, float]:
-        if self._arrays is None and _is_streamed(self.dataset):
+        if self._arrays is None and is_streamed(self.dataset):
             return {self.name: _stream_accuracy(model, self.dataset, self.split, self.batch_size,
                                                 self.max_examples, autocast_dtype)}
         a = self._arrays if self._arrays is not None else load_arrays(self.dataset, self.split)
@@ -160,7 +156,7 @@ class FewShot:
         return out
 
     def __call__(self, model, autocast_dtype=None) -> dict[str, float]:
-        if _is_streamed(self.dataset) and self._train_arrays is None:
+        if is_streamed(self.dataset) and self._train_arrays is None:
             return self._streamed(model, autocast_dtype)
         tr = self._train_arrays if self._train_arrays is not None else load_arrays(self.dataset, self.train_split)
         te = load_arrays(self.dataset, self.test_split)

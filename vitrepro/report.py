@@ -4,7 +4,7 @@
     python -m vitrepro.report --export   # first re-export each notebook's CSV from the run store
     python -m vitrepro.report --redraw   # first redraw every notebook's tables.md and figures (`make figures`)
 
-The report reads only each notebook's long-form `results.csv` (columns: `SCHEMA`) and the paper's numbers
+The report reads only each notebook's long-form `results.csv` (columns: `experiments.results.SCHEMA`) and the paper's numbers
 (`paper_numbers.csv` in this package, each row with its source), so it rebuilds on a machine that never
 trained anything. Each claim is judged by `vitrepro.verdicts`; one that does not reproduce at this scale is
 reported as such, never forced.
@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import pandas as pd
 
 from .experiments import NOTEBOOKS
 from .experiments.params import REPO_ROOT
-from .experiments.results import SCHEMA, atomic_write_text  # SCHEMA: results.csv's long-form columns
+from .experiments.results import atomic_write_text
 from . import stats
 from .verdicts import VERDICTS, Verdict, correct, gap_table, position_embedding_pairs, scaling_pairs
 

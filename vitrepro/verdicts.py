@@ -195,7 +195,10 @@ def _hybrid_verdict(df: pd.DataFrame) -> list[Verdict]:
     if hyb is None or vit is None:
         return [Verdict(claim, src, "not run", "no hybrid in these results: the cpu profile's models list adds "
                                               "R14x0.25+ViT-Nano/4 to the scaling sweep")]
-    n = min(set(select(d, model=hyb).upstream_examples.dropna()) & set(select(d, model=vit).upstream_examples.dropna()))
+    shared = set(select(d, model=hyb).upstream_examples.dropna()) & set(select(d, model=vit).upstream_examples.dropna())
+    if not shared:
+        return [Verdict(claim, src, "not run", f"{hyb} and {vit} share no pre-training size")]
+    n = min(shared)
     h, v = seeds(d, model=hyb, upstream_examples=n), seeds(d, model=vit, upstream_examples=n)
     base = floor(df, "fewshot5", d.dataset.iloc[0], n)
     return [_judge(claim, src, {f"{hyb} - {vit} at {int(n)}": stats.beats(h, v)},

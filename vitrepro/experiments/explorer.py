@@ -17,7 +17,8 @@ import pandas as pd
 import torch
 
 from .. import analysis
-from . import common, floors
+from ..data import is_streamed
+from . import common
 
 
 def test_images(dataset: str, model: torch.nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,7 +26,7 @@ def test_images(dataset: str, model: torch.nn.Module, n: int) -> tuple[torch.Ten
     inputs in [-1, 1] at the model's resolution)."""
     from ..data import load_arrays, preprocess, stream_arrays
 
-    if floors.streamed(dataset):  # imagenet-1k: the first n test images, by streaming
+    if is_streamed(dataset):  # imagenet-1k: the first n test images, by streaming
         raw = stream_arrays(dataset, "test", n, size=model.img_size).images
     else:
         arrays = load_arrays(dataset, "test")

@@ -11,7 +11,7 @@ from typing import Sequence
 import pandas as pd
 
 from .. import baselines
-from ..data import DATASETS, split_ref
+from ..data import is_streamed
 from .params import NotebookParams, runs_dir
 from .results import SCHEMA
 
@@ -25,12 +25,6 @@ def trained_on(baselines: pd.DataFrame, n) -> pd.DataFrame:
     if n is not None and "upstream_examples" in baselines and (baselines.upstream_examples == n).any():
         return baselines[baselines.upstream_examples == n]
     return baselines
-
-
-def streamed(dataset: str) -> bool:
-    """Whether ``dataset`` (a name or reference) is streamed (too large for arrays, e.g. imagenet-1k)."""
-    # a "<folder>[label_column=...]" reference: its folder's; not a known set (a local folder): not streamed
-    return bool(getattr(DATASETS.get(split_ref(dataset)[0]), "streaming", False))
 
 
 def _row(params: NotebookParams, notebook: str, model: str, dataset: str, metric: str, value: float,
@@ -50,7 +44,7 @@ def rows(params: NotebookParams, notebook: str, *, trained_on: Sequence[tuple[st
 
     cache = runs_dir(params)
     out = []
-    for dataset, n, hold in [t for t in trained_on if not streamed(t[0])]:
+    for dataset, n, hold in [t for t in trained_on if not is_streamed(t[0])]:
         if getattr(params, "dry_run", False):  # stand-in data: subsets capped at what it holds
             dataset = cap_ref(dataset)
             n = cap(dataset, n, hold)
@@ -58,7 +52,7 @@ def rows(params: NotebookParams, notebook: str, *, trained_on: Sequence[tuple[st
         log(f"baseline: pixel logistic regression on {dataset} ({n or 'all'} examples): top-1 {100 * r['top1']:.2f}% "
             f"(C={r['C']} chosen on validation)")
         out.append(_row(params, notebook, LOGREG, dataset, "top1", r["top1"], n=r.get("train_size", n)))
-    for dataset in [d for d in fewshot if not streamed(d)]:
+    for dataset in [d for d in fewshot if not is_streamed(d)]:
         r = baselines.pixel_fewshot(dataset, seeds=seeds, val_fraction=fewshot_val_fraction, cache=cache)
         log(f"baseline: pixel 5-shot linear probe on {dataset}: {100 * r['mean']:.2f}%")
         out += [_row(params, notebook, FEWSHOT, dataset, "fewshot5", v, seed=s) for s, v in zip(seeds, r["per_seed"])]

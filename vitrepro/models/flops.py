@@ -49,7 +49,7 @@ def _vit(model: VisionTransformer, img_size: int, executed: bool = False) -> int
         total, g = 0, img_size // stem.patch_size
     total += _conv(stem.proj, g, g)
     n = g * g + model.num_prefix  # sequence length
-    d, heads = model.dim, model.num_heads
+    d = model.dim
     mlp = model.blocks[0].mlp.fc1.out_features
     per_layer = (
         2 * n * d * 3 * d  # qkv projection
